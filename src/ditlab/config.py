@@ -1,0 +1,203 @@
+"""The experiment spec: typed (pydantic v2), frozen, loaded from YAML with `--set a.b=c` overrides.
+
+Unknown keys are errors, reported with their dotted path, so a typo never silently trains the
+default. The resolved spec is what gets stored in checkpoints and MLflow runs.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+
+
+class SpecError(ValueError):
+    """A spec that cannot be used; the message names the file, field or value at fault."""
+
+
+class _Section(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+class DataSpec(_Section):
+    source: Literal["digits", "folder"] = "digits"
+    path: str | None = Field(None, description="folder source: root with one subfolder per class")
+    resolution: int = Field(16, ge=4, le=1024)
+    channels: Literal[1, 3] = 1
+    test_fraction: float = Field(0.2, gt=0, lt=1)
+    split_seed: int = 0
+
+    @model_validator(mode="after")
+    def _folder_exists(self) -> "DataSpec":
+        if self.source == "folder":
+            if not self.path:
+                raise ValueError("path: required when source is 'folder'")
+            if not Path(self.path).is_dir():
+                raise ValueError(f"path: dataset folder {self.path!r} does not exist")
+        return self
+
+
+class ModelSpec(_Section):
+    name: str = "DiT-Ti/2"
+    learn_sigma: bool = False
+    class_dropout_prob: float = Field(0.1, ge=0, lt=1)
+    dropout: float = Field(0.0, ge=0, lt=1)
+
+
+class DiffusionSpec(_Section):
+    schedule: Literal["linear", "cosine"] = "cosine"
+    num_timesteps: int = Field(1000, ge=2)
+    prediction: Literal["eps", "v", "x0"] = "v"
+
+
+class TrainSpec(_Section):
+    steps: int = Field(300, ge=0)
+    batch_size: int = Field(128, ge=1, description="global batch, split evenly over the workers")
+    lr: float = Field(1e-3, gt=0)
+    lr_schedule: Literal["constant", "cosine"] = "cosine"
+    warmup_steps: int = Field(20, ge=0)
+    min_lr_ratio: float = Field(0.1, ge=0, le=1)
+    weight_decay: float = Field(0.0, ge=0)
+    adam_betas: tuple[float, float] = (0.9, 0.999)
+    grad_clip: float | None = Field(1.0, gt=0)
+    ema_decay: float = Field(0.999, ge=0, lt=1)
+    ema_warmup: bool = True
+    precision: Literal["fp32", "bf16"] = "fp32"
+    log_every: int = Field(10, ge=1)
+    checkpoint_every: int = Field(100, ge=1)
+
+
+class EvaluationSpec(_Section):
+    num_samples: int = Field(300, ge=0)
+    sampler: Literal["ddim", "ddpm"] = "ddim"
+    steps: int = Field(50, ge=1)
+    guidance: float = Field(2.0, ge=0)
+    clip_x0: bool = True
+    fid: bool = True
+    conditional_accuracy: bool = True
+    batch_size: int = Field(100, ge=1)
+    seed: int = 0
+
+
+class ResourcesSpec(_Section):
+    num_workers: int = Field(2, ge=1)
+    use_gpu: bool = False
+    cpus_per_worker: float = Field(1, gt=0)
+    max_failures: int = Field(0, ge=-1)
+
+
+class TrackingSpec(_Section):
+    experiment: str = "ditlab"
+
+
+class ExperimentSpec(_Section):
+    name: str = "experiment"
+    seed: int = 0
+    data: DataSpec = DataSpec()
+    model: ModelSpec = ModelSpec()
+    diffusion: DiffusionSpec = DiffusionSpec()
+    train: TrainSpec = TrainSpec()
+    evaluation: EvaluationSpec = EvaluationSpec()
+    resources: ResourcesSpec = ResourcesSpec()
+    tracking: TrackingSpec = TrackingSpec()
+
+    @model_validator(mode="after")
+    def _consistent(self) -> "ExperimentSpec":
+        from ditlab.models.registry import PRESETS  # late: keeps `import ditlab.config` light
+
+        if self.model.name not in PRESETS:
+            raise SpecError(f"model.name: unknown model {self.model.name!r}; known: {', '.join(sorted(PRESETS))}")
+        patch = PRESETS[self.model.name].patch_size
+        if self.data.resolution % patch:
+            raise SpecError(
+                f"data.resolution: {self.data.resolution} is not divisible by the patch size {patch} of {self.model.name}"
+            )
+        if self.train.batch_size % self.resources.num_workers:
+            raise SpecError(
+                f"train.batch_size: {self.train.batch_size} does not split evenly over "
+                f"resources.num_workers={self.resources.num_workers}"
+            )
+        return self
+
+    def to_dict(self) -> dict[str, Any]:
+        return self.model_dump(mode="json")
+
+    def to_yaml(self) -> str:
+        return yaml.safe_dump(self.to_dict(), sort_keys=False)
+
+
+def flatten(d: dict[str, Any], prefix: str = "") -> dict[str, Any]:
+    """{'train': {'lr': 1}} -> {'train.lr': 1}: the form MLflow params and `--set` use."""
+    out: dict[str, Any] = {}
+    for key, value in d.items():
+        path = f"{prefix}{key}"
+        if isinstance(value, dict):
+            out.update(flatten(value, path + "."))
+        else:
+            out[path] = value
+    return out
+
+
+def apply_override(raw: dict[str, Any], assignment: str) -> None:
+    """Apply one `a.b=c` to a raw spec dict. The value is parsed as YAML (so 3, 0.1, true, [1, 2]
+    keep their types); validation afterwards checks the key exists and the type fits."""
+    if "=" not in assignment:
+        raise SpecError(f"--set {assignment!r}: expected KEY=VALUE, e.g. train.lr=0.001")
+    key, text = assignment.split("=", 1)
+    parts = key.strip().split(".")
+    if not all(parts):
+        raise SpecError(f"--set {assignment!r}: empty field name in {key!r}")
+    node = raw
+    for i, part in enumerate(parts[:-1]):
+        child = node.setdefault(part, {})
+        if not isinstance(child, dict):
+            raise SpecError(f"--set {assignment!r}: {'.'.join(parts[: i + 1])} is not a section")
+        node = child
+    node[parts[-1]] = yaml.safe_load(text) if text.strip() else None
+
+
+def _describe(error: ValidationError, source: str) -> str:
+    lines = []
+    for e in error.errors():
+        loc = ".".join(str(p) for p in e["loc"])
+        msg = e["msg"].removeprefix("Value error, ")
+        # Our validators start their message with the field they judge ("path: ..."): fold it in.
+        field, sep, rest = msg.partition(": ")
+        if sep and field.replace(".", "").replace("_", "").isalnum():
+            loc, msg = f"{loc}.{field}" if loc else field, rest
+        if e["type"] == "extra_forbidden":
+            msg = "unknown key"
+        elif "input" in e and not isinstance(e["input"], dict) and e["type"] not in ("value_error", "assertion_error"):
+            msg = f"{msg} (got {e['input']!r})"
+        lines.append(f"{source}: {loc}: {msg}" if loc else f"{source}: {msg}")
+    return "; ".join(lines)
+
+
+def from_dict(raw: dict[str, Any], source: str = "spec") -> ExperimentSpec:
+    try:
+        return ExperimentSpec.model_validate(raw)
+    except ValidationError as err:
+        raise SpecError(_describe(err, source)) from None
+
+
+def load(path: str | Path | None, overrides: list[str] | tuple[str, ...] = ()) -> ExperimentSpec:
+    """Load a YAML spec (or the defaults when `path` is None) and apply `--set` overrides."""
+    raw: dict[str, Any] = {}
+    source = "defaults"
+    if path is not None:
+        source = str(path)
+        p = Path(path)
+        if not p.is_file():
+            raise SpecError(f"{source}: spec file not found")
+        try:
+            loaded = yaml.safe_load(p.read_text())
+        except yaml.YAMLError as err:
+            raise SpecError(f"{source}: not valid YAML: {err}".replace("\n", " ")) from None
+        if loaded is not None and not isinstance(loaded, dict):
+            raise SpecError(f"{source}: top level must be a mapping of sections, got {type(loaded).__name__}")
+        raw = loaded or {}
+    for assignment in overrides:
+        apply_override(raw, assignment)
+    return from_dict(raw, source)

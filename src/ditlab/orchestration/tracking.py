@@ -1,0 +1,104 @@
+"""MLflow tracking: the only module in ditlab that imports mlflow.
+
+Uses MlflowClient with explicit run ids (not the fluent, thread-local API), because metrics
+arrive on a background thread while the driver waits on Ray."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+from pathlib import Path
+from typing import Any
+
+import mlflow
+from mlflow.tracking import MlflowClient
+
+from ditlab.config import ExperimentSpec, flatten
+
+# Without this tag MLflow 3.x opens an experiment in its GenAI view; with it, the runs table.
+EXPERIMENT_KIND_TAG = {"mlflow.experimentKind": "custom_model_development"}
+
+
+def tracking_uri() -> str:
+    """$MLFLOW_TRACKING_URI, else a SQLite file in the working directory (absolute, so Ray
+    workers and subprocesses with another cwd write to the same store)."""
+    uri = os.environ.get("MLFLOW_TRACKING_URI")
+    return uri or f"sqlite:///{Path.cwd() / 'mlflow.db'}"
+
+
+def git_commit(cwd: str | Path | None = None) -> str | None:
+    try:
+        out = subprocess.run(["git", "rev-parse", "HEAD"], cwd=cwd, capture_output=True, text=True, timeout=10)
+    except (OSError, subprocess.TimeoutExpired):
+        return None
+    return out.stdout.strip() if out.returncode == 0 else None
+
+
+def git_dirty(cwd: str | Path | None = None) -> bool | None:
+    try:
+        out = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], cwd=cwd,
+                             capture_output=True, text=True, timeout=10)
+    except (OSError, subprocess.TimeoutExpired):
+        return None
+    return bool(out.stdout.strip()) if out.returncode == 0 else None
+
+
+class Tracker:
+    """One MLflow run."""
+
+    def __init__(self, client: MlflowClient, run_id: str, experiment_id: str, uri: str):
+        self.client, self.run_id, self.experiment_id, self.uri = client, run_id, experiment_id, uri
+
+    @classmethod
+    def start(cls, spec: ExperimentSpec, run_name: str, tags: dict[str, str] | None = None) -> "Tracker":
+        uri = tracking_uri()
+        client = MlflowClient(tracking_uri=uri)
+        experiment = client.get_experiment_by_name(spec.tracking.experiment)
+        if experiment is None:
+            experiment_id = client.create_experiment(spec.tracking.experiment, tags=EXPERIMENT_KIND_TAG)
+        else:
+            experiment_id = experiment.experiment_id
+            if experiment.tags.get("mlflow.experimentKind") is None:
+                client.set_experiment_tag(experiment_id, *next(iter(EXPERIMENT_KIND_TAG.items())))
+        all_tags = {"ditlab.spec_name": spec.name, "ditlab.data_source": spec.data.source}
+        commit = git_commit()
+        if commit:
+            all_tags["mlflow.source.git.commit"] = commit
+            all_tags["ditlab.git_dirty"] = str(git_dirty())
+        all_tags.update(tags or {})
+        run = client.create_run(experiment_id, run_name=run_name, tags=all_tags)
+        tracker = cls(client, run.info.run_id, experiment_id, uri)
+        tracker.log_params(flatten(spec.to_dict()))
+        client.log_text(tracker.run_id, spec.to_yaml(), "spec.yaml")
+        return tracker
+
+    def log_params(self, params: dict[str, Any]) -> None:
+        from mlflow.entities import Param
+
+        items = [Param(k, str(v)) for k, v in params.items()]
+        for i in range(0, len(items), 100):  # MLflow caps a batch at 100 params
+            self.client.log_batch(self.run_id, params=items[i : i + 100])
+
+    def log_metrics(self, metrics: dict[str, float], step: int | None = None) -> None:
+        from mlflow.entities import Metric
+
+        ts = int(mlflow.utils.time.get_current_time_millis())
+        batch = [Metric(k, float(v), ts, int(step or 0)) for k, v in metrics.items()]
+        self.client.log_batch(self.run_id, metrics=batch)
+
+    def set_tags(self, tags: dict[str, str]) -> None:
+        for k, v in tags.items():
+            self.client.set_tag(self.run_id, k, str(v))
+
+    def log_artifact(self, path: str | Path, artifact_path: str | None = None) -> None:
+        self.client.log_artifact(self.run_id, str(path), artifact_path)
+
+    def end(self, status: str = "FINISHED") -> None:
+        self.client.set_terminated(self.run_id, status)
+
+    @property
+    def url(self) -> str:
+        """Where to look at this run: the dashboard URL, or the command that opens one."""
+        if self.uri.startswith(("http://", "https://")):
+            return f"{self.uri.rstrip('/')}/#/experiments/{self.experiment_id}/runs/{self.run_id}"
+        return f"mlflow ui --backend-store-uri {self.uri}  (then #/experiments/{self.experiment_id}/runs)"

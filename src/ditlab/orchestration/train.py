@@ -1,0 +1,199 @@
+"""`ditlab run`: train a spec under Ray Train's TorchTrainer, then evaluate and track it in MLflow.
+
+Driver side: Ray, the MLflow run, the progress bar, the final evaluation.
+Worker side (`train_worker`): the plain training loop with a Ray-backed Reporter.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import threading
+import time
+from contextlib import nullcontext
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import ray
+import ray.train
+import torch
+from ray.train import (Checkpoint, CheckpointConfig, FailureConfig, LoggingConfig, RunConfig, ScalingConfig,
+                       UserCallback)
+from ray.train.torch import TorchTrainer
+from ray.util.queue import Queue
+
+from ditlab.config import ExperimentSpec, from_dict
+from ditlab.evaluation.checkpoint_eval import evaluate_checkpoint
+from ditlab.evaluation.plots import save_loss_curve, save_sample_grid
+from ditlab.orchestration.ray_session import ensure_ray
+from ditlab.orchestration.tracking import Tracker
+from ditlab.training.checkpoint import BUNDLE_NAME
+from ditlab.training.loop import Placement, train
+
+
+class RayReporter:
+    """The training loop's Reporter under Ray Train: every rank reports, rank 0 with the bundle."""
+
+    def report(self, metrics: dict[str, float], checkpoint_dir: str | None = None) -> None:
+        if checkpoint_dir is None:
+            ray.train.report(metrics)
+            return
+        ray.train.report(metrics, checkpoint=Checkpoint.from_directory(checkpoint_dir),
+                         checkpoint_dir_name=f"checkpoint_{int(metrics['step']):06d}")
+
+
+def train_worker(config: dict) -> None:
+    """Runs on each Ray Train worker."""
+    spec = from_dict(config["spec"], "spec sent to worker")
+    torch.set_num_threads(max(1, int(spec.resources.cpus_per_worker)))
+    ctx = ray.train.get_context()
+    placement = Placement(rank=ctx.get_world_rank(), world_size=ctx.get_world_size(),
+                          device=ray.train.torch.get_device(), wrap_model=ray.train.torch.prepare_model)
+    checkpoint = ray.train.get_checkpoint()
+    with checkpoint.as_directory() if checkpoint else nullcontext(None) as resume_dir:
+        train(spec, RayReporter(), placement, resume_from=resume_dir)
+
+
+class MetricsRelay(UserCallback):
+    """Runs in the Ray Train controller; forwards rank 0's metrics to the driver's queue."""
+
+    def __init__(self, queue: Queue):
+        self.queue = queue
+
+    def after_report(self, run_context, metrics, checkpoint) -> None:
+        item = dict(metrics[0])
+        if checkpoint is not None:
+            item["_checkpoint"] = checkpoint.path
+        self.queue.put(item)
+
+
+@dataclass
+class MetricsConsumer:
+    """Driver thread: reads relayed metrics, logs them to MLflow and drives the progress bar."""
+
+    queue: Queue
+    tracker: Tracker
+    total_steps: int
+    progress: bool
+    history: list[dict] = field(default_factory=list)
+
+    def __post_init__(self):
+        self._thread = threading.Thread(target=self._consume, daemon=True)
+
+    def start(self) -> "MetricsConsumer":
+        self._thread.start()
+        return self
+
+    def stop(self) -> None:
+        self.queue.put(None)
+        self._thread.join(timeout=60)
+
+    def _consume(self) -> None:
+        from tqdm.auto import tqdm
+
+        bar = tqdm(total=self.total_steps, desc="training", unit="step", disable=not self.progress)
+        while (item := self.queue.get()) is not None:
+            item.pop("_checkpoint", None)
+            step = int(item["step"])
+            self.history.append(item)
+            self.tracker.log_metrics({k: v for k, v in item.items() if k != "step"}, step)
+            bar.update(max(step - bar.n, 0))
+            bar.set_postfix(loss=f"{item.get('loss', float('nan')):.4f}", img_s=f"{item.get('images_per_sec', 0):.0f}")
+        bar.close()
+
+
+def make_trainer(spec: ExperimentSpec, run_name: str, storage: Path, queue: Queue) -> TorchTrainer:
+    res = spec.resources
+    worker_resources = {"CPU": res.cpus_per_worker}
+    if res.use_gpu:
+        worker_resources["GPU"] = 1
+    return TorchTrainer(
+        train_worker,
+        train_loop_config={"spec": spec.to_dict()},
+        scaling_config=ScalingConfig(num_workers=res.num_workers, use_gpu=res.use_gpu,
+                                     resources_per_worker=worker_resources),
+        run_config=RunConfig(
+            name=run_name,
+            storage_path=str(storage),
+            checkpoint_config=CheckpointConfig(num_to_keep=2),
+            failure_config=FailureConfig(max_failures=res.max_failures),
+            callbacks=[MetricsRelay(queue)],
+            # Our progress bar shows each report; Ray Train's INFO lines would repeat them.
+            logging_config=LoggingConfig(log_level="WARNING"),
+        ),
+    )
+
+
+def write_json(path: Path, payload: dict) -> Path:
+    tmp = path.with_name(f".{path.name}.tmp")
+    tmp.write_text(json.dumps(payload, indent=2, sort_keys=True) + "\n")
+    os.replace(tmp, path)
+    return path
+
+
+def run_experiment(spec: ExperimentSpec, *, address: str | None = None, storage_path: str | Path = "runs",
+                   run_name: str | None = None, progress: bool = True) -> dict:
+    """Train, evaluate, track. Returns the summary also written to <run dir>/result.json."""
+    run_name = run_name or f"{spec.name}-{time.strftime('%Y%m%d-%H%M%S')}"
+    storage = Path(storage_path).resolve()
+    run_dir = storage / run_name
+    run_dir.mkdir(parents=True, exist_ok=True)
+    (run_dir / "spec.yaml").write_text(spec.to_yaml())
+    ensure_ray(address)
+    tracker = Tracker.start(spec, run_name, tags={"ditlab.run_dir": str(run_dir)})
+    queue = Queue()
+    consumer = MetricsConsumer(queue, tracker, spec.train.steps, progress).start()
+    started = time.perf_counter()
+    try:
+        result = make_trainer(spec, run_name, storage, queue).fit()
+    except BaseException:
+        consumer.stop()
+        tracker.end("FAILED")
+        raise
+    consumer.stop()
+    train_seconds = time.perf_counter() - started
+    checkpoint_dir = Path(result.checkpoint.path)
+    try:
+        summary = finish_run(spec, tracker, run_dir, checkpoint_dir, consumer.history, progress)
+    except BaseException:
+        tracker.end("FAILED")
+        raise
+    summary["metrics"]["train_seconds"] = train_seconds
+    tracker.log_metrics({"train_seconds": train_seconds}, spec.train.steps)
+    write_json(run_dir / "result.json", summary)
+    tracker.log_artifact(run_dir / "result.json")
+    tracker.end("FINISHED")
+    return summary
+
+
+def finish_run(spec: ExperimentSpec, tracker: Tracker, run_dir: Path, checkpoint_dir: Path,
+               history: list[dict], progress: bool) -> dict:
+    """Final evaluation, figures and the summary."""
+    evaluation = evaluate_checkpoint(checkpoint_dir / BUNDLE_NAME, spec.evaluation, progress=progress)
+    metrics = dict(evaluation.metrics)
+    if history:
+        metrics["final_loss"] = float(history[-1]["loss"])
+    tracker.log_metrics(evaluation.metrics, spec.train.steps)
+    tracker.set_tags({f"ditlab.{k}": v for k, v in evaluation.info.items()})
+    if history:
+        tracker.log_artifact(save_loss_curve(history, run_dir / "loss_curve.png"), "figures")
+        write_json(run_dir / "history.json", {"history": history})
+    if len(evaluation.samples):
+        shown = min(len(evaluation.samples), 100)
+        title = f"EMA samples, {spec.evaluation.sampler} {spec.evaluation.steps} steps, guidance {spec.evaluation.guidance}"
+        grid = save_sample_grid(evaluation.samples[:shown], evaluation.labels[:shown], run_dir / "samples.png",
+                                nrow=min(10, shown), title=title)
+        tracker.log_artifact(grid, "figures")
+    write_json(run_dir / "metrics.json", metrics)
+    tracker.log_artifact(run_dir / "metrics.json")
+    return {
+        "run_name": run_dir.name,
+        "run_dir": str(run_dir),
+        "checkpoint": str(checkpoint_dir),
+        "mlflow_run_id": tracker.run_id,
+        "mlflow_experiment_id": tracker.experiment_id,
+        "mlflow_tracking_uri": tracker.uri,
+        "mlflow_url": tracker.url,
+        "metrics": metrics,
+        "info": evaluation.info,
+    }
