@@ -37,7 +37,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     run = sub.add_parser("run", help="train a spec on Ray, evaluate it, log everything to MLflow")
     _add_spec_args(run)
-    run.add_argument("--address", help="Ray cluster to join (e.g. ray://head:10001 or auto); default: start a local one")
+    run.add_argument("--address", help="Ray cluster to join (ray://head:10001 or auto); default: start a local one")
     run.add_argument("--storage", default="runs", help="where runs and checkpoints are kept (default: ./runs)")
     run.add_argument("--name", help="run name; rerunning with the same name resumes from its last checkpoint")
     run.add_argument("--no-progress", action="store_true", help="hide progress bars")
@@ -112,7 +112,10 @@ def cmd_sample(args) -> int:
     ev = ckpt.spec.evaluation
     num_classes = ckpt.model.config.num_classes
     chosen = _parse_labels(args.labels, num_classes)
-    labels = torch.tensor(chosen)[torch.arange(args.num) % len(chosen)] if chosen else balanced_labels(args.num, num_classes)
+    if chosen:
+        labels = torch.tensor(chosen)[torch.arange(args.num) % len(chosen)]
+    else:
+        labels = balanced_labels(args.num, num_classes)
     settings = {"sampler": args.sampler or ev.sampler, "steps": args.steps or ev.steps,
                 "guidance": ev.guidance if args.guidance is None else args.guidance, "seed": args.seed}
     try:

@@ -30,7 +30,7 @@ class DataSpec(_Section):
     split_seed: int = 0
 
     @model_validator(mode="after")
-    def _folder_exists(self) -> "DataSpec":
+    def _folder_exists(self) -> DataSpec:
         if self.source == "folder":
             if not self.path:
                 raise ValueError("path: required when source is 'folder'")
@@ -104,7 +104,7 @@ class ExperimentSpec(_Section):
     tracking: TrackingSpec = TrackingSpec()
 
     @model_validator(mode="after")
-    def _consistent(self) -> "ExperimentSpec":
+    def _consistent(self) -> ExperimentSpec:
         from ditlab.models.registry import PRESETS  # late: keeps `import ditlab.config` light
 
         if self.model.name not in PRESETS:
@@ -112,7 +112,8 @@ class ExperimentSpec(_Section):
         patch = PRESETS[self.model.name].patch_size
         if self.data.resolution % patch:
             raise SpecError(
-                f"data.resolution: {self.data.resolution} is not divisible by the patch size {patch} of {self.model.name}"
+                f"data.resolution: {self.data.resolution} is not divisible by the patch size {patch} "
+                f"of {self.model.name}"
             )
         if self.train.batch_size % self.resources.num_workers:
             raise SpecError(

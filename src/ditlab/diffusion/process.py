@@ -43,7 +43,7 @@ class GaussianDiffusion:
     def from_schedule(cls, schedule: str = "cosine", num_timesteps: int = 1000, prediction: Prediction = "eps"):
         return cls(beta_schedule(schedule, num_timesteps), prediction, schedule)
 
-    def respaced(self, timesteps: np.ndarray) -> "GaussianDiffusion":
+    def respaced(self, timesteps: np.ndarray) -> GaussianDiffusion:
         """A shorter chain over the given ascending timesteps, keeping alpha_bar at each of them
         (Nichol & Dhariwal 2021, section 4): beta_i = 1 - alpha_bar_{t_i} / alpha_bar_{t_{i-1}}."""
         ab = self.alphas_cumprod.numpy()[np.sort(timesteps)]

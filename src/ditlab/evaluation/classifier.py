@@ -21,7 +21,7 @@ class PixelClassifier:
     model: LogisticRegression
 
     @classmethod
-    def fit(cls, images_uint8: np.ndarray, labels: np.ndarray, seed: int = 0) -> "PixelClassifier":
+    def fit(cls, images_uint8: np.ndarray, labels: np.ndarray, seed: int = 0) -> PixelClassifier:
         model = LogisticRegression(max_iter=3000, C=1.0, random_state=seed)
         model.fit(_flatten(images_uint8), labels)
         return cls(model)

@@ -1,7 +1,7 @@
 """Named DiT presets, built by name: `build_model("DiT-XL/2", input_size=32, in_channels=4)`.
 
 The S/B/L/XL sizes and patch sizes 2/4/8 are those of the DiT paper (table 1). The Ti and N
-presets are ours, sized for CPU work: DiT-Ti/2 is the quickstart model (about 1.9M parameters
+presets are ours, sized for CPU work: DiT-Ti/4 is the quickstart model (about 1.9M parameters
 on 16x16 digits), DiT-N/2 is a few-second model for tests.
 """
 

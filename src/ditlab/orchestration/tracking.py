@@ -50,7 +50,7 @@ class Tracker:
         self.client, self.run_id, self.experiment_id, self.uri = client, run_id, experiment_id, uri
 
     @classmethod
-    def start(cls, spec: ExperimentSpec, run_name: str, tags: dict[str, str] | None = None) -> "Tracker":
+    def start(cls, spec: ExperimentSpec, run_name: str, tags: dict[str, str] | None = None) -> Tracker:
         uri = tracking_uri()
         client = MlflowClient(tracking_uri=uri)
         experiment = client.get_experiment_by_name(spec.tracking.experiment)

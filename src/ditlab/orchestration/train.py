@@ -80,7 +80,7 @@ class MetricsConsumer:
     def __post_init__(self):
         self._thread = threading.Thread(target=self._consume, daemon=True)
 
-    def start(self) -> "MetricsConsumer":
+    def start(self) -> MetricsConsumer:
         self._thread.start()
         return self
 
@@ -180,7 +180,8 @@ def finish_run(spec: ExperimentSpec, tracker: Tracker, run_dir: Path, checkpoint
         write_json(run_dir / "history.json", {"history": history})
     if len(evaluation.samples):
         shown = min(len(evaluation.samples), 100)
-        title = f"EMA samples, {spec.evaluation.sampler} {spec.evaluation.steps} steps, guidance {spec.evaluation.guidance}"
+        ev = spec.evaluation
+        title = f"EMA samples, {ev.sampler} {ev.steps} steps, guidance {ev.guidance}"
         grid = save_sample_grid(evaluation.samples[:shown], evaluation.labels[:shown], run_dir / "samples.png",
                                 nrow=min(10, shown), title=title)
         tracker.log_artifact(grid, "figures")

@@ -1,0 +1,25 @@
+# The two set-up commands of the README. Each creates the virtual environment if it is missing.
+VENV ?= .venv
+PYTHON ?= python3
+STAMP := $(VENV)/.ditlab-installed
+
+.PHONY: quickstart test lint clean-runs
+
+$(STAMP): pyproject.toml
+	test -x $(VENV)/bin/python || $(PYTHON) -m venv $(VENV)
+	$(VENV)/bin/pip install -e '.[dev]'
+	touch $(STAMP)
+
+## quickstart: train, sample and evaluate the quickstart spec on the embedded digits data
+quickstart: $(STAMP)
+	$(VENV)/bin/ditlab run experiments/quickstart.yaml
+
+## test: the whole test suite (unit tests, then end-to-end with Ray and an MLflow server)
+test: $(STAMP)
+	$(VENV)/bin/python -m pytest -q -p no:cacheprovider
+
+lint: $(STAMP)
+	$(VENV)/bin/ruff check src tests
+
+clean-runs:
+	rm -rf runs mlflow.db mlartifacts

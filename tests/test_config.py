@@ -1,0 +1,84 @@
+import json
+import subprocess
+import sys
+
+import pytest
+
+from ditlab.config import SpecError, flatten, load
+
+from conftest import ROOT
+
+QUICKSTART = ROOT / "experiments" / "quickstart.yaml"
+
+
+def test_quickstart_loads_with_overrides():
+    overrides = ["train.steps=7", "train.lr=3e-4", "train.adam_betas=[0.9, 0.95]", "model.learn_sigma=true"]
+    spec = load(QUICKSTART, overrides)
+    assert spec.train.steps == 7 and spec.train.lr == pytest.approx(3e-4)
+    assert spec.train.adam_betas == (0.9, 0.95) and spec.model.learn_sigma is True
+    assert flatten(spec.to_dict())["diffusion.prediction"] == "v"
+
+
+@pytest.mark.parametrize(
+    "override,message",
+    [
+        ("train.lrr=1", "train.lrr: unknown key"),
+        ("data.bogus.deep=1", "data.bogus: unknown key"),
+        ("train.steps=many", "train.steps: Input should be a valid integer"),
+        ("data.resolution=17", "data.resolution: 17 is not divisible by the patch size 2"),
+        ("data.source=folder", "data.path: required"),
+        ("train.batch_size=7", "train.batch_size: 7 does not split evenly"),
+        ("model.name=DiT-Q/2", "model.name: unknown model"),
+        ("diffusion.prediction=score", "diffusion.prediction: Input should be 'eps', 'v' or 'x0'"),
+        ("trainsteps", "expected KEY=VALUE"),
+    ],
+)
+def test_spec_errors_name_the_field(override, message):
+    with pytest.raises(SpecError, match=message.replace("(", r"\(")):
+        load(QUICKSTART, [override])
+
+
+def test_missing_dataset_folder(tmp_path):
+    with pytest.raises(SpecError, match=f"data.path: dataset folder '{tmp_path / 'nope'}' does not exist"):
+        load(QUICKSTART, ["data.source=folder", f"data.path={tmp_path / 'nope'}"])
+
+
+def test_spec_is_frozen():
+    spec = load(QUICKSTART)
+    with pytest.raises(Exception):
+        spec.train.steps = 3
+
+
+def run_cli(*args, cwd):
+    return subprocess.run([sys.executable, "-m", "ditlab.cli", *args], cwd=cwd, capture_output=True, text=True,
+                          timeout=120)
+
+
+@pytest.mark.parametrize(
+    "extra,field",
+    [
+        (["--set", "train.unknown=1"], "train.unknown"),
+        (["--set", "train.lr=fast"], "train.lr"),
+        (["--set", "data.source=folder", "--set", "data.path=/no/such/dir"], "data.path"),
+        (["--set", "data.resolution=15"], "data.resolution"),
+    ],
+)
+def test_cli_bad_input_exits_2_with_one_line_and_writes_nothing(tmp_path, extra, field):
+    result = run_cli("run", str(QUICKSTART), *extra, cwd=tmp_path)
+    assert result.returncode == 2
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("ditlab: error:") and field in lines[0]
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_cli_dry_run_prints_resolved_spec(tmp_path):
+    result = run_cli("run", str(QUICKSTART), "--set", "train.steps=11", "--dry-run", "--json", cwd=tmp_path)
+    assert result.returncode == 0, result.stderr
+    assert json.loads(result.stdout)["train"]["steps"] == 11
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_cli_sample_missing_checkpoint(tmp_path):
+    result = run_cli("sample", str(tmp_path / "nope.pt"), "--out", str(tmp_path / "out"), cwd=tmp_path)
+    assert result.returncode == 2 and "nope.pt" in result.stderr and "not found" in result.stderr
+    assert not (tmp_path / "out").exists()

@@ -1,0 +1,105 @@
+import math
+
+import numpy as np
+import pytest
+import torch
+
+from ditlab.diffusion import GaussianDiffusion, get_sampler, guided_denoiser, training_losses
+from ditlab.diffusion.schedules import cosine_beta_schedule, linear_beta_schedule, spaced_timesteps
+from ditlab.models import build_model
+
+
+def test_linear_schedule_endpoints():
+    betas = linear_beta_schedule(1000)
+    assert betas[0] == pytest.approx(1e-4) and betas[-1] == pytest.approx(0.02)
+    assert linear_beta_schedule(100)[-1] == pytest.approx(0.2)  # rescaled by 1000 / T
+
+
+def test_cosine_schedule_matches_closed_form():
+    T, s = 1000, 0.008
+    ab = np.cumprod(1 - cosine_beta_schedule(T))
+    f = lambda t: math.cos((t / T + s) / (1 + s) * math.pi / 2) ** 2  # noqa: E731
+    for t in (0, 10, 500, 900):
+        assert ab[t] == pytest.approx(f(t + 1) / f(0), rel=1e-9)
+    assert np.all(np.diff(ab) < 0)
+
+
+def test_spaced_timesteps():
+    ts = spaced_timesteps(1000, 50)
+    assert len(ts) == 50 and ts[0] == 999 and ts[-1] == 0 and np.all(np.diff(ts) < 0)
+    with pytest.raises(ValueError):
+        spaced_timesteps(10, 11)
+
+
+@pytest.mark.parametrize("prediction", ["eps", "v", "x0"])
+def test_target_inverts_to_x0_and_eps(prediction):
+    d = GaussianDiffusion.from_schedule("cosine", 1000, prediction)
+    g = torch.Generator().manual_seed(0)
+    x0, noise = torch.randn(4, 1, 8, 8, generator=g), torch.randn(4, 1, 8, 8, generator=g)
+    t = torch.tensor([0, 100, 600, 998])
+    x_t = d.q_sample(x0, t, noise)
+    got_x0, got_eps = d.to_x0_eps(d.target(x0, noise, t), x_t, t)
+    assert torch.allclose(got_x0, x0, atol=2e-3) and torch.allclose(got_eps, noise, atol=2e-3)
+
+
+def oracle(d: GaussianDiffusion, point: torch.Tensor):
+    """The exact denoiser for data that is a single point: it knows x_0."""
+
+    def denoise(x, t):
+        a, s = d.coefficients(t, x.ndim)
+        return d.target(point.expand_as(x), (x - a * point) / s, t)
+
+    return denoise
+
+
+@pytest.mark.parametrize("sampler", ["ddim", "ddpm"])
+@pytest.mark.parametrize("prediction", ["eps", "v"])
+def test_samplers_recover_the_data_point_with_an_exact_denoiser(sampler, prediction):
+    d = GaussianDiffusion.from_schedule("linear", 1000, prediction)
+    point = torch.linspace(-0.9, 0.9, 16).reshape(1, 1, 4, 4)
+    g = torch.Generator().manual_seed(1)
+    out = get_sampler(sampler)(oracle(d, point), torch.randn(3, 1, 4, 4, generator=g), d, 20, generator=g)
+    assert torch.allclose(out, point.expand(3, -1, -1, -1), atol=1e-4)
+
+
+def test_samplers_are_deterministic_given_the_generator():
+    d = GaussianDiffusion.from_schedule("cosine", 100, "eps")
+    model = build_model("DiT-N/2", input_size=8, in_channels=1, num_classes=10)
+    torch.nn.init.normal_(model.final_layer.linear.weight, std=0.1)
+    denoise = guided_denoiser(model.eval(), torch.tensor([1, 2]), 2.0, model.null_class)
+
+    def run(seed):
+        g = torch.Generator().manual_seed(seed)
+        return get_sampler("ddpm")(denoise, torch.randn(2, 1, 8, 8, generator=g), d, 10, generator=g)
+
+    assert torch.equal(run(0), run(0))
+    assert not torch.equal(run(0), run(1))
+
+
+def test_classifier_free_guidance_combination():
+    calls = []
+
+    def model(x, t, y):
+        calls.append(len(x))
+        return (y.float() * 10).reshape(-1, 1, 1, 1).expand(len(x), 2, 2, 2).clone()
+
+    labels = torch.tensor([1, 2])
+    out = guided_denoiser(model, labels, 3.0, null_class=5)(torch.zeros(2, 1, 2, 2), torch.zeros(2, dtype=torch.long))
+    # prediction channel: uncond + w (cond - uncond) = 50 + 3 (10 y - 50); variance channel: cond
+    assert torch.allclose(out[:, 0], (50 + 3 * (labels * 10 - 50)).float().reshape(2, 1, 1))
+    assert torch.allclose(out[:, 1], (labels * 10).float().reshape(2, 1, 1))
+    assert calls == [4]  # one batched pass for cond and uncond
+    guided_denoiser(model, labels, 1.0, 5)(torch.zeros(2, 1, 2, 2), torch.zeros(2, dtype=torch.long))
+    assert calls[-1] == 2  # w = 1 costs a single conditional pass
+
+
+def test_learned_sigma_loss_terms_are_finite():
+    d = GaussianDiffusion.from_schedule("linear", 100, "eps")
+    model = build_model("DiT-N/2", input_size=8, in_channels=1, num_classes=10, learn_sigma=True)
+    torch.nn.init.normal_(model.final_layer.linear.weight, std=0.1)
+    x0 = torch.rand(4, 1, 8, 8) * 2 - 1
+    t, y = torch.tensor([0, 1, 50, 99]), torch.tensor([0, 1, 2, 3])
+    terms = training_losses(model, d, x0, t, y, torch.randn_like(x0))
+    assert set(terms) == {"mse", "vb", "loss"}
+    assert torch.isfinite(terms["loss"]).all() and (terms["vb"] >= -1e-6).all()
+    terms["loss"].mean().backward()

@@ -1,0 +1,73 @@
+"""End to end: `ditlab run` on a tiny spec with 2 Ray Train workers, tracked on a real MLflow
+server; then `ditlab sample` on the checkpoint it produced."""
+
+import contextlib
+import io
+import json
+from pathlib import Path
+
+import pytest
+from mlflow.tracking import MlflowClient
+
+from ditlab import cli
+from ditlab.orchestration.tracking import git_commit
+
+from conftest import ROOT
+
+pytestmark = pytest.mark.e2e
+
+
+@pytest.fixture(scope="module")
+def run_summary(ray_session, mlflow_server, tmp_path_factory):
+    storage = tmp_path_factory.mktemp("runs")
+    stdout = io.StringIO()
+    with pytest.MonkeyPatch.context() as mp, contextlib.redirect_stdout(stdout):
+        mp.setenv("MLFLOW_TRACKING_URI", mlflow_server)
+        # A small test split keeps the one-off reference feature extraction short.
+        code = cli.main(["run", str(ROOT / "experiments" / "tiny.yaml"), "--json", "--storage", str(storage),
+                         "--name", "e2e", "--no-progress", "--set", "data.test_fraction=0.05"])
+    assert code == 0
+    lines = stdout.getvalue().splitlines()
+    assert len(lines) == 1, "--json must print exactly one line on stdout"
+    return json.loads(lines[0])
+
+
+def test_run_reports_metrics_and_checkpoint(run_summary):
+    m = run_summary["metrics"]
+    for key in ("fid", "conditional_accuracy", "final_loss", "fid_num_fake", "train_seconds"):
+        assert key in m
+    assert m["fid"] > 0 and 0 <= m["conditional_accuracy"] <= 1
+    assert (Path(run_summary["checkpoint"]) / "checkpoint.pt").is_file()
+    assert Path(run_summary["checkpoint"]).name == "checkpoint_000006"
+    run_dir = Path(run_summary["run_dir"])
+    for name in ("spec.yaml", "metrics.json", "result.json", "samples.png", "loss_curve.png", "history.json"):
+        assert (run_dir / name).is_file(), name
+
+
+def test_mlflow_run_holds_params_metrics_and_artifacts(run_summary, mlflow_server):
+    client = MlflowClient(mlflow_server)
+    run = client.get_run(run_summary["mlflow_run_id"])
+    assert run.info.status == "FINISHED"
+    assert run.data.params["train.steps"] == "6"
+    assert run.data.params["resources.num_workers"] == "2"
+    assert run.data.params["data.test_fraction"] == "0.05"
+    assert run.data.tags["mlflow.source.git.commit"] == git_commit(ROOT)
+    history = client.get_metric_history(run.info.run_id, "loss")
+    assert [m.step for m in history] == [2, 3, 4, 6]
+    assert run.data.metrics["fid"] == pytest.approx(run_summary["metrics"]["fid"])
+    artifacts = {a.path for a in client.list_artifacts(run.info.run_id)}
+    assert {"spec.yaml", "metrics.json", "result.json", "figures"} <= artifacts
+    figures = {a.path for a in client.list_artifacts(run.info.run_id, "figures")}
+    assert figures == {"figures/samples.png", "figures/loss_curve.png"}
+    experiment = client.get_experiment(run.info.experiment_id)
+    assert experiment.tags["mlflow.experimentKind"] == "custom_model_development"
+
+
+def test_sample_command_writes_pngs(run_summary, tmp_path, capsys):
+    out = tmp_path / "samples"
+    code = cli.main(["sample", run_summary["checkpoint"], "--num", "6", "--out", str(out), "--labels", "3,7",
+                     "--steps", "4", "--guidance", "1.5", "--json"])
+    assert code == 0
+    manifest = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    assert [f["label"] for f in manifest["files"]] == [3, 7, 3, 7, 3, 7]
+    assert len(list(out.glob("*.png"))) == 6 and manifest["step"] == 6

