@@ -59,7 +59,7 @@ def test_samplers_recover_the_data_point_with_an_exact_denoiser(sampler, predict
     point = torch.linspace(-0.9, 0.9, 16).reshape(1, 1, 4, 4)
     g = torch.Generator().manual_seed(1)
     out = get_sampler(sampler)(oracle(d, point), torch.randn(3, 1, 4, 4, generator=g), d, 20, generator=g)
-    assert torch.allclose(out, point.expand(3, -1, -1, -1), atol=1e-4)
+    assert torch.allclose(out, point.expand(3, -1, -1, -1), atol=1e-3)  # float32 eps -> x0 at t near T
 
 
 def test_samplers_are_deterministic_given_the_generator():

@@ -72,6 +72,15 @@ class Tracker:
         client.log_text(tracker.run_id, spec.to_yaml(), "spec.yaml")
         return tracker
 
+    @classmethod
+    def resume(cls, run_id: str) -> Tracker:
+        """Reopen an existing run (a `ditlab run --name` that continues an interrupted run)."""
+        uri = tracking_uri()
+        client = MlflowClient(tracking_uri=uri)
+        run = client.get_run(run_id)
+        client.update_run(run_id, status="RUNNING")
+        return cls(client, run_id, run.info.experiment_id, uri)
+
     def log_params(self, params: dict[str, Any]) -> None:
         from mlflow.entities import Param
 

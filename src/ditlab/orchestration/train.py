@@ -26,7 +26,7 @@ from ditlab.config import ExperimentSpec, from_dict
 from ditlab.evaluation.checkpoint_eval import evaluate_checkpoint
 from ditlab.evaluation.plots import save_loss_curve, save_sample_grid
 from ditlab.orchestration.ray_session import ensure_ray
-from ditlab.orchestration.tracking import Tracker
+from ditlab.orchestration.tracking import Tracker, tracking_uri
 from ditlab.training.checkpoint import BUNDLE_NAME
 from ditlab.training.loop import Placement, train
 
@@ -131,6 +131,19 @@ def write_json(path: Path, payload: dict) -> Path:
     return path
 
 
+def open_tracker(spec: ExperimentSpec, run_dir: Path) -> Tracker:
+    """A new MLflow run, or the one this run folder already had (resuming keeps one MLflow run).
+    A resumed run folder records its tracking store, so a run started elsewhere is not reopened."""
+    record = run_dir / "tracking.json"
+    if record.is_file():
+        saved = json.loads(record.read_text())
+        if saved.get("tracking_uri") == tracking_uri():
+            return Tracker.resume(saved["run_id"])
+    tracker = Tracker.start(spec, run_dir.name, tags={"ditlab.run_dir": str(run_dir)})
+    write_json(record, {"run_id": tracker.run_id, "tracking_uri": tracker.uri})
+    return tracker
+
+
 def run_experiment(spec: ExperimentSpec, *, address: str | None = None, storage_path: str | Path = "runs",
                    run_name: str | None = None, progress: bool = True) -> dict:
     """Train, evaluate, track. Returns the summary also written to <run dir>/result.json."""
@@ -140,7 +153,7 @@ def run_experiment(spec: ExperimentSpec, *, address: str | None = None, storage_
     run_dir.mkdir(parents=True, exist_ok=True)
     (run_dir / "spec.yaml").write_text(spec.to_yaml())
     ensure_ray(address)
-    tracker = Tracker.start(spec, run_name, tags={"ditlab.run_dir": str(run_dir)})
+    tracker = open_tracker(spec, run_dir)
     queue = Queue()
     consumer = MetricsConsumer(queue, tracker, spec.train.steps, progress).start()
     started = time.perf_counter()
@@ -171,6 +184,7 @@ def finish_run(spec: ExperimentSpec, tracker: Tracker, run_dir: Path, checkpoint
     """Final evaluation, figures and the summary."""
     evaluation = evaluate_checkpoint(checkpoint_dir / BUNDLE_NAME, spec.evaluation, progress=progress)
     metrics = dict(evaluation.metrics)
+    history = [h for h in history if "loss" in h]  # a 0-step run reports only its checkpoint
     if history:
         metrics["final_loss"] = float(history[-1]["loss"])
     tracker.log_metrics(evaluation.metrics, spec.train.steps)
