@@ -25,7 +25,7 @@ def test_quickstart_loads_with_overrides():
         ("train.lrr=1", "train.lrr: unknown key"),
         ("data.bogus.deep=1", "data.bogus: unknown key"),
         ("train.steps=many", "train.steps: Input should be a valid integer"),
-        ("data.resolution=17", "data.resolution: 17 is not divisible by the patch size 2"),
+        ("data.resolution=18", "data.resolution: 18 is not divisible by the patch size 4 of DiT-Ti/4"),
         ("data.source=folder", "data.path: required"),
         ("train.batch_size=7", "train.batch_size: 7 does not split evenly"),
         ("model.name=DiT-Q/2", "model.name: unknown model"),

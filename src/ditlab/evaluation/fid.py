@@ -17,7 +17,7 @@ def feature_statistics(features: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
 def frechet_distance(mu1, sigma1, mu2, sigma2) -> float:
     """||mu1 - mu2||^2 + Tr(S1 + S2 - 2 (S1 S2)^{1/2}) between two Gaussians."""
     diff = mu1 - mu2
-    covmean, _ = linalg.sqrtm(sigma1 @ sigma2, disp=False)
+    covmean = linalg.sqrtm(sigma1 @ sigma2)
     if not np.isfinite(covmean).all():
         # Near-singular product (few samples): regularize both covariances slightly.
         eye = np.eye(len(mu1)) * 1e-6
