@@ -82,3 +82,11 @@ def test_cli_sample_missing_checkpoint(tmp_path):
     result = run_cli("sample", str(tmp_path / "nope.pt"), "--out", str(tmp_path / "out"), cwd=tmp_path)
     assert result.returncode == 2 and "nope.pt" in result.stderr and "not found" in result.stderr
     assert not (tmp_path / "out").exists()
+
+
+def test_cli_empty_dataset_folder_is_caught_before_ray(tmp_path):
+    (tmp_path / "data" / "cats").mkdir(parents=True)
+    result = run_cli("run", str(QUICKSTART), "--set", "data.source=folder", "--set", f"data.path={tmp_path / 'data'}",
+                     cwd=tmp_path)
+    assert result.returncode == 2 and "data.path" in result.stderr and "holds no images" in result.stderr
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["data"]

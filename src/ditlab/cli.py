@@ -65,11 +65,23 @@ def _print_summary(summary: dict) -> None:
         print(f"  {key:28s} {value:.4f}" if isinstance(value, float) else f"  {key:28s} {value}")
 
 
+def preflight(spec) -> None:
+    """Checks that would otherwise fail inside the Ray workers, after the run folder exists."""
+    if spec.data.source == "folder":
+        from ditlab.data.folder import scan_image_folder
+
+        try:
+            scan_image_folder(spec.data.path)
+        except (OSError, ValueError) as err:
+            raise BadInput(f"data.path: {err}") from None
+
+
 def cmd_run(args) -> int:
     spec = load(args.spec, args.overrides)
     if args.dry_run:
         sys.stdout.write(json.dumps(spec.to_dict(), indent=2) + "\n" if args.json else spec.to_yaml())
         return 0
+    preflight(spec)
     from ditlab.orchestration.train import run_experiment  # heavy imports only when needed
 
     # With --json, stdout carries exactly one JSON object: everything else goes to stderr.
@@ -99,7 +111,7 @@ def _parse_labels(text: str | None, num_classes: int) -> list[int] | None:
 def cmd_sample(args) -> int:
     import torch
 
-    from ditlab.orchestration.train import write_json
+    from ditlab.atomic import write_json
     from ditlab.sampling import balanced_labels, generate, load_for_sampling, save_pngs
     from ditlab.training.checkpoint import CheckpointError
 

@@ -10,6 +10,7 @@ import numpy as np
 import torch
 from PIL import Image
 
+from ditlab.atomic import atomic_path
 from ditlab.config import ExperimentSpec, from_dict
 from ditlab.data import to_uint8
 from ditlab.diffusion import GaussianDiffusion, get_sampler, guided_denoiser
@@ -75,9 +76,8 @@ def save_pngs(images: torch.Tensor, labels: torch.Tensor, out_dir: str | Path) -
     paths = []
     for i, (img, label) in enumerate(zip(to_uint8(images), labels.tolist(), strict=True)):
         path = out_dir / f"{i:05d}_class{label}.png"
-        tmp = path.with_name(f".{path.name}.tmp")
-        Image.fromarray(img[:, :, 0] if img.shape[-1] == 1 else img).save(tmp, format="PNG")
-        tmp.replace(path)
+        with atomic_path(path) as tmp:
+            Image.fromarray(img[:, :, 0] if img.shape[-1] == 1 else img).save(tmp, format="PNG")
         paths.append(path)
     return paths
 

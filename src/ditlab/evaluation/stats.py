@@ -11,6 +11,7 @@ from pathlib import Path
 
 import numpy as np
 
+from ditlab.atomic import atomic_path
 from ditlab.evaluation.features import find_inception_weights, inception_features
 
 RESIZE_MODE = "clean"
@@ -33,9 +34,6 @@ def reference_features(images_uint8: np.ndarray, weights: str | None = None, pro
     if path.is_file():
         return np.load(path)
     feats = inception_features(images_uint8, weights=weights, progress=progress)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    with open(tmp, "wb") as f:
+    with atomic_path(path) as tmp, open(tmp, "wb") as f:
         np.save(f, feats)
-    os.replace(tmp, path)
     return feats

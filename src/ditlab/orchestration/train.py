@@ -7,7 +7,6 @@ Worker side (`train_worker`): the plain training loop with a Ray-backed Reporter
 from __future__ import annotations
 
 import json
-import os
 import threading
 import time
 from contextlib import nullcontext
@@ -22,6 +21,7 @@ from ray.train import (Checkpoint, CheckpointConfig, FailureConfig, LoggingConfi
 from ray.train.torch import TorchTrainer
 from ray.util.queue import Queue
 
+from ditlab.atomic import atomic_path, write_json
 from ditlab.config import ExperimentSpec, from_dict
 from ditlab.evaluation.checkpoint_eval import evaluate_checkpoint
 from ditlab.evaluation.plots import save_loss_curve, save_sample_grid
@@ -124,13 +124,6 @@ def make_trainer(spec: ExperimentSpec, run_name: str, storage: Path, queue: Queu
     )
 
 
-def write_json(path: Path, payload: dict) -> Path:
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text(json.dumps(payload, indent=2, sort_keys=True) + "\n")
-    os.replace(tmp, path)
-    return path
-
-
 def open_tracker(spec: ExperimentSpec, run_dir: Path) -> Tracker:
     """A new MLflow run, or the one this run folder already had (resuming keeps one MLflow run).
     A resumed run folder records its tracking store, so a run started elsewhere is not reopened."""
@@ -151,7 +144,8 @@ def run_experiment(spec: ExperimentSpec, *, address: str | None = None, storage_
     storage = Path(storage_path).resolve()
     run_dir = storage / run_name
     run_dir.mkdir(parents=True, exist_ok=True)
-    (run_dir / "spec.yaml").write_text(spec.to_yaml())
+    with atomic_path(run_dir / "spec.yaml") as tmp:
+        tmp.write_text(spec.to_yaml())
     ensure_ray(address)
     tracker = open_tracker(spec, run_dir)
     queue = Queue()

@@ -6,14 +6,14 @@ previous checkpoint intact. Loaded with `weights_only=True`: every field is a te
 
 from __future__ import annotations
 
-import os
 import random
-import tempfile
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import torch
+
+from ditlab.atomic import atomic_path
 
 FORMAT = "ditlab-checkpoint/1"
 BUNDLE_NAME = "checkpoint.pt"
@@ -48,19 +48,9 @@ def restore_rng_state(state: dict[str, Any]) -> None:
 
 def save_bundle(path: str | Path, bundle: dict[str, Any]) -> Path:
     """Write `bundle` to `path` atomically."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
-    try:
-        with os.fdopen(fd, "wb") as f:
-            torch.save({"format": FORMAT, **bundle}, f)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-    return path
+    with atomic_path(path, fsync=True) as tmp:
+        torch.save({"format": FORMAT, **bundle}, tmp)
+    return Path(path)
 
 
 def resolve_bundle_path(path: str | Path) -> Path:
