@@ -71,3 +71,21 @@ def test_sample_command_writes_pngs(run_summary, tmp_path, capsys):
     manifest = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
     assert [f["label"] for f in manifest["files"]] == [3, 7, 3, 7, 3, 7]
     assert len(list(out.glob("*.png"))) == 6 and manifest["step"] == 6
+
+
+def test_rerun_with_the_same_name_resumes_into_the_same_mlflow_run(run_summary, mlflow_server):
+    """Job-level resume: the same --name and --storage find the run's checkpoints, start from the
+    latest (here the last step, so no step is trained again) and reopen the same MLflow run."""
+    storage = str(Path(run_summary["run_dir"]).parent)
+    stdout = io.StringIO()
+    with pytest.MonkeyPatch.context() as mp, contextlib.redirect_stdout(stdout):
+        mp.setenv("MLFLOW_TRACKING_URI", mlflow_server)
+        code = cli.main(["run", str(ROOT / "experiments" / "tiny.yaml"), "--json", "--storage", storage,
+                         "--name", "e2e", "--no-progress", "--set", "data.test_fraction=0.05"])
+    assert code == 0
+    again = json.loads(stdout.getvalue().splitlines()[-1])
+    assert again["mlflow_run_id"] == run_summary["mlflow_run_id"]
+    assert Path(again["checkpoint"]).name == "checkpoint_000006"
+    assert "final_loss" not in again["metrics"]  # nothing left to train
+    run = MlflowClient(mlflow_server).get_run(again["mlflow_run_id"])
+    assert run.info.status == "FINISHED"

@@ -41,10 +41,12 @@ def save_sample_grid(images_uint8: np.ndarray, labels, path: str | Path, nrow: i
     return path
 
 
-def save_loss_curve(history: list[dict], path: str | Path, keys=("loss", "mse", "vb")) -> Path:
+def save_loss_curve(history: list[dict], path: str | Path) -> Path:
+    """Training loss per logged step; with a learned variance also its two terms (mse, vb)."""
     plt = _pyplot()
     fig, ax = plt.subplots(figsize=(6, 3.5))
     steps = [h["step"] for h in history]
+    keys = ("loss", "mse", "vb") if history and "vb" in history[0] else ("loss",)
     for key in keys:
         if history and key in history[0]:
             ax.plot(steps, [h[key] for h in history], label=key)
