@@ -89,3 +89,32 @@ def test_rerun_with_the_same_name_resumes_into_the_same_mlflow_run(run_summary, 
     assert "final_loss" not in again["metrics"]  # nothing left to train
     run = MlflowClient(mlflow_server).get_run(again["mlflow_run_id"])
     assert run.info.status == "FINISHED"
+
+
+def test_evaluate_checkpoint_nests_an_evaluation_run_under_the_training_run(run_summary, mlflow_server, tmp_path):
+    stdout = io.StringIO()
+    with pytest.MonkeyPatch.context() as mp, contextlib.redirect_stdout(stdout):
+        mp.setenv("MLFLOW_TRACKING_URI", mlflow_server)
+        code = cli.main(["evaluate", "--fake", run_summary["checkpoint"], "--json", "--no-progress",
+                         "--out", str(tmp_path / "eval"), "--set", "num_samples=30"])
+    assert code == 0
+    result = json.loads(stdout.getvalue().splitlines()[-1])
+    figures = result["figures"]
+    assert figures["fid_num_fake"] == 30 and figures["kid"] == figures["kid"]  # not NaN
+    assert {"precision", "recall", "classifier_score", "conditional_accuracy"} <= set(figures)
+    assert result["source_run_id"] == run_summary["mlflow_run_id"]
+    client = MlflowClient(mlflow_server)
+    run = client.get_run(result["mlflow_run_id"])
+    assert run.data.tags["mlflow.parentRunId"] == run_summary["mlflow_run_id"]
+    assert run.data.tags["ditlab.eval.fid_resize"] == "clean"
+    assert run.data.params["evaluation.num_samples"] == "30"
+    assert {a.path for a in client.list_artifacts(run.info.run_id)} >= {"evaluation.json", "figures"}
+    assert (tmp_path / "eval" / "evaluation.json").is_file() and (tmp_path / "eval" / "samples.png").is_file()
+
+
+def test_evaluate_rejects_a_kid_subset_larger_than_the_samples(run_summary, tmp_path, capsys):
+    code = cli.main(["evaluate", "--fake", run_summary["checkpoint"], "--no-progress", "--out", str(tmp_path / "e"),
+                     "--set", "num_samples=8", "--set", "kid.subset_size=50"])
+    assert code == 2
+    assert "subset_size 50 exceeds" in capsys.readouterr().err
+    assert not (tmp_path / "e").exists()

@@ -69,16 +69,41 @@ class TrainSpec(_Section):
     checkpoint_every: int = Field(100, ge=1)
 
 
+Metric = Literal["fid", "kid", "precision_recall", "inception_score", "classifier_score", "conditional_accuracy"]
+
+
+class FidSettings(_Section):
+    resize: Literal["clean", "legacy_tensorflow"] = "clean"
+
+
+class KidSettings(_Section):
+    num_subsets: int = Field(100, ge=1)
+    subset_size: int = Field(1000, ge=2)
+    seed: int = 0
+
+
+class PrecisionRecallSettings(_Section):
+    k: int = Field(3, ge=1)
+
+
 class EvaluationSpec(_Section):
+    """How samples are drawn and judged. The same schema is an evaluation protocol file
+    (evaluation/*.yaml) for `ditlab evaluate --protocol`."""
+
+    name: str = "default"
+    metrics: tuple[Metric, ...] = ("fid", "kid", "precision_recall", "classifier_score", "conditional_accuracy")
     num_samples: int = Field(300, ge=0)
     sampler: Literal["ddim", "ddpm"] = "ddim"
     steps: int = Field(50, ge=1)
     guidance: float = Field(2.0, ge=0)
     clip_x0: bool = True
-    fid: bool = True
-    conditional_accuracy: bool = True
     batch_size: int = Field(100, ge=1)
     seed: int = 0
+    reference_split: Literal["train", "test", "all"] = "test"
+    fid: FidSettings = FidSettings()
+    kid: KidSettings = KidSettings()
+    precision_recall: PrecisionRecallSettings = PrecisionRecallSettings()
+    inception_weights: str | None = Field(None, description="path to Inception weights; default: searched")
 
 
 class ResourcesSpec(_Section):
@@ -176,15 +201,17 @@ def _describe(error: ValidationError, source: str) -> str:
     return "; ".join(lines)
 
 
-def from_dict(raw: dict[str, Any], source: str = "spec") -> ExperimentSpec:
+def from_dict(raw: dict[str, Any], source: str = "spec", model: type[BaseModel] | None = None):
+    """Validate a raw dict as an ExperimentSpec (or `model`); errors become one SpecError line."""
     try:
-        return ExperimentSpec.model_validate(raw)
+        return (model or ExperimentSpec).model_validate(raw)
     except ValidationError as err:
         raise SpecError(_describe(err, source)) from None
 
 
-def load(path: str | Path | None, overrides: list[str] | tuple[str, ...] = ()) -> ExperimentSpec:
-    """Load a YAML spec (or the defaults when `path` is None) and apply `--set` overrides."""
+def load(path: str | Path | None, overrides: list[str] | tuple[str, ...] = (), model: type[BaseModel] | None = None):
+    """Load a YAML spec (or the defaults when `path` is None) and apply `--set` overrides.
+    `model=EvaluationSpec` loads an evaluation protocol the same way."""
     raw: dict[str, Any] = {}
     source = "defaults"
     if path is not None:
@@ -201,4 +228,4 @@ def load(path: str | Path | None, overrides: list[str] | tuple[str, ...] = ()) -
         raw = loaded or {}
     for assignment in overrides:
         apply_override(raw, assignment)
-    return from_dict(raw, source)
+    return from_dict(raw, source, model)

@@ -29,5 +29,9 @@ class PixelClassifier:
     def predict(self, images_uint8: np.ndarray) -> np.ndarray:
         return self.model.predict(_flatten(images_uint8))
 
+    def probabilities(self, images_uint8: np.ndarray) -> np.ndarray:
+        """p(y | x) [N, K], columns in class order 0..K-1."""
+        return self.model.predict_proba(_flatten(images_uint8))
+
     def accuracy(self, images_uint8: np.ndarray, labels: np.ndarray) -> float:
         return float(np.mean(self.predict(images_uint8) == np.asarray(labels)))

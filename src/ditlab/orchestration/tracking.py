@@ -50,26 +50,34 @@ class Tracker:
         self.client, self.run_id, self.experiment_id, self.uri = client, run_id, experiment_id, uri
 
     @classmethod
-    def start(cls, spec: ExperimentSpec, run_name: str, tags: dict[str, str] | None = None) -> Tracker:
+    def create(cls, experiment: str, run_name: str, tags: dict[str, str] | None = None) -> Tracker:
+        """A new run in `experiment` (created with the runs-table tag if missing), tagged with the
+        git commit of the working directory."""
         uri = tracking_uri()
         client = MlflowClient(tracking_uri=uri)
-        experiment = client.get_experiment_by_name(spec.tracking.experiment)
-        if experiment is None:
-            experiment_id = client.create_experiment(spec.tracking.experiment, tags=EXPERIMENT_KIND_TAG)
+        found = client.get_experiment_by_name(experiment)
+        if found is None:
+            experiment_id = client.create_experiment(experiment, tags=EXPERIMENT_KIND_TAG)
         else:
-            experiment_id = experiment.experiment_id
-            if experiment.tags.get("mlflow.experimentKind") is None:
+            experiment_id = found.experiment_id
+            if found.tags.get("mlflow.experimentKind") is None:
                 client.set_experiment_tag(experiment_id, *next(iter(EXPERIMENT_KIND_TAG.items())))
-        all_tags = {"ditlab.spec_name": spec.name, "ditlab.data_source": spec.data.source}
+        all_tags = {}
         commit = git_commit()
         if commit:
             all_tags["mlflow.source.git.commit"] = commit
             all_tags["ditlab.git_dirty"] = str(git_dirty())
         all_tags.update(tags or {})
         run = client.create_run(experiment_id, run_name=run_name, tags=all_tags)
-        tracker = cls(client, run.info.run_id, experiment_id, uri)
+        return cls(client, run.info.run_id, experiment_id, uri)
+
+    @classmethod
+    def start(cls, spec: ExperimentSpec, run_name: str, tags: dict[str, str] | None = None) -> Tracker:
+        """A training run: every spec field as a param, the resolved spec as spec.yaml."""
+        tags = {"ditlab.spec_name": spec.name, "ditlab.data_source": spec.data.source, **(tags or {})}
+        tracker = cls.create(spec.tracking.experiment, run_name, tags)
         tracker.log_params(flatten(spec.to_dict()))
-        client.log_text(tracker.run_id, spec.to_yaml(), "spec.yaml")
+        tracker.client.log_text(tracker.run_id, spec.to_yaml(), "spec.yaml")
         return tracker
 
     @classmethod

@@ -23,7 +23,7 @@ from ray.util.queue import Queue
 
 from ditlab.atomic import atomic_path, write_json
 from ditlab.config import ExperimentSpec, from_dict
-from ditlab.evaluation.checkpoint_eval import evaluate_checkpoint
+from ditlab.evaluation.suite import evaluate_checkpoint
 from ditlab.evaluation.plots import save_loss_curve, save_sample_grid
 from ditlab.orchestration.ray_session import ensure_ray
 from ditlab.orchestration.tracking import Tracker, tracking_uri
@@ -177,20 +177,20 @@ def finish_run(spec: ExperimentSpec, tracker: Tracker, run_dir: Path, checkpoint
                history: list[dict], progress: bool) -> dict:
     """Final evaluation, figures and the summary."""
     evaluation = evaluate_checkpoint(checkpoint_dir / BUNDLE_NAME, spec.evaluation, progress=progress)
-    metrics = dict(evaluation.metrics)
+    metrics = dict(evaluation.figures)
     history = [h for h in history if "loss" in h]  # a 0-step run reports only its checkpoint
     if history:
         metrics["final_loss"] = float(history[-1]["loss"])
-    tracker.log_metrics(evaluation.metrics, spec.train.steps)
-    tracker.set_tags({f"ditlab.{k}": v for k, v in evaluation.info.items()})
+    tracker.log_metrics(evaluation.figures, spec.train.steps)
+    tracker.set_tags({f"ditlab.eval.{k}": v for k, v in evaluation.notes.items()})
     if history:
         tracker.log_artifact(save_loss_curve(history, run_dir / "loss_curve.png"), "figures")
         write_json(run_dir / "history.json", {"history": history})
-    if len(evaluation.samples):
+    if evaluation.samples is not None and len(evaluation.samples):
         shown = min(len(evaluation.samples), 100)
         ev = spec.evaluation
         title = f"EMA samples, {ev.sampler} {ev.steps} steps, guidance {ev.guidance}"
-        grid = save_sample_grid(evaluation.samples[:shown], evaluation.labels[:shown], run_dir / "samples.png",
+        grid = save_sample_grid(evaluation.samples[:shown], run_dir / "samples.png",
                                 nrow=min(10, shown), title=title)
         tracker.log_artifact(grid, "figures")
     write_json(run_dir / "metrics.json", metrics)
@@ -204,5 +204,5 @@ def finish_run(spec: ExperimentSpec, tracker: Tracker, run_dir: Path, checkpoint
         "mlflow_tracking_uri": tracker.uri,
         "mlflow_url": tracker.url,
         "metrics": metrics,
-        "info": evaluation.info,
+        "notes": evaluation.notes,
     }

