@@ -54,20 +54,25 @@ def gaussian_window(size: int = 11, sigma: float = 1.5) -> torch.Tensor:
 
 def ssim(pred, target, window: int = 11, sigma: float = 1.5, k1: float = 0.01, k2: float = 0.03) -> float:
     """Structural similarity (Wang et al. 2004, eq. 13) with an 11x11 Gaussian window (sigma 1.5),
-    over the window positions that lie inside the image, per channel; mean over the set."""
+    per channel, averaged over every pixel and then over the set.
+
+    Borders follow torchmetrics (reflect padding, every pixel counted), so figures compare with
+    it; the original MATLAB code instead drops the 5-pixel border, which gives slightly
+    different numbers on small images."""
     p, t = _paired(pred, target)
-    if min(p.shape[-2:]) < window:
-        raise ValueError(f"SSIM needs images of at least {window}x{window}, got {tuple(p.shape[-2:])}")
-    c = p.shape[1]
+    if min(p.shape[-2:]) <= window // 2:
+        raise ValueError(f"SSIM needs images larger than {window // 2}x{window // 2}, got {tuple(p.shape[-2:])}")
+    c, pad = p.shape[1], window // 2
     g = gaussian_window(window, sigma)
     kernel = (g[:, None] * g[None, :]).expand(c, 1, window, window).contiguous()
+    p, t = (F.pad(x, (pad, pad, pad, pad), mode="reflect") for x in (p, t))
 
     def blur(x):
         return F.conv2d(x, kernel, groups=c)
 
     mu_p, mu_t = blur(p), blur(t)
-    var_p = blur(p * p) - mu_p**2
-    var_t = blur(t * t) - mu_t**2
+    var_p = (blur(p * p) - mu_p**2).clamp(min=0)
+    var_t = (blur(t * t) - mu_t**2).clamp(min=0)
     cov = blur(p * t) - mu_p * mu_t
     c1, c2 = (k1 * DATA_RANGE) ** 2, (k2 * DATA_RANGE) ** 2
     ssim_map = ((2 * mu_p * mu_t + c1) * (2 * cov + c2)) / ((mu_p**2 + mu_t**2 + c1) * (var_p + var_t + c2))
