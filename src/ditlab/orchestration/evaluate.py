@@ -15,7 +15,7 @@ from ditlab.config import DataSpec, EvaluationSpec, flatten
 from ditlab.evaluation.images import load_image_folder
 from ditlab.evaluation.plots import save_sample_grid
 from ditlab.evaluation.suite import Reference, Report, dataset_reference, evaluate_checkpoint, evaluate_sets
-from ditlab.orchestration.tracking import Tracker, tracking_uri
+from ditlab.orchestration.tracking import Tracker, experiment_of_run, tracking_uri
 from ditlab.training.checkpoint import BUNDLE_NAME
 
 DATASETS = ("digits",)
@@ -118,8 +118,5 @@ def _open_tracker(fake: str, real: str | None, source: str | None, experiment: s
     if source is not None:
         # Nest under the training run, in its experiment, so the dashboard shows them together.
         tags.update({"ditlab.source_run_id": source, "mlflow.parentRunId": source})
-        from mlflow.tracking import MlflowClient
-
-        experiment = MlflowClient(tracking_uri()).get_experiment(
-            MlflowClient(tracking_uri()).get_run(source).info.experiment_id).name
+        experiment = experiment_of_run(source)
     return Tracker.create(experiment, f"evaluate-{Path(fake).name}", tags)

@@ -43,6 +43,12 @@ def git_dirty(cwd: str | Path | None = None) -> bool | None:
     return bool(out.stdout.strip()) if out.returncode == 0 else None
 
 
+def experiment_of_run(run_id: str) -> str:
+    """The name of the experiment holding `run_id`."""
+    client = MlflowClient(tracking_uri=tracking_uri())
+    return client.get_experiment(client.get_run(run_id).info.experiment_id).name
+
+
 class Tracker:
     """One MLflow run."""
 
