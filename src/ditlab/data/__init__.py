@@ -65,8 +65,3 @@ def load_dataset(data_spec, split: str) -> ImageDataset:
         images, labels = images[keep], labels[keep.numpy()]
     return ImageDataset(images.contiguous(), torch.as_tensor(labels), num_classes, name)
 
-
-def num_classes_of(data_spec) -> int:
-    if data_spec.source == "digits":
-        return 10
-    return len(scan_image_folder(data_spec.path)[2])
