@@ -24,11 +24,13 @@ def _atomic_savefig(fig, path: Path) -> Path:
     return path
 
 
-def save_sample_grid(images_uint8: np.ndarray, path: str | Path, nrow: int = 10, title: str = "") -> Path:
-    """Samples laid out in rows; with balanced labels 0..K-1 each column is one class."""
+def save_sample_grid(images_uint8: np.ndarray, path: str | Path, title: str = "", limit: int = 100) -> Path:
+    """The first `limit` samples, 10 a row; with balanced labels 0..K-1 each column is one class."""
     from ditlab.sampling import grid
 
     plt = _pyplot()
+    images_uint8 = images_uint8[:limit]
+    nrow = min(10, len(images_uint8))
     canvas = grid(images_uint8, nrow)
     fig, ax = plt.subplots(figsize=(max(4, nrow * 0.6), max(3, canvas.shape[0] / canvas.shape[1] * nrow * 0.6)))
     ax.imshow(canvas[:, :, 0] if canvas.shape[-1] == 1 else canvas, cmap="gray", vmin=0, vmax=255,

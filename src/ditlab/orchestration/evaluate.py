@@ -95,8 +95,7 @@ def run_evaluation(fake: str, real: str | None, ev: EvaluationSpec | None, out_d
     tracker.log_metrics(report.figures)
     tracker.set_tags({f"ditlab.eval.{k}": v for k, v in report.notes.items()})
     if report.samples is not None and len(report.samples):
-        shown = min(len(report.samples), 100)
-        grid = save_sample_grid(report.samples[:shown], out_dir / "samples.png", nrow=min(10, shown),
+        grid = save_sample_grid(report.samples, out_dir / "samples.png",
                                 title=f"evaluated images ({len(report.samples)} in all)")
         tracker.log_artifact(grid, "figures")
     summary = {"fake": fake, "real": real, "mlflow_run_id": tracker.run_id, "source_run_id": source,

@@ -61,10 +61,7 @@ class MetricsRelay(UserCallback):
         self.queue = queue
 
     def after_report(self, run_context, metrics, checkpoint) -> None:
-        item = dict(metrics[0])
-        if checkpoint is not None:
-            item["_checkpoint"] = checkpoint.path
-        self.queue.put(item)
+        self.queue.put(dict(metrics[0]))
 
 
 @dataclass
@@ -93,7 +90,6 @@ class MetricsConsumer:
 
         bar = tqdm(total=self.total_steps, desc="training", unit="step", disable=not self.progress)
         while (item := self.queue.get()) is not None:
-            item.pop("_checkpoint", None)
             step = int(item["step"])
             self.history.append(item)
             self.tracker.log_metrics({k: v for k, v in item.items() if k != "step"}, step)
@@ -152,21 +148,16 @@ def run_experiment(spec: ExperimentSpec, *, address: str | None = None, storage_
     consumer = MetricsConsumer(queue, tracker, spec.train.steps, progress).start()
     started = time.perf_counter()
     try:
-        result = make_trainer(spec, run_name, storage, queue).fit()
-    except BaseException:
-        consumer.stop()
-        tracker.end("FAILED")
-        raise
-    consumer.stop()
-    train_seconds = time.perf_counter() - started
-    checkpoint_dir = Path(result.checkpoint.path)
-    try:
-        summary = finish_run(spec, tracker, run_dir, checkpoint_dir, consumer.history, progress)
+        try:
+            result = make_trainer(spec, run_name, storage, queue).fit()
+        finally:
+            consumer.stop()
+        train_seconds = time.perf_counter() - started
+        summary = finish_run(spec, tracker, run_dir, Path(result.checkpoint.path), consumer.history,
+                             {"train_seconds": train_seconds}, progress)
     except BaseException:
         tracker.end("FAILED")
         raise
-    summary["metrics"]["train_seconds"] = train_seconds
-    tracker.log_metrics({"train_seconds": train_seconds}, spec.train.steps)
     write_json(run_dir / "result.json", summary)
     tracker.log_artifact(run_dir / "result.json")
     tracker.end("FINISHED")
@@ -174,24 +165,22 @@ def run_experiment(spec: ExperimentSpec, *, address: str | None = None, storage_
 
 
 def finish_run(spec: ExperimentSpec, tracker: Tracker, run_dir: Path, checkpoint_dir: Path,
-               history: list[dict], progress: bool) -> dict:
+               history: list[dict], timings: dict[str, float], progress: bool) -> dict:
     """Final evaluation, figures and the summary."""
     evaluation = evaluate_checkpoint(checkpoint_dir / BUNDLE_NAME, spec.evaluation, progress=progress)
-    metrics = dict(evaluation.figures)
+    metrics = {**evaluation.figures, **timings}
     history = [h for h in history if "loss" in h]  # a 0-step run reports only its checkpoint
     if history:
         metrics["final_loss"] = float(history[-1]["loss"])
-    tracker.log_metrics(evaluation.figures, spec.train.steps)
+    tracker.log_metrics({**evaluation.figures, **timings}, spec.train.steps)
     tracker.set_tags({f"ditlab.eval.{k}": v for k, v in evaluation.notes.items()})
     if history:
         tracker.log_artifact(save_loss_curve(history, run_dir / "loss_curve.png"), "figures")
         write_json(run_dir / "history.json", {"history": history})
     if evaluation.samples is not None and len(evaluation.samples):
-        shown = min(len(evaluation.samples), 100)
         ev = spec.evaluation
         title = f"EMA samples, {ev.sampler} {ev.steps} steps, guidance {ev.guidance}"
-        grid = save_sample_grid(evaluation.samples[:shown], run_dir / "samples.png",
-                                nrow=min(10, shown), title=title)
+        grid = save_sample_grid(evaluation.samples, run_dir / "samples.png", title=title)
         tracker.log_artifact(grid, "figures")
     write_json(run_dir / "metrics.json", metrics)
     tracker.log_artifact(run_dir / "metrics.json")
