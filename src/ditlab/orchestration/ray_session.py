@@ -8,13 +8,16 @@ import ray
 
 
 def ensure_ray(address: str | None = None, num_cpus: int | None = None) -> None:
-    """Join `address` (a cluster's GCS address or "auto"), or start a local instance; reuse the
-    one this process is already connected to."""
+    """Join `address` (a cluster's GCS address, ray://..., or "auto"), or the cluster in $RAY_ADDRESS
+    (set for a Ray Job's entrypoint), or else start a local instance; reuse the one this process is
+    already connected to. Without either, a `ray start` cluster on the same host is not joined by
+    accident: the local instance is started with address="local"."""
     if ray.is_initialized():
         return
     # Ray Train V2 is the default in Ray 2.60; set it explicitly so an inherited 0 cannot flip us.
     os.environ.setdefault("RAY_TRAIN_V2_ENABLED", "1")
     kwargs = dict(logging_level="warning", log_to_driver=True)
+    address = address or os.environ.get("RAY_ADDRESS") or None
     if address:
         ray.init(address=address, **kwargs)
     else:
@@ -22,4 +25,4 @@ def ensure_ray(address: str | None = None, num_cpus: int | None = None) -> None:
         os.environ.setdefault("RAY_TRAIN_ENABLE_PREEMPTION_WATCHER", "0")
         # The dashboard (on loopback only) also serves the state API that Ray Train's placement
         # group cleaner polls; without it the cleaner logs a warning every few seconds.
-        ray.init(num_cpus=num_cpus, include_dashboard=True, dashboard_host="127.0.0.1", **kwargs)
+        ray.init(address="local", num_cpus=num_cpus, include_dashboard=True, dashboard_host="127.0.0.1", **kwargs)
