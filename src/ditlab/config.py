@@ -21,17 +21,31 @@ class _Section(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True)
 
 
+DATASETS_ROOT = "data"  # where `ditlab data add` keeps named datasets
+
+
 class DataSpec(_Section):
     source: Literal["digits", "folder"] = "digits"
+    name: str | None = Field(None, description="folder source: a dataset added with `ditlab data add` "
+                                               "(path defaults to data/<name>)")
     path: str | None = Field(None, description="folder source: root with one subfolder per class")
     resolution: int = Field(16, ge=4, le=1024)
     channels: Literal[1, 3] = 1
     test_fraction: float = Field(0.2, gt=0, lt=1)
     split_seed: int = 0
+    prepared: str | None = Field(None, description="folder written by `ditlab data prepare` for this data "
+                                                   "section; when set, images are read from it")
+
+    @model_validator(mode="before")
+    @classmethod
+    def _path_from_name(cls, raw: Any) -> Any:
+        if isinstance(raw, dict) and raw.get("source") == "folder" and raw.get("name") and not raw.get("path"):
+            raw = {**raw, "path": f"{DATASETS_ROOT}/{raw['name']}"}
+        return raw
 
     @model_validator(mode="after")
     def _folder_exists(self) -> DataSpec:
-        if self.source == "folder":
+        if self.source == "folder" and self.prepared is None:
             if not self.path:
                 raise ValueError("path: required when source is 'folder'")
             if not Path(self.path).is_dir():
@@ -67,6 +81,10 @@ class TrainSpec(_Section):
     precision: Literal["fp32", "bf16"] = "fp32"
     log_every: int = Field(10, ge=1)
     checkpoint_every: int = Field(100, ge=1)
+    # Validation loss on a fixed slice of the test split (training/validation.py).
+    val_every: int | None = Field(None, ge=1, description="steps between validation losses; default: log_every")
+    val_images: int = Field(128, ge=0, description="test images scored for val_loss (all if fewer); 0: none")
+    val_weights: Literal["ema", "model"] = "ema"
 
 
 Metric = Literal["fid", "kid", "precision_recall", "inception_score", "classifier_score", "conditional_accuracy"]

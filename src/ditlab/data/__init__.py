@@ -51,6 +51,12 @@ def load_dataset(data_spec, split: str) -> ImageDataset:
     """`split` is "train", "test" or "all"."""
     if split not in ("train", "test", "all"):
         raise ValueError(f"unknown split {split!r}")
+    if data_spec.prepared:
+        from ditlab.data.prepared import load_prepared
+
+        images, labels, num_classes = load_prepared(data_spec, split)
+        source = "digits" if data_spec.source == "digits" else f"folder:{data_spec.path}"
+        return ImageDataset(images, torch.as_tensor(labels), num_classes, f"{source} (prepared)")
     if data_spec.source == "digits":
         raw, labels = load_digits_arrays()
         images = resize_to(raw, data_spec.resolution, data_spec.channels)

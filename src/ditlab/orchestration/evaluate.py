@@ -13,18 +13,22 @@ from pathlib import Path
 from ditlab.atomic import write_json
 from ditlab.config import DataSpec, EvaluationSpec, flatten
 from ditlab.evaluation.images import load_image_folder
+from ditlab.data.prepared import FORMAT as PREPARED_FORMAT
+from ditlab.data.prepared import MANIFEST, read_manifest
 from ditlab.evaluation.plots import save_sample_grid
 from ditlab.evaluation.suite import Reference, Report, dataset_reference, evaluate_checkpoint, evaluate_sets
 from ditlab.orchestration.tracking import Tracker, experiment_of_run, tracking_uri
-from ditlab.training.checkpoint import BUNDLE_NAME
+from ditlab.orchestration.versioning import data_tags, experiment_tags
+from ditlab.training.checkpoint import BUNDLE_NAME, checkpoint_dirs
 
 DATASETS = ("digits",)
 LABEL_IN_NAME = re.compile(r"_class(\d+)\.[A-Za-z]+$")  # as `ditlab sample` names its files
 
 
 def is_checkpoint(path: str) -> bool:
+    """A bundle file, a checkpoint folder, or a run folder holding checkpoint folders."""
     p = Path(path)
-    return p.is_file() and p.suffix == ".pt" or (p / BUNDLE_NAME).is_file()
+    return p.is_file() and p.suffix == ".pt" or (p / BUNDLE_NAME).is_file() or bool(checkpoint_dirs(p))
 
 
 def parse_dataset(text: str) -> tuple[str, str] | None:
@@ -38,7 +42,27 @@ def parse_dataset(text: str) -> tuple[str, str] | None:
     return name, split
 
 
-def reference_for(real: str, image_size: int) -> Reference:
+def prepared_folder(real: str) -> tuple[str, str | None] | None:
+    """('DIR', split or None) when `real` is 'DIR' or 'DIR:split' and DIR was written by
+    `ditlab data prepare`; else None."""
+    root, sep, split = real.rpartition(":")
+    if not sep or split not in ("train", "test", "all"):
+        root, split = real, None
+    manifest = Path(root) / MANIFEST
+    if manifest.is_file() and json.loads(manifest.read_text()).get("format") == PREPARED_FORMAT:
+        return root, split
+    return None
+
+
+def reference_for(real, image_size: int, split: str = "test") -> Reference:
+    """`real`: a spec's data section (at `split`), a folder written by `ditlab data prepare`
+    ('DIR[:split]'), a dataset name ('digits[:split]'), or a folder of images."""
+    if isinstance(real, DataSpec):
+        return dataset_reference(real, split)
+    prepared = prepared_folder(real)
+    if prepared is not None:
+        root, named_split = prepared
+        return dataset_reference(DataSpec(**read_manifest(root)["data"], prepared=root), named_split or split)
     dataset = parse_dataset(real)
     if dataset is not None:
         name, split = dataset
@@ -53,20 +77,21 @@ def labels_from_names(folder: str) -> list[int] | None:
     return [int(m.group(1)) for m in found] if all(found) else None
 
 
-def evaluate_folder(fake: str, real: str, ev: EvaluationSpec, progress: bool) -> Report:
+def evaluate_folder(fake: str, real, ev: EvaluationSpec, progress: bool) -> Report:
     import numpy as np
 
     images = load_image_folder(fake)
-    reference = reference_for(real, images.shape[1])
+    reference = reference_for(real, images.shape[1], ev.reference_split)
     labels = labels_from_names(fake)
     return evaluate_sets(images, reference, ev, fake_labels=None if labels is None else np.asarray(labels),
                          progress=progress)
 
 
 def source_run_id(checkpoint: str) -> str | None:
-    """The MLflow run that trained this checkpoint, from its run folder's tracking.json."""
+    """The MLflow run that trained this checkpoint (a bundle, checkpoint folder or run folder), from
+    its run folder's tracking.json."""
     p = Path(checkpoint).resolve()
-    for folder in (p.parent, p.parent.parent):
+    for folder in (p, p.parent, p.parent.parent):
         record = folder / "tracking.json"
         if record.is_file():
             saved = json.loads(record.read_text())
@@ -75,22 +100,43 @@ def source_run_id(checkpoint: str) -> str | None:
     return None
 
 
-def run_evaluation(fake: str, real: str | None, ev: EvaluationSpec | None, out_dir: str | Path,
+def samples_source(folder: str) -> str | None:
+    """The checkpoint a `ditlab sample` folder was drawn from (its samples.json), if recorded."""
+    record = Path(folder) / "samples.json"
+    return json.loads(record.read_text()).get("checkpoint") if record.is_file() else None
+
+
+def real_data_spec(real) -> DataSpec | None:
+    """The data section behind `real`, when it is one (a spec's data or a prepared folder)."""
+    if isinstance(real, DataSpec):
+        return real
+    prepared = prepared_folder(real) if isinstance(real, str) else None
+    return DataSpec(**read_manifest(prepared[0])["data"], prepared=prepared[0]) if prepared else None
+
+
+def run_evaluation(fake: str, real, ev: EvaluationSpec | None, out_dir: str | Path,
                    experiment: str = "ditlab-evaluation", progress: bool = True) -> dict:
-    """Evaluate, write evaluation.json (+ samples.png) to `out_dir`, log it all to MLflow."""
+    """Evaluate, write evaluation.json, metrics.json (the figures alone, for DVC) and samples.png
+    to `out_dir`, log it all to MLflow. `real` is what `reference_for` takes, or None for a
+    checkpoint's own dataset."""
     started = time.perf_counter()
     if is_checkpoint(fake):
-        reference = None if real is None else reference_for(real, _checkpoint_resolution(fake))
+        split = (ev.reference_split if ev else "test")
+        reference = None if real is None else reference_for(real, _checkpoint_resolution(fake), split)
         report = evaluate_checkpoint(fake, ev, progress=progress, reference=reference)
         source = source_run_id(fake)
     else:
         if real is None:
             raise ValueError("--real: required when --fake is a folder of images")
         report = evaluate_folder(fake, real, ev or EvaluationSpec(), progress)
-        source = None
+        checkpoint = samples_source(fake)
+        source = source_run_id(checkpoint) if checkpoint and Path(checkpoint).exists() else None
     report.figures["eval_seconds"] = time.perf_counter() - started
     out_dir = Path(out_dir)
+    data = real_data_spec(real)
+    real = real if data is None else (data.prepared or data.source)
     tracker = _open_tracker(fake, real, source, experiment)
+    tracker.set_tags({**(data_tags(data) if data is not None else {}), **experiment_tags()})
     tracker.log_params(flatten({"evaluation": report.settings}))
     tracker.log_metrics(report.figures)
     tracker.set_tags({f"ditlab.eval.{k}": v for k, v in report.notes.items()})
@@ -101,6 +147,7 @@ def run_evaluation(fake: str, real: str | None, ev: EvaluationSpec | None, out_d
     summary = {"fake": fake, "real": real, "mlflow_run_id": tracker.run_id, "source_run_id": source,
                "mlflow_url": tracker.url, **report.to_dict()}
     write_json(out_dir / "evaluation.json", summary)
+    write_json(out_dir / "metrics.json", report.figures)
     tracker.log_artifact(out_dir / "evaluation.json")
     tracker.end("FINISHED")
     return summary

@@ -6,6 +6,7 @@ previous checkpoint intact. Loaded with `weights_only=True`: every field is a te
 
 from __future__ import annotations
 
+import hashlib
 import random
 from pathlib import Path
 from typing import Any
@@ -46,16 +47,54 @@ def restore_rng_state(state: dict[str, Any]) -> None:
         torch.cuda.set_rng_state_all(state["cuda"])
 
 
+def _sha256(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            h.update(block)
+    return h.hexdigest()
+
+
+def checksum_path(bundle_path: str | Path) -> Path:
+    return Path(f"{bundle_path}.sha256")
+
+
 def save_bundle(path: str | Path, bundle: dict[str, Any]) -> Path:
-    """Write `bundle` to `path` atomically."""
+    """Write `bundle` to `path` atomically, and its SHA-256 beside it (`<path>.sha256`)."""
     with atomic_path(path, fsync=True) as tmp:
         torch.save({"format": FORMAT, **bundle}, tmp)
+        digest = _sha256(tmp)
+    with atomic_path(checksum_path(path)) as tmp:
+        tmp.write_text(f"{digest}  {Path(path).name}\n")
     return Path(path)
 
 
+def verify_bundle(path: str | Path) -> Path:
+    """Check a bundle against the checksum written with it: a file changed or cut short after it was
+    saved (a bad copy, a half-pulled cache) is a CheckpointError naming it, before anything loads it.
+    Bundles without a checksum file are accepted (they predate it)."""
+    path = resolve_bundle_path(path)
+    record = checksum_path(path)
+    if record.is_file():
+        expected = record.read_text().split()[0]
+        if _sha256(path) != expected:
+            raise CheckpointError(f"checkpoint {str(path)!r} is corrupt: its SHA-256 does not match "
+                                  f"{record.name}; delete this checkpoint folder to fall back to an earlier one, "
+                                  "or restore it (e.g. `dvc checkout`)")
+    return path
+
+
+def checkpoint_dirs(run_dir: str | Path) -> list[Path]:
+    """The checkpoint_* folders of a run folder, oldest first."""
+    return sorted(p for p in Path(run_dir).glob("checkpoint_*") if p.is_dir())
+
+
 def resolve_bundle_path(path: str | Path) -> Path:
-    """Accept the bundle file or a checkpoint folder holding it (as Ray Train persists them)."""
+    """Accept the bundle file, a checkpoint folder holding it (as Ray Train persists them), or a
+    run folder (its latest checkpoint)."""
     path = Path(path)
+    if path.is_dir() and not (path / BUNDLE_NAME).exists() and checkpoint_dirs(path):
+        path = checkpoint_dirs(path)[-1]
     if path.is_dir():
         path = path / BUNDLE_NAME
     if not path.is_file():
@@ -65,7 +104,7 @@ def resolve_bundle_path(path: str | Path) -> Path:
 
 def load_bundle(path: str | Path) -> dict[str, Any]:
     """Load and check a bundle; a truncated or foreign file is a CheckpointError naming the path."""
-    path = resolve_bundle_path(path)
+    path = verify_bundle(path)
     try:
         bundle = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as err:  # torch raises several types for corrupt files
