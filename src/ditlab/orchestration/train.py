@@ -7,6 +7,9 @@ Worker side (`train_worker`): the plain training loop with a Ray-backed Reporter
 from __future__ import annotations
 
 import json
+import os
+import shutil
+import sys
 import threading
 import time
 from contextlib import nullcontext
@@ -16,18 +19,20 @@ from pathlib import Path
 import ray
 import ray.train
 import torch
+import yaml
 from ray.train import (Checkpoint, CheckpointConfig, FailureConfig, LoggingConfig, RunConfig, ScalingConfig,
                        UserCallback)
 from ray.train.torch import TorchTrainer
 from ray.util.queue import Queue
 
 from ditlab.atomic import atomic_path, write_json
-from ditlab.config import ExperimentSpec, from_dict
-from ditlab.evaluation.suite import evaluate_checkpoint
+from ditlab.config import ExperimentSpec, flatten, from_dict
+from ditlab.evaluation.suite import Report, evaluate_checkpoint
 from ditlab.evaluation.plots import save_loss_curve, save_sample_grid
 from ditlab.orchestration.ray_session import ensure_ray
 from ditlab.orchestration.tracking import Tracker, tracking_uri
-from ditlab.training.checkpoint import BUNDLE_NAME
+from ditlab.orchestration.versioning import run_tags
+from ditlab.training.checkpoint import BUNDLE_NAME, CheckpointError, checkpoint_dirs, verify_bundle
 from ditlab.training.loop import Placement, train
 
 
@@ -103,9 +108,13 @@ def make_trainer(spec: ExperimentSpec, run_name: str, storage: Path, queue: Queu
     worker_resources = {"CPU": res.cpus_per_worker}
     if res.use_gpu:
         worker_resources["GPU"] = 1
+    worker_spec = spec.to_dict()
+    if spec.data.prepared:
+        # Workers run in their own folder: give them an absolute path (a shared one on a cluster).
+        worker_spec["data"]["prepared"] = str(Path(spec.data.prepared).resolve())
     return TorchTrainer(
         train_worker,
-        train_loop_config={"spec": spec.to_dict()},
+        train_loop_config={"spec": worker_spec},
         scaling_config=ScalingConfig(num_workers=res.num_workers, use_gpu=res.use_gpu,
                                      resources_per_worker=worker_resources),
         run_config=RunConfig(
@@ -128,22 +137,70 @@ def open_tracker(spec: ExperimentSpec, run_dir: Path) -> Tracker:
         saved = json.loads(record.read_text())
         if saved.get("tracking_uri") == tracking_uri():
             return Tracker.resume(saved["run_id"])
-    tracker = Tracker.start(spec, run_dir.name, tags={"ditlab.run_dir": str(run_dir)})
+    display_name = os.environ.get("DVC_EXP_NAME") or run_dir.name
+    tracker = Tracker.start(spec, display_name, tags={"ditlab.run_dir": str(run_dir)})
     write_json(record, {"run_id": tracker.run_id, "tracking_uri": tracker.uri})
     return tracker
 
 
+# Sections whose change makes a run folder's checkpoints belong to another experiment.
+TRAINING_SECTIONS = ("seed", "data", "model", "diffusion", "train")
+
+
+class RunFolderError(ValueError):
+    pass
+
+
+def spec_changes(old: dict, new: dict) -> list[str]:
+    """Dotted fields of the training sections that differ between two spec dicts."""
+    old_flat = flatten({k: old.get(k) for k in TRAINING_SECTIONS})
+    new_flat = flatten({k: new.get(k) for k in TRAINING_SECTIONS})
+    return sorted(k for k in old_flat.keys() | new_flat.keys() if old_flat.get(k) != new_flat.get(k))
+
+
+def prepare_run_dir(spec: ExperimentSpec, run_dir: Path, restart_if_changed: bool) -> None:
+    """Before training into an existing run folder: resume only a run of the same spec, and only
+    from checkpoints that pass their integrity check. With `restart_if_changed` (the DVC train
+    stage, whose run folder persists between `dvc repro`s) a changed spec starts the run over."""
+    saved = run_dir / "spec.yaml"
+    if saved.is_file():
+        changed = spec_changes(yaml.safe_load(saved.read_text()) or {}, spec.to_dict())
+        if changed:
+            if not restart_if_changed:
+                raise RunFolderError(
+                    f"run folder {str(run_dir)!r} holds a run of another spec ({', '.join(changed[:5])} differ); "
+                    "choose another --name, or pass --restart-if-changed to start it over")
+            print(f"spec changed ({', '.join(changed[:5])}): starting {run_dir} over", file=sys.stderr)
+            shutil.rmtree(run_dir)
+    folders = checkpoint_dirs(run_dir) if run_dir.is_dir() else []
+    snapshot = run_dir / "checkpoint_manager_snapshot.json"
+    if snapshot.is_file() and not folders:
+        raise RunFolderError(f"run folder {str(run_dir)!r} records checkpoints but holds none (a missing cache? "
+                             "try `dvc checkout` or `dvc pull`); delete the folder to start over")
+    for folder in folders:
+        try:
+            verify_bundle(folder)
+        except CheckpointError as err:
+            raise RunFolderError(str(err)) from None
+
+
 def run_experiment(spec: ExperimentSpec, *, address: str | None = None, storage_path: str | Path = "runs",
-                   run_name: str | None = None, progress: bool = True) -> dict:
-    """Train, evaluate, track. Returns the summary also written to <run dir>/result.json."""
+                   run_name: str | None = None, progress: bool = True, evaluate: bool = True,
+                   restart_if_changed: bool = False, export_dir: str | Path | None = None) -> dict:
+    """Train, evaluate (unless `evaluate` is False), track. Returns the summary also written to
+    <run dir>/result.json; `export_dir` gets a copy of the run's metrics, history and loss curve
+    (the DVC train stage's metrics and plots)."""
     run_name = run_name or f"{spec.name}-{time.strftime('%Y%m%d-%H%M%S')}"
     storage = Path(storage_path).resolve()
     run_dir = storage / run_name
+    if run_dir.is_dir():
+        prepare_run_dir(spec, run_dir, restart_if_changed)
     run_dir.mkdir(parents=True, exist_ok=True)
     with atomic_path(run_dir / "spec.yaml") as tmp:
         tmp.write_text(spec.to_yaml())
     ensure_ray(address)
     tracker = open_tracker(spec, run_dir)
+    tracker.set_tags(run_tags(spec.data))
     queue = Queue()
     consumer = MetricsConsumer(queue, tracker, spec.train.steps, progress).start()
     started = time.perf_counter()
@@ -154,20 +211,37 @@ def run_experiment(spec: ExperimentSpec, *, address: str | None = None, storage_
             consumer.stop()
         train_seconds = time.perf_counter() - started
         summary = finish_run(spec, tracker, run_dir, Path(result.checkpoint.path), consumer.history,
-                             {"train_seconds": train_seconds}, progress)
+                             {"train_seconds": train_seconds}, progress, evaluate)
     except BaseException:
         tracker.end("FAILED")
         raise
     write_json(run_dir / "result.json", summary)
     tracker.log_artifact(run_dir / "result.json")
     tracker.end("FINISHED")
+    if export_dir is not None:
+        export_summary(run_dir, Path(export_dir))
     return summary
 
 
+EXPORTED = ("metrics.json", "history.json", "loss_curve.png")
+
+
+def export_summary(run_dir: Path, export_dir: Path) -> None:
+    """Copy the run's summary files (what DVC shows as metrics and plots) out of the run folder."""
+    export_dir.mkdir(parents=True, exist_ok=True)
+    for name in EXPORTED:
+        if (run_dir / name).is_file():
+            with atomic_path(export_dir / name) as tmp:
+                shutil.copyfile(run_dir / name, tmp)
+
+
 def finish_run(spec: ExperimentSpec, tracker: Tracker, run_dir: Path, checkpoint_dir: Path,
-               history: list[dict], timings: dict[str, float], progress: bool) -> dict:
-    """Final evaluation, figures and the summary."""
-    evaluation = evaluate_checkpoint(checkpoint_dir / BUNDLE_NAME, spec.evaluation, progress=progress)
+               history: list[dict], timings: dict[str, float], progress: bool, evaluate: bool = True) -> dict:
+    """Final evaluation (optional), figures and the summary."""
+    if evaluate:
+        evaluation = evaluate_checkpoint(checkpoint_dir / BUNDLE_NAME, spec.evaluation, progress=progress)
+    else:
+        evaluation = Report(figures={}, notes={}, settings={}, samples=None)
     metrics = {**evaluation.figures, **timings}
     history = [h for h in history if "loss" in h]  # a 0-step run reports only its checkpoint
     if history:
