@@ -40,6 +40,29 @@ def ray_session():
 
 
 @pytest.fixture(scope="session")
+def ray_head():
+    """A real Ray head (`ray start --head`, token auth with a token made here, dashboard on
+    127.0.0.1) shared by the Ray Jobs and multi-node tests. At the end it stops only its own
+    processes, and fails if any of them is left."""
+    import secrets
+    import shutil
+    import tempfile
+
+    from ray_cluster import RayHead
+
+    # Short temp dirs: Ray's unix sockets live under them, and socket paths are capped at 107 bytes.
+    root = Path(tempfile.mkdtemp(prefix="ditlab-ray-"))
+    head = RayHead(root / "head", token=secrets.token_hex(32))
+    try:
+        head.wait_until_serving()
+        yield head
+    finally:
+        left = [pid for node in [*head.workers, head] for pid in node.stop()]
+        shutil.rmtree(root, ignore_errors=True)
+    assert not left, f"Ray processes still running after the test cluster stopped: {left}"
+
+
+@pytest.fixture(scope="session")
 def mlflow_server(tmp_path_factory):
     """A real `mlflow server` on 127.0.0.1 with a SQLite backend and proxied artifacts."""
     root = tmp_path_factory.mktemp("mlflow")

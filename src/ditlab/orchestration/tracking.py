@@ -73,6 +73,9 @@ class Tracker:
         if commit:
             all_tags["mlflow.source.git.commit"] = commit
             all_tags["ditlab.git_dirty"] = str(git_dirty())
+        elif os.environ.get("DITLAB_GIT_COMMIT"):  # a Ray Job's unpacked folder: `ditlab submit` recorded it
+            all_tags["mlflow.source.git.commit"] = os.environ["DITLAB_GIT_COMMIT"]
+            all_tags["ditlab.git_dirty"] = os.environ.get("DITLAB_GIT_DIRTY", "None")
         all_tags.update(tags or {})
         run = client.create_run(experiment_id, run_name=run_name, tags=all_tags)
         return cls(client, run.info.run_id, experiment_id, uri)

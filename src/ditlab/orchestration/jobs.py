@@ -1,0 +1,227 @@
+"""Ray Jobs: submit `ditlab run` to a Ray cluster; follow, list, inspect and stop its jobs.
+
+The client talks to the cluster's dashboard (http://HEAD:8265) through Ray's JobSubmissionClient.
+Token authentication follows Ray's own rules: with RAY_AUTH_MODE=token the client sends the token
+from $RAY_AUTH_TOKEN, else the file named by $RAY_AUTH_TOKEN_PATH, else ~/.ray/auth_token.
+Every failure to reach or authenticate with the cluster becomes one ClusterError line that names
+the address and what to set.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import shlex
+import time
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TextIO
+
+import aiohttp
+from ray.exceptions import AuthenticationError
+from ray.job_submission import JobDetails, JobStatus, JobSubmissionClient
+
+# Never shipped to the cluster: environments, run outputs, local tracking stores, caches. Patterns
+# are .gitignore syntax relative to the working directory (Ray also honours .gitignore itself).
+EXCLUDES = [
+    "/.venv", "venv/", ".git", "/.dvc/cache", "/.dvc/tmp", "/runs", "/mlruns", "/mlartifacts", "/mlflow.db",
+    "/evaluations", "/samples", "__pycache__", "*.egg-info", ".pytest_cache", ".ruff_cache",
+]
+# Variables of the submitting shell that the job gets too (credentials are left to the cluster).
+FORWARDED_ENV = ("MLFLOW_TRACKING_URI",)
+FORWARDED_PREFIX = "DITLAB_"
+TOKEN_PLACES = "RAY_AUTH_TOKEN, a file named by RAY_AUTH_TOKEN_PATH, or ~/.ray/auth_token"
+
+
+class ClusterError(Exception):
+    """The cluster could not be reached or refused us; the message is one line for the user."""
+
+
+def resolve_address(address: str | None) -> str:
+    """--address, else $RAY_API_SERVER_ADDRESS, else $RAY_ADDRESS when it is an http(s) URL
+    (inside a Ray job $RAY_ADDRESS is the GCS address, which the Jobs API does not serve)."""
+    if address is None:
+        address = os.environ.get("RAY_API_SERVER_ADDRESS")
+    if address is None and os.environ.get("RAY_ADDRESS", "").startswith(("http://", "https://")):
+        address = os.environ["RAY_ADDRESS"]
+    if not address:
+        raise ClusterError("no Ray cluster given: pass --address http://HEAD:8265 (the head's dashboard) "
+                           "or set RAY_API_SERVER_ADDRESS")
+    if not address.startswith(("http://", "https://")):
+        raise ClusterError(f"--address: expected the dashboard URL of the head, http://HEAD:8265, got {address!r}")
+    return address.rstrip("/")
+
+
+def token_source() -> str | None:
+    """Where Ray's client takes the auth token from, in its order; None without one."""
+    if os.environ.get("RAY_AUTH_TOKEN"):
+        return "$RAY_AUTH_TOKEN"
+    if os.environ.get("RAY_AUTH_TOKEN_PATH"):
+        return f"the file {os.environ['RAY_AUTH_TOKEN_PATH']} ($RAY_AUTH_TOKEN_PATH)"
+    default = Path.home() / ".ray" / "auth_token"
+    return str(default) if default.is_file() else None
+
+
+def _auth_problem(address: str, status: int | None) -> str:
+    token_mode = os.environ.get("RAY_AUTH_MODE", "").lower() == "token"
+    source = token_source()
+    if not token_mode:
+        return (f"the Ray cluster at {address} requires an auth token: set RAY_AUTH_MODE=token and put "
+                f"the cluster's token in {TOKEN_PLACES}")
+    if source is None or status == 401:
+        return f"the Ray cluster at {address} requires an auth token and none was found: set {TOKEN_PLACES}"
+    return (f"the Ray cluster at {address} rejected the auth token from {source}: "
+            f"set the cluster's token in {TOKEN_PLACES}")
+
+
+@contextmanager
+def cluster_errors(address: str) -> Iterator[None]:
+    """Turns the SDK's connection, authentication and request errors into one ClusterError line."""
+    try:
+        yield
+    except AuthenticationError as err:
+        status = 401 if "required" in err.message.split(":")[0] else 403 if "failed" in err.message else None
+        raise ClusterError(_auth_problem(address, status)) from None
+    except aiohttp.ClientResponseError as err:  # the log stream's websocket handshake
+        if err.status in (401, 403):
+            raise ClusterError(_auth_problem(address, err.status)) from None
+        raise ClusterError(f"{address}: HTTP {err.status} {err.message}") from None
+    except OSError as err:  # requests' and aiohttp's connection errors are OSErrors
+        raise ClusterError(f"cannot reach the Ray dashboard at {address} ({type(err).__name__}): check --address "
+                           "(the head's dashboard, port 8265 by default) and that the cluster is up") from None
+    except RuntimeError as err:  # the SDK's "Request failed with status code ..."
+        raise ClusterError(f"{address}: {' '.join(str(err).split())}") from None
+
+
+@contextmanager
+def _environ(name: str, value: str) -> Iterator[None]:
+    saved = os.environ.get(name)
+    os.environ[name] = value
+    try:
+        yield
+    finally:
+        if saved is None:
+            del os.environ[name]
+        else:
+            os.environ[name] = saved
+
+
+@dataclass(frozen=True)
+class Submission:
+    """What `ditlab submit` sends: the entrypoint command and its runtime environment."""
+
+    entrypoint: str
+    runtime_env: dict
+    run_name: str
+    metadata: dict[str, str]
+
+
+def build_submission(spec_path: str | Path, overrides: list[str], run_name: str, working_dir: str | Path = ".",
+                     storage: str | None = None, extra_env: dict[str, str] | None = None) -> Submission:
+    """`python -m ditlab.cli run SPEC` with the working directory shipped as the job's cwd.
+
+    The package source in the working directory (src/ditlab), if there is one, is shipped too and
+    comes first on the job's PYTHONPATH, so the job runs the code that was submitted; without it
+    the cluster's installed ditlab runs. `python -m` rather than the `ditlab` script because the
+    shipped source needs no installation."""
+    root = Path(working_dir).resolve()
+    spec = Path(spec_path).resolve()
+    if not spec.is_relative_to(root):
+        raise ClusterError(f"the spec {spec_path} lies outside the working directory {root}, "
+                           "which is what the cluster receives: run from the project or pass --working-dir")
+    command = ["python", "-m", "ditlab.cli", "run", spec.relative_to(root).as_posix(), "--name", run_name,
+               "--no-progress"]
+    for assignment in overrides:
+        command += ["--set", assignment]
+    if storage:
+        command += ["--storage", storage]
+    runtime_env = {"working_dir": str(root), "excludes": EXCLUDES, "env_vars": job_env(root, extra_env)}
+    package = root / "src" / "ditlab"
+    if (package / "__init__.py").is_file():
+        runtime_env["py_modules"] = [str(package)]
+    metadata = {"ditlab_run": run_name, "ditlab_spec": spec.relative_to(root).as_posix()}
+    return Submission(shlex.join(command), runtime_env, run_name, metadata)
+
+
+def job_env(root: Path, extra: dict[str, str] | None = None) -> dict[str, str]:
+    """The job's environment variables: the tracking URI, every DITLAB_* variable of this shell,
+    the git commit being submitted (the shipped folder has no .git), then `extra`."""
+    from ditlab.orchestration.tracking import git_commit, git_dirty  # imports mlflow: only when submitting
+
+    env = {k: v for k, v in os.environ.items() if k in FORWARDED_ENV or k.startswith(FORWARDED_PREFIX)}
+    commit = git_commit(root)
+    if commit:
+        env["DITLAB_GIT_COMMIT"] = commit
+        env["DITLAB_GIT_DIRTY"] = str(git_dirty(root))
+    env.update(extra or {})
+    return env
+
+
+class JobsClient:
+    """A Ray cluster's Jobs API with errors as ClusterError."""
+
+    def __init__(self, address: str):
+        self.address = address
+        # The SDK lets $RAY_API_SERVER_ADDRESS and $RAY_ADDRESS override its address argument (inside
+        # a Ray job $RAY_ADDRESS is a GCS address); the address resolved here must win.
+        with cluster_errors(address), _environ("RAY_API_SERVER_ADDRESS", address):
+            self._client = JobSubmissionClient(address)
+
+    def submit(self, submission: Submission) -> str:
+        with cluster_errors(self.address):
+            return self._client.submit_job(entrypoint=submission.entrypoint, runtime_env=submission.runtime_env,
+                                           metadata=submission.metadata)
+
+    def info(self, job_id: str) -> JobDetails:
+        with cluster_errors(self.address):
+            return self._client.get_job_info(job_id)
+
+    def status(self, job_id: str) -> JobStatus:
+        with cluster_errors(self.address):
+            return self._client.get_job_status(job_id)
+
+    def logs(self, job_id: str) -> str:
+        with cluster_errors(self.address):
+            return self._client.get_job_logs(job_id)
+
+    def list(self) -> list[JobDetails]:
+        """Submitted jobs (not bare drivers), oldest first."""
+        with cluster_errors(self.address):
+            jobs = [j for j in self._client.list_jobs() if j.submission_id]
+        return sorted(jobs, key=lambda j: j.start_time or 0)
+
+    def follow(self, job_id: str, out: TextIO) -> JobStatus:
+        """Streams the job's logs to `out` until it ends; returns its final status."""
+
+        async def stream() -> None:
+            async for chunk in self._client.tail_job_logs(job_id):
+                out.write(chunk)
+                out.flush()
+
+        with cluster_errors(self.address):
+            asyncio.run(stream())
+        return self.wait(job_id)
+
+    def stop(self, job_id: str, wait: bool = True) -> JobStatus:
+        """Asks the job to stop (Ray sends SIGTERM, then SIGKILL); with `wait`, until it has ended."""
+        with cluster_errors(self.address):
+            self._client.stop_job(job_id)
+        return self.wait(job_id) if wait else self.status(job_id)
+
+    def wait(self, job_id: str, poll_seconds: float = 1.0) -> JobStatus:
+        """The job's status once it is terminal (the log stream can close a moment before)."""
+        while not (status := self.status(job_id)).is_terminal():
+            time.sleep(poll_seconds)
+        return status
+
+
+def describe(job: JobDetails) -> dict:
+    """The fields `ditlab jobs` prints."""
+    def seconds(ms: int | None) -> float | None:
+        return ms / 1000 if ms else None
+
+    return {"job_id": job.submission_id, "status": str(job.status), "run_name": (job.metadata or {}).get("ditlab_run"),
+            "entrypoint": job.entrypoint, "message": job.message, "start_time": seconds(job.start_time),
+            "end_time": seconds(job.end_time), "driver_exit_code": job.driver_exit_code}
