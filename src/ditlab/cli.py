@@ -4,8 +4,6 @@
     ditlab sample CHECKPOINT --num N --out DIR [--labels 0,1,2] [--sampler ddim] [--steps S] [--guidance W]
     ditlab submit SPEC --address http://HEAD:8265 [--set a.b=c ...] [--name NAME] [--follow] [--json]
     ditlab jobs list|status ID|logs ID [--follow]|stop ID --address http://HEAD:8265
-    ditlab submit SPEC --address http://HEAD:8265 [--set a.b=c ...] [--name NAME] [--follow] [--json]
-    ditlab jobs list|status ID|logs ID [--follow]|stop ID --address http://HEAD:8265
 
 Bad input (a spec error, a missing checkpoint) prints one `ditlab: error: ...` line and exits 2.
 """
@@ -96,7 +94,6 @@ def build_parser() -> argparse.ArgumentParser:
     ev.add_argument("--experiment", default="ditlab-evaluation", help="MLflow experiment for folder evaluations")
     ev.add_argument("--no-progress", action="store_true")
     ev.add_argument("--json", action="store_true", help="print the result as one JSON object on stdout")
-    _add_cluster_commands(sub)
     _add_cluster_commands(sub)
     return parser
 
@@ -292,140 +289,6 @@ def cmd_data(args) -> int:
 
 
 COMMANDS = {"run": cmd_run, "train": cmd_run, "sample": cmd_sample, "evaluate": cmd_evaluate, "data": cmd_data}
-
-
-def _add_cluster_commands(sub) -> None:
-    """`submit` and `jobs`: Ray Jobs on a cluster, through its head's dashboard."""
-    address_help = ("the head's dashboard, http://HEAD:8265 (default: $RAY_API_SERVER_ADDRESS, or $RAY_ADDRESS "
-                    "when it is an http URL). A cluster with token auth needs RAY_AUTH_MODE=token and the token "
-                    "in RAY_AUTH_TOKEN, RAY_AUTH_TOKEN_PATH or ~/.ray/auth_token")
-    submit = sub.add_parser("submit", help="run a spec as a Ray Job on a cluster (`ditlab run` there)")
-    submit.add_argument("spec", help="experiment spec (YAML) inside the working directory")
-    submit.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
-                        help="override a spec field, e.g. --set train.steps=500 (repeatable)")
-    submit.add_argument("--address", help=address_help)
-    submit.add_argument("--name", help="run name (default: <spec name>-<time>); an existing run of that name resumes")
-    submit.add_argument("--storage", help="where the job keeps runs and checkpoints, a path on the cluster "
-                                          "(default: runs/ in the job's working directory)")
-    submit.add_argument("--working-dir", default=".", help="folder shipped to the cluster as the job's working "
-                                                           "directory; must hold the spec (default: .)")
-    submit.add_argument("--env", action="append", default=[], metavar="KEY=VALUE",
-                        help="an environment variable for the job (repeatable); MLFLOW_TRACKING_URI and "
-                             "DITLAB_* variables are passed on already")
-    submit.add_argument("--follow", action="store_true", help="stream the job's logs until it ends; "
-                                                              "exit 0 if it succeeded, 1 otherwise")
-    submit.add_argument("--json", action="store_true", help="print the job as one JSON object on stdout")
-
-    jobs = sub.add_parser("jobs", help="list, inspect, follow or stop Ray Jobs on a cluster")
-    jobs_sub = jobs.add_subparsers(dest="jobs_command", required=True)
-    for name, text in (("list", "the cluster's submitted jobs"), ("status", "a job's status"),
-                       ("logs", "a job's logs"), ("stop", "stop a job and wait until it has ended")):
-        p = jobs_sub.add_parser(name, help=text)
-        if name != "list":
-            p.add_argument("job_id", help="the job's id (raysubmit_...)")
-        p.add_argument("--address", help=address_help)
-        if name == "logs":
-            p.add_argument("--follow", action="store_true", help="stream until the job ends")
-        else:
-            p.add_argument("--json", action="store_true", help="print the result as JSON on stdout")
-        if name == "stop":
-            p.add_argument("--no-wait", action="store_true", help="return once the stop is requested")
-
-
-def _env_assignments(items: list[str]) -> dict[str, str]:
-    env = {}
-    for item in items:
-        key, sep, value = item.partition("=")
-        if not sep or not key:
-            raise BadInput(f"--env: expected KEY=VALUE, got {item!r}")
-        env[key] = value
-    return env
-
-
-def cmd_submit(args) -> int:
-    import time
-
-    spec = load(args.spec, args.overrides)  # a bad spec fails here, before anything reaches the cluster
-    extra_env = _env_assignments(args.env)
-    from ditlab.orchestration import jobs
-
-    run_name = args.name or f"{spec.name}-{time.strftime('%Y%m%d-%H%M%S')}"
-    try:
-        address = jobs.resolve_address(args.address)
-        submission = jobs.build_submission(args.spec, args.overrides, run_name, args.working_dir, args.storage,
-                                           extra_env)
-        client = jobs.JobsClient(address)
-        job_id = client.submit(submission)
-        record = {"job_id": job_id, "address": address, "run_name": run_name}
-        # With --json, stdout carries exactly one JSON object: the job's logs go to stderr.
-        log = sys.stderr if args.json else sys.stdout
-        if not args.json:
-            print(f"submitted {job_id} to {address} (run {run_name})", flush=True)
-        if args.follow:
-            record["status"] = _follow(client, job_id, log)
-            print(f"job {job_id} {record['status']}", file=log)
-    except jobs.ClusterError as err:
-        raise BadInput(str(err)) from None
-    if args.json:
-        print(json.dumps(record, sort_keys=True))
-    elif not args.follow:
-        print(f"follow it with: ditlab jobs logs {job_id} --follow --address {address}")
-    return 0 if record.get("status", "SUCCEEDED") == "SUCCEEDED" else 1
-
-
-def _follow(client, job_id: str, out) -> str:
-    """Streams the job's logs to `out` until it ends; its final status."""
-    try:
-        return str(client.follow(job_id, out))
-    except KeyboardInterrupt:
-        raise BadInput(f"stopped following {job_id}; it keeps running (stop it with "
-                       f"`ditlab jobs stop {job_id} --address {client.address}`)") from None
-
-
-def _jobs_list(client, args) -> int:
-    from ditlab.orchestration.jobs import describe
-
-    found = [describe(j) for j in client.list()]
-    if args.json:
-        print(json.dumps(found, sort_keys=True))
-        return 0
-    for job in found:
-        print(f"{job['job_id']:28s} {job['status']:10s} {job['run_name'] or '-':24s} {job['entrypoint']}")
-    return 0
-
-
-def _jobs_status(client, args) -> int:
-    from ditlab.orchestration.jobs import describe
-
-    job = describe(client.info(args.job_id))
-    print(json.dumps(job, sort_keys=True) if args.json else f"{job['job_id']} {job['status']}: {job['message']}")
-    return 0
-
-
-def _jobs_logs(client, args) -> int:
-    if args.follow:
-        return 0 if _follow(client, args.job_id, sys.stdout) == "SUCCEEDED" else 1
-    sys.stdout.write(client.logs(args.job_id))
-    return 0
-
-
-def _jobs_stop(client, args) -> int:
-    status = str(client.stop(args.job_id, wait=not args.no_wait))
-    print(json.dumps({"job_id": args.job_id, "status": status}) if args.json else f"job {args.job_id} {status}")
-    return 0
-
-
-def cmd_jobs(args) -> int:
-    from ditlab.orchestration import jobs
-
-    commands = {"list": _jobs_list, "status": _jobs_status, "logs": _jobs_logs, "stop": _jobs_stop}
-    try:
-        return commands[args.jobs_command](jobs.JobsClient(jobs.resolve_address(args.address)), args)
-    except jobs.ClusterError as err:
-        raise BadInput(str(err)) from None
-
-
-COMMANDS.update(submit=cmd_submit, jobs=cmd_jobs)
 
 
 def _add_cluster_commands(sub) -> None:
