@@ -4,6 +4,7 @@
     ditlab sample CHECKPOINT --num N --out DIR [--labels 0,1,2] [--sampler ddim] [--steps S] [--guidance W]
     ditlab submit SPEC --address http://HEAD:8265 [--set a.b=c ...] [--name NAME] [--follow] [--json]
     ditlab jobs list|status ID|logs ID [--follow]|stop ID --address http://HEAD:8265
+    ditlab tune SWEEP [--set a.b=c | --set sweep.num_samples=N ...] [--address ADDR] [--name NAME] [--resume] [--json]
 
 Bad input (a spec error, a missing checkpoint) prints one `ditlab: error: ...` line and exits 2.
 """
@@ -95,6 +96,7 @@ def build_parser() -> argparse.ArgumentParser:
     ev.add_argument("--no-progress", action="store_true")
     ev.add_argument("--json", action="store_true", help="print the result as one JSON object on stdout")
     _add_cluster_commands(sub)
+    _add_tune_command(sub)
     return parser
 
 
@@ -423,6 +425,75 @@ def cmd_jobs(args) -> int:
 
 
 COMMANDS.update(submit=cmd_submit, jobs=cmd_jobs)
+
+
+def _add_tune_command(sub) -> None:
+    tune = sub.add_parser("tune", help="search hyperparameters with Ray Tune; one nested MLflow run per trial")
+    tune.add_argument("sweep", help="sweep spec (YAML), e.g. experiments/sweeps/quickstart.yaml")
+    tune.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
+                      help="override a field of the base experiment (train.steps=50) or, prefixed with sweep., "
+                           "of the sweep spec (sweep.num_samples=4) (repeatable)")
+    tune.add_argument("--address", help="Ray cluster to join (ray://head:10001 or auto); default: start a local one")
+    tune.add_argument("--storage", default="sweeps", help="where sweeps are kept (default: ./sweeps)")
+    tune.add_argument("--name", help="sweep folder name (default: <sweep name>-<time>)")
+    tune.add_argument("--resume", action="store_true", help="continue an interrupted sweep (--name, default: the "
+                                                            "latest of this sweep); finished trials are not rerun")
+    tune.add_argument("--dry-run", action="store_true", help="check the sweep, print it and the trial count, exit")
+    tune.add_argument("--no-progress", action="store_true", help="hide Tune's trial table")
+    tune.add_argument("--json", action="store_true", help="print the result as one JSON object on stdout")
+
+
+EXIT_INTERRUPTED = 130
+
+
+def cmd_tune(args) -> int:
+    import yaml
+
+    from ditlab.sweep import load_sweep
+
+    sweep = load_sweep(args.sweep, args.overrides)  # every check that needs no Ray, before any trial
+    if args.dry_run:
+        record = {"sweep": sweep.to_dict(), "base": sweep.base_spec.to_dict()}
+        sys.stdout.write(json.dumps(record, indent=2) + "\n" if args.json else yaml.safe_dump(record, sort_keys=False))
+        return 0
+    preflight(sweep.base_spec)
+    from ditlab.orchestration.tune import SweepFolderError, run_sweep
+
+    try:
+        with contextlib.redirect_stdout(sys.stderr) if args.json else contextlib.nullcontext():
+            summary = run_sweep(sweep, address=args.address, storage_path=args.storage, name=args.name,
+                                resume=args.resume, progress=not args.no_progress)
+    except SweepFolderError as err:
+        raise BadInput(str(err)) from None
+    resume_hint = f"ditlab tune {args.sweep} --resume --name {Path(summary['sweep_dir']).name}"
+    if args.json:
+        print(json.dumps({**summary, "resume_command": resume_hint} if summary["interrupted"] else summary,
+                         sort_keys=True))
+    else:
+        _print_sweep(summary, resume_hint)
+    return EXIT_INTERRUPTED if summary["interrupted"] else 0
+
+
+def _print_sweep(summary: dict, resume_hint: str) -> None:
+    metric = summary["metric"]
+    print(f"sweep:      {summary['sweep']}  ({summary['sweep_dir']})")
+    for t in summary["trials"]:
+        value = t.get(metric)
+        shown = f"{value:.5f}" if isinstance(value, float) else "-"
+        config = ", ".join(f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}" for k, v in t["config"].items())
+        print(f"  {t['trial_id']}  {t['state']:13s} step {t['last_step']:5d}  {metric} {shown}  {config}")
+    best = summary["best"]
+    if best:
+        print(f"best:       {best['trial_id']}  {metric}={best[metric]:.5f}")
+        print(f"best spec:  {summary['best_spec']}  (ditlab run {summary['best_spec']})")
+    print(f"compute:    {summary['worker_seconds']:.0f} worker-seconds, {summary['steps_trained']} steps trained")
+    print(f"mlflow run: {summary['mlflow_run_id']}")
+    print(f"dashboard:  {summary['mlflow_url']}")
+    if summary["interrupted"]:
+        print(f"interrupted: resume with  {resume_hint}")
+
+
+COMMANDS.update(tune=cmd_tune)
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -60,3 +60,32 @@ def save_loss_curve(history: list[dict], path: str | Path) -> Path:
     path = _atomic_savefig(fig, Path(path))
     plt.close(fig)
     return path
+
+
+def save_trial_curves(curves: list[dict], path: str | Path, metric: str, title: str = "") -> Path:
+    """A sweep's comparison figure: `metric` over steps, one line per trial. Each curve is
+    {"label", "steps", "values", "state"}; stopped trials end with a cross, failed ones dashed, and
+    the curve labelled best (state "best") is drawn thick."""
+    plt = _pyplot()
+    fig, ax = plt.subplots(figsize=(7, 4))
+    for curve in curves:
+        if not curve["steps"]:
+            continue
+        best = curve["state"] == "best"
+        (line,) = ax.plot(curve["steps"], curve["values"], lw=2.5 if best else 1.2, marker=".",
+                          ls="--" if curve["state"] == "failed" else "-",
+                          label=f"{curve['label']} ({curve['state']})", zorder=3 if best else 2)
+        if curve["state"] in ("stopped early", "failed"):
+            ax.plot(curve["steps"][-1], curve["values"][-1], "x", color=line.get_color(), ms=8)
+    ax.set_xlabel("step")
+    ax.set_ylabel(metric)
+    values = [v for c in curves for v in c["values"]]
+    if values and min(values) > 0 and max(values) / min(values) > 10:  # a diverging trial would flatten the rest
+        ax.set_yscale("log")
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=7, loc="upper right", ncol=1 if len(curves) <= 8 else 2)
+    if title:
+        ax.set_title(title)
+    path = _atomic_savefig(fig, Path(path))
+    plt.close(fig)
+    return path

@@ -119,6 +119,24 @@ class Tracker:
     def log_artifact(self, path: str | Path, artifact_path: str | None = None) -> None:
         self.client.log_artifact(self.run_id, str(path), artifact_path)
 
+    def log_text(self, text: str, artifact_file: str) -> None:
+        self.client.log_text(self.run_id, text, artifact_file)
+
+    @classmethod
+    def start_child(cls, spec: ExperimentSpec | None, parent_run_id: str, run_name: str,
+                    params: dict[str, Any], tags: dict[str, str] | None = None) -> Tracker:
+        """A run nested under `parent_run_id` (a sweep's trial) in the parent's experiment: the
+        spec's fields as params when the trial has a valid spec, else just `params`."""
+        client = MlflowClient(tracking_uri=tracking_uri())
+        experiment = client.get_experiment(client.get_run(parent_run_id).info.experiment_id).name
+        tags = {"mlflow.parentRunId": parent_run_id, **(tags or {})}
+        if spec is not None:
+            return cls.start(spec.model_copy(update={"tracking": spec.tracking.model_copy(
+                update={"experiment": experiment})}), run_name, tags)
+        tracker = cls.create(experiment, run_name, tags)
+        tracker.log_params(params)
+        return tracker
+
     def end(self, status: str = "FINISHED") -> None:
         self.client.set_terminated(self.run_id, status)
 

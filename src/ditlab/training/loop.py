@@ -26,6 +26,7 @@ from ditlab.models import DiT, build_model
 from ditlab.training.checkpoint import BUNDLE_NAME, capture_rng_state, load_bundle, restore_rng_state, save_bundle
 from ditlab.training.ema import EMA
 from ditlab.training.reporter import Reporter
+from ditlab.training.validation import ValidationSet, validation_loss, validation_set
 
 
 @dataclass
@@ -49,6 +50,11 @@ class TrainState:
     diffusion: GaussianDiffusion
     dataset: ImageDataset
     step: int = 0
+    validation: ValidationSet | None = None
+
+
+class TrainingDiverged(RuntimeError):
+    """The loss became NaN or infinite: every later step would be wasted compute."""
 
 
 def seed_everything(seed: int) -> None:
@@ -102,7 +108,8 @@ def setup(spec: ExperimentSpec, placement: Placement, resume_from: str | None = 
         betas=spec.train.adam_betas,
         weight_decay=spec.train.weight_decay,
     )
-    state = TrainState(spec, model, model, ema, optimizer, build_diffusion(spec), dataset)
+    state = TrainState(spec, model, model, ema, optimizer, build_diffusion(spec), dataset,
+                       validation=validation_set(spec.data, spec.train.val_images))
     if resume_from is not None:
         bundle = load_bundle(resume_from)
         model.load_state_dict(bundle["model"])
@@ -179,10 +186,25 @@ def maybe_checkpoint(state: TrainState, placement: Placement, reporter: Reporter
     return True
 
 
+def is_validation_step(state: TrainState) -> bool:
+    every = state.spec.train.val_every or state.spec.train.log_every
+    return state.validation is not None and (state.step % every == 0 or state.step == state.spec.train.steps)
+
+
+def maybe_validate(state: TrainState, placement: Placement) -> dict[str, float]:
+    """`val_loss` at validation steps. Every rank holds the same weights and scores the same
+    fixed set, so every rank reports the same value without a collective."""
+    if not is_validation_step(state):
+        return {}
+    weights = state.ema.model if state.spec.train.val_weights == "ema" else state.model
+    return {"val_loss": validation_loss(weights, state.diffusion, state.validation, placement.device)}
+
+
 def train(spec: ExperimentSpec, reporter: Reporter, placement: Placement | None = None,
           resume_from: str | None = None) -> TrainState:
-    """Run (or continue) training to `spec.train.steps`, reporting every `log_every` steps and
-    checkpointing every `checkpoint_every` steps and at the end."""
+    """Run (or continue) training to `spec.train.steps`, reporting every `log_every` steps,
+    `val_loss` every `val_every` steps (default: log_every), checkpointing every `checkpoint_every`
+    steps, and all three at the end."""
     placement = placement or Placement()
     state = setup(spec, placement, resume_from)
     window: list[dict[str, float]] = []
@@ -190,14 +212,18 @@ def train(spec: ExperimentSpec, reporter: Reporter, placement: Placement | None 
     while state.step < spec.train.steps:
         state.wrapped.train()
         window.append(train_step(state, placement))
+        if not math.isfinite(window[-1]["loss"]):
+            raise TrainingDiverged(f"training loss is {window[-1]['loss']} at step {state.step}")
         images += spec.train.batch_size
         last = state.step == spec.train.steps
-        if state.step % spec.train.log_every and state.step % spec.train.checkpoint_every and not last:
+        if (state.step % spec.train.log_every and state.step % spec.train.checkpoint_every and not last
+                and not is_validation_step(state)):
             continue
         metrics = mean_across_ranks({k: float(np.mean([w[k] for w in window])) for k in window[0]}, placement.device)
         elapsed = time.perf_counter() - tic
         metrics.update(step=state.step, images_per_sec=images / max(elapsed, 1e-9),
                        epoch=state.step * spec.train.batch_size / len(state.dataset))
+        metrics.update(maybe_validate(state, placement))  # after the clock: not counted as training time
         window, tic, images = [], time.perf_counter(), 0
         if not maybe_checkpoint(state, placement, reporter, metrics, force=last):
             reporter.report(metrics, None)
