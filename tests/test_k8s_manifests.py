@@ -324,10 +324,9 @@ def test_sweep_rayjob_runs_ditlab_tune_on_a_cluster_of_its_own():
         args = build_parser().parse_args(argv)
     except SystemExit:
         pytest.skip("`ditlab tune` does not parse this entrypoint yet (issue 5): " + job["entrypoint"])
-    sweep = REPO / args.spec.removeprefix(IMAGE_WORKDIR)
-    if not (REPO / "experiments" / "sweeps").is_dir():
-        pytest.skip("experiments/sweeps/ does not exist yet (issue 5)")
-    assert sweep.is_file(), f"the sweep RayJob names {args.spec}, not in experiments/sweeps/"
+    assert args.sweep.startswith(IMAGE_WORKDIR)
+    assert (REPO / args.sweep.removeprefix(IMAGE_WORKDIR)).is_file(), f"{args.sweep}: not in experiments/sweeps/"
+    assert args.storage.startswith("/mnt/ditlab/"), "trial checkpoints must go to the volume every Ray pod mounts"
 
 
 def _allowed(allowed_hosts: str, host: str) -> bool:
@@ -586,7 +585,10 @@ def test_mlflow_server_config_sets_postgres_proxied_artifacts_and_allowed_hosts(
     text = script.read_text()
     for flag in ("--serve-artifacts", "--artifacts-destination", "--allowed-hosts", "--app-name basic-auth"):
         assert flag in text, flag
-    assert "postgresql://" in text
+    assert "postgresql+psycopg://" in text  # psycopg 3, the driver the image installs
+    assert "${database//%/%%}" in text, "the auth ini is read by configparser: '%' must be doubled"
+    dockerfile = (PLATFORM / "Dockerfile").read_text()
+    assert '"mlflow[auth]"' in dockerfile and '"psycopg[binary]"' in dockerfile, "basic auth needs Flask-WTF"
     compose = yaml.safe_load((PLATFORM / "mlflow" / "compose.yaml").read_text())
     for service in compose["services"].values():
         assert image_problems(service["image"].split("${DITLAB_IMAGE:-")[-1].rstrip("}")) == []

@@ -28,7 +28,7 @@ done
 # The password goes into a URI, so it is percent-encoded; the URI reaches mlflow through its
 # environment variable, not the command line, so `ps` does not show it.
 password=$(python -c 'import os, urllib.parse; print(urllib.parse.quote(os.environ["POSTGRES_PASSWORD"], safe=""))')
-database="postgresql://${POSTGRES_USER}:${password}@${POSTGRES_HOST}:${POSTGRES_PORT:-5432}/${POSTGRES_DB:-mlflow}"
+database="postgresql+psycopg://${POSTGRES_USER}:${password}@${POSTGRES_HOST}:${POSTGRES_PORT:-5432}/${POSTGRES_DB:-mlflow}"
 export MLFLOW_BACKEND_STORE_URI="$database"
 
 # Basic auth keeps its users in the same database (its own tables and alembic version table), so a
@@ -36,10 +36,11 @@ export MLFLOW_BACKEND_STORE_URI="$database"
 umask 077
 auth_config=$(mktemp -t mlflow-auth.XXXXXX.ini)
 trap 'rm -f "$auth_config"' EXIT
+# configparser reads '%' as interpolation: the percent-encoded password needs '%%'.
 cat > "$auth_config" <<EOF
 [mlflow]
 default_permission = READ
-database_uri = ${database}
+database_uri = ${database//%/%%}
 admin_username = ${MLFLOW_AUTH_ADMIN_USERNAME:-admin}
 authorization_function = mlflow.server.auth:authenticate_request_basic_auth
 EOF
