@@ -308,8 +308,13 @@ def test_training_rayjob_runs_an_existing_spec_with_the_current_cli():
     args = build_parser().parse_args(_cli_args(job["entrypoint"]))
     assert args.command == "run"
     assert args.spec.startswith(IMAGE_WORKDIR)
-    assert (REPO / args.spec.removeprefix(IMAGE_WORKDIR)).is_file(), args.spec
+    spec_file = REPO / args.spec.removeprefix(IMAGE_WORKDIR)
+    assert spec_file.is_file(), args.spec
     assert args.storage.startswith("/mnt/ditlab/"), "checkpoints must go to the volume every Ray pod mounts"
+    from ditlab.config import load
+
+    spec = load(spec_file, args.overrides)  # the --set overrides name real fields
+    assert spec.resources.use_gpu, "the GPU worker group only serves Train workers that ask for a GPU"
 
 
 def test_sweep_rayjob_runs_ditlab_tune_on_a_cluster_of_its_own():
