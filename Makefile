@@ -3,7 +3,7 @@ VENV ?= .venv
 PYTHON ?= python3
 STAMP := $(VENV)/.ditlab-installed
 
-.PHONY: quickstart test lint clean-runs
+.PHONY: quickstart test lint pipeline clean-runs
 
 $(STAMP): pyproject.toml
 	test -x $(VENV)/bin/python || $(PYTHON) -m venv $(VENV)
@@ -13,6 +13,10 @@ $(STAMP): pyproject.toml
 ## quickstart: train, sample and evaluate the quickstart spec on the embedded digits data
 quickstart: $(STAMP)
 	$(VENV)/bin/ditlab run experiments/quickstart.yaml
+
+## pipeline: the DVC pipeline (dvc.yaml) on params.yaml; stages call `ditlab`, so the venv goes first on PATH
+pipeline: $(STAMP)
+	PATH="$(CURDIR)/$(VENV)/bin:$$PATH" $(VENV)/bin/dvc repro
 
 ## test: the whole test suite (unit tests, then end-to-end with Ray and an MLflow server)
 test: $(STAMP)
