@@ -42,6 +42,9 @@ from ditlab.training.loop import Placement, train
 PBT_CHECKPOINTS_KEPT = 4
 
 
+ENDED_STATES = ("finished", "stopped_early", "failed")
+
+
 class SweepFolderError(ValueError):
     """A sweep folder that cannot be started or resumed as asked."""
 
@@ -462,8 +465,9 @@ def summarize(sweep: Sweep, sweep_dir: Path, results, parent: Tracker) -> dict:
         "mlflow_run_id": parent.run_id, "mlflow_experiment_id": parent.experiment_id,
         "mlflow_tracking_uri": parent.uri, "mlflow_url": parent.url,
     }
-    summary["interrupted"] = (results.num_terminated + results.num_errors < len(results)
-                              or len(results) < summary["expected_trials"])
+    # Tune marks the trials it stops on Ctrl-C as terminated; the callback's records know better.
+    summary["interrupted"] = (any(t["state"] not in ENDED_STATES for t in trials)
+                              or len(trials) < summary["expected_trials"])
     if best is not None:
         for curve in curves:
             if curve["label"] == best["trial_id"]:
