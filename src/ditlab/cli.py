@@ -384,7 +384,7 @@ def _follow(client, job_id: str, out) -> str:
 def _jobs_list(client, args) -> int:
     from ditlab.orchestration.jobs import describe
 
-    found = [describe(j) for j in client.list()]
+    found = [describe(j) for j in client.list_jobs()]
     if args.json:
         print(json.dumps(found, sort_keys=True))
         return 0

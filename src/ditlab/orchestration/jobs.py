@@ -10,12 +10,14 @@ the address and what to set.
 from __future__ import annotations
 
 import asyncio
+import logging
 import os
 import shlex
 import time
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
+from functools import cache
 from pathlib import Path
 from typing import TextIO
 
@@ -33,10 +35,31 @@ EXCLUDES = [
 FORWARDED_ENV = ("MLFLOW_TRACKING_URI",)
 FORWARDED_PREFIX = "DITLAB_"
 TOKEN_PLACES = "RAY_AUTH_TOKEN, a file named by RAY_AUTH_TOKEN_PATH, or ~/.ray/auth_token"
+# On `jobs stop` Ray sends SIGTERM and, by default 3 s later, SIGKILL: too soon, under load, for the
+# driver to end its MLflow run (KILLED) and release its Train workers. The job supervisor reads
+# this from the job's env_vars.
+STOP_GRACE = {"RAY_JOB_STOP_WAIT_TIME_S": "30"}
 
 
 class ClusterError(Exception):
     """The cluster could not be reached or refused us; the message is one line for the user."""
+
+
+class _DefaultExcludeNotice(logging.Filter):
+    """Drops Ray's notice that .git and .venv are now left out by default: EXCLUDES leaves them out."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return "is now ignored by default" not in record.getMessage()
+
+
+@cache
+def _quiet_sdk_logs() -> None:
+    """The SDK logs each ignore file and upload step at INFO; keep its warnings only."""
+    for name in ("ray.dashboard.modules.dashboard_sdk", "ray._private.runtime_env.packaging",
+                 "ray._private.runtime_env.working_dir", "ray._private.runtime_env.py_modules"):
+        logger = logging.getLogger(name)
+        logger.setLevel(logging.WARNING)
+        logger.addFilter(_DefaultExcludeNotice())
 
 
 def resolve_address(address: str | None) -> str:
@@ -64,16 +87,17 @@ def token_source() -> str | None:
     return str(default) if default.is_file() else None
 
 
-def _auth_problem(address: str, status: int | None) -> str:
-    token_mode = os.environ.get("RAY_AUTH_MODE", "").lower() == "token"
+def _auth_problem(address: str, token_refused: bool) -> str:
+    """What to tell the user after a 401 (no token sent), a 403 (`token_refused`), or the SDK's
+    own complaint that token mode is on but no token is to be found."""
     source = token_source()
-    if not token_mode:
+    if os.environ.get("RAY_AUTH_MODE", "").lower() != "token":
         return (f"the Ray cluster at {address} requires an auth token: set RAY_AUTH_MODE=token and put "
                 f"the cluster's token in {TOKEN_PLACES}")
-    if source is None or status == 401:
-        return f"the Ray cluster at {address} requires an auth token and none was found: set {TOKEN_PLACES}"
-    return (f"the Ray cluster at {address} rejected the auth token from {source}: "
-            f"set the cluster's token in {TOKEN_PLACES}")
+    if token_refused and source:
+        return (f"the Ray cluster at {address} rejected the auth token from {source}: "
+                f"set the cluster's token in {TOKEN_PLACES}")
+    return f"the Ray cluster at {address} requires an auth token and none was found: set {TOKEN_PLACES}"
 
 
 @contextmanager
@@ -81,12 +105,11 @@ def cluster_errors(address: str) -> Iterator[None]:
     """Turns the SDK's connection, authentication and request errors into one ClusterError line."""
     try:
         yield
-    except AuthenticationError as err:
-        status = 401 if "required" in err.message.split(":")[0] else 403 if "failed" in err.message else None
-        raise ClusterError(_auth_problem(address, status)) from None
+    except AuthenticationError as err:  # "Authentication failed" is the SDK's wording for a 403
+        raise ClusterError(_auth_problem(address, err.message.startswith("Authentication failed"))) from None
     except aiohttp.ClientResponseError as err:  # the log stream's websocket handshake
         if err.status in (401, 403):
-            raise ClusterError(_auth_problem(address, err.status)) from None
+            raise ClusterError(_auth_problem(address, err.status == 403)) from None
         raise ClusterError(f"{address}: HTTP {err.status} {err.message}") from None
     except OSError as err:  # requests' and aiohttp's connection errors are OSErrors
         raise ClusterError(f"cannot reach the Ray dashboard at {address} ({type(err).__name__}): check --address "
@@ -146,11 +169,13 @@ def build_submission(spec_path: str | Path, overrides: list[str], run_name: str,
 
 
 def job_env(root: Path, extra: dict[str, str] | None = None) -> dict[str, str]:
-    """The job's environment variables: the tracking URI, every DITLAB_* variable of this shell,
-    the git commit being submitted (the shipped folder has no .git), then `extra`."""
+    """The job's environment variables: the stop grace period, the tracking URI, every DITLAB_*
+    variable of this shell, the git commit being submitted (the shipped folder has no .git), then
+    `extra`."""
     from ditlab.orchestration.tracking import git_commit, git_dirty  # imports mlflow: only when submitting
 
-    env = {k: v for k, v in os.environ.items() if k in FORWARDED_ENV or k.startswith(FORWARDED_PREFIX)}
+    env = dict(STOP_GRACE)
+    env.update((k, v) for k, v in os.environ.items() if k in FORWARDED_ENV or k.startswith(FORWARDED_PREFIX))
     commit = git_commit(root)
     if commit:
         env["DITLAB_GIT_COMMIT"] = commit
@@ -164,6 +189,7 @@ class JobsClient:
 
     def __init__(self, address: str):
         self.address = address
+        _quiet_sdk_logs()
         # The SDK lets $RAY_API_SERVER_ADDRESS and $RAY_ADDRESS override its address argument (inside
         # a Ray job $RAY_ADDRESS is a GCS address); the address resolved here must win.
         with cluster_errors(address), _environ("RAY_API_SERVER_ADDRESS", address):
@@ -186,7 +212,7 @@ class JobsClient:
         with cluster_errors(self.address):
             return self._client.get_job_logs(job_id)
 
-    def list(self) -> list[JobDetails]:
+    def list_jobs(self) -> list[JobDetails]:
         """Submitted jobs (not bare drivers), oldest first."""
         with cluster_errors(self.address):
             jobs = [j for j in self._client.list_jobs() if j.submission_id]

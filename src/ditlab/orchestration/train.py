@@ -212,8 +212,9 @@ def run_experiment(spec: ExperimentSpec, *, address: str | None = None, storage_
         train_seconds = time.perf_counter() - started
         summary = finish_run(spec, tracker, run_dir, Path(result.checkpoint.path), consumer.history,
                              {"train_seconds": train_seconds}, progress, evaluate)
-    except BaseException:
-        tracker.end("FAILED")
+    except BaseException as err:
+        # Ctrl-C, or SIGTERM from a stopped Ray Job (ray.init's handler turns it into SystemExit).
+        tracker.end("KILLED" if isinstance(err, (KeyboardInterrupt, SystemExit)) else "FAILED")
         raise
     write_json(run_dir / "result.json", summary)
     tracker.log_artifact(run_dir / "result.json")
