@@ -58,13 +58,15 @@ def interrupt_when(records: Path, ended: int, stop: threading.Event) -> threadin
     return thread
 
 
-def trial_files(sweep_dir: Path, trial_id: str) -> dict[str, float]:
-    """Modification times of everything a trial wrote: Tune's results and its Train run."""
-    files = {}
-    for folder in (sweep_dir / f"trial_{trial_id}", sweep_dir / "train" / trial_id):
-        for path in folder.rglob("*") if folder.is_dir() else ():
-            if path.is_file():
-                files[str(path)] = path.stat().st_mtime
+def trial_files(sweep_dir: Path, trial_id: str) -> dict[str, object]:
+    """What a trial wrote: its Tune results (content: Tune rewrites the files on restore) and its
+    Train run (modification times: nothing else touches it)."""
+    tune_dir = sweep_dir / "tune" / f"trial_{trial_id}"
+    files: dict[str, object] = {p.name: p.read_text() for p in tune_dir.glob("*.json")}
+    train_dir = sweep_dir / "train" / trial_id
+    for path in train_dir.rglob("*") if train_dir.is_dir() else ():
+        if path.is_file():
+            files[str(path)] = path.stat().st_mtime
     return files
 
 
@@ -194,7 +196,7 @@ def test_pbt_smoke(ray_session, mlflow_server, tmp_path):
     assert all(t["last_step"] == 8 and t["val_loss"] > 0 for t in summary["trials"])
     # PBT works on Tune checkpoints: every trial reported its bundle.
     for trial in summary["trials"]:
-        assert list((tmp_path / "pbt" / f"trial_{trial['trial_id']}").glob("checkpoint_*/checkpoint.pt"))
+        assert list((tmp_path / "pbt" / "tune" / f"trial_{trial['trial_id']}").glob("checkpoint_*/checkpoint.pt"))
     client = MlflowClient(mlflow_server)
     for trial in summary["trials"]:
         lr = client.get_metric_history(trial["mlflow_run_id"], "config.train.lr")

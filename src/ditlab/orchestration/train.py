@@ -247,6 +247,8 @@ def finish_run(spec: ExperimentSpec, tracker: Tracker, run_dir: Path, checkpoint
     history = [h for h in history if "loss" in h]  # a 0-step run reports only its checkpoint
     if history:
         metrics["final_loss"] = float(history[-1]["loss"])
+        if "val_loss" in history[-1]:  # the loop validates at the last step
+            metrics["final_val_loss"] = float(history[-1]["val_loss"])
     tracker.log_metrics({**evaluation.figures, **timings}, spec.train.steps)
     tracker.set_tags({f"ditlab.eval.{k}": v for k, v in evaluation.notes.items()})
     if history:

@@ -6,13 +6,16 @@ PBT a trial runs the training loop in its own process and reports Tune checkpoin
 copies between trials (the callback sends none).
 
 MLflow: one parent run per sweep; each trial a child run (tag mlflow.parentRunId) created, fed and
-closed by a Tune callback on the driver. The sweep folder (<storage>/<name>) holds Tune's state, the
-trials' Train runs (train/), the parent run id, the best spec and the result.
+closed by a Tune callback on the driver. The sweep folder (<storage>/<name>) holds Tune's experiment
+(tune/), the trials' Train runs (train/), and our records: the parent run id, trial runs, the best
+spec, the result. Ours stay outside tune/ because a restored Tune run uploads its local copy of that
+folder over the stored one when it ends.
 """
 
 from __future__ import annotations
 
 import json
+import re
 import time
 from contextlib import nullcontext
 from pathlib import Path
@@ -43,6 +46,7 @@ PBT_CHECKPOINTS_KEPT = 4
 
 
 ENDED_STATES = ("finished", "stopped_early", "failed")
+TUNE_DIR = "tune"  # Tune's experiment folder inside the sweep folder
 
 
 class SweepFolderError(ValueError):
@@ -95,6 +99,20 @@ class StepASHA(ASHAScheduler):
         return decision
 
 
+class StepPBT(PopulationBasedTraining):
+    """PBT in training steps that leaves a trial's last report alone: exploiting there would
+    restart the trial from another's final checkpoint only to end it again."""
+
+    def __init__(self, base_steps: int, **kwargs):
+        super().__init__(**kwargs)
+        self.base_steps = base_steps
+
+    def on_trial_result(self, tune_controller, trial, result):
+        if result.get("step", 0) >= int(trial.config.get("train.steps", self.base_steps)):
+            return self.CONTINUE
+        return super().on_trial_result(tune_controller, trial, result)
+
+
 def make_scheduler(sweep: Sweep):
     """Schedulers count time in training steps (the `step` of each report), not in reports."""
     settings = sweep.spec.scheduler
@@ -106,9 +124,10 @@ def make_scheduler(sweep: Sweep):
     if isinstance(settings, PbtSettings):
         keys = settings.mutate or tuple(k for k, d in sweep.spec.space.items() if d.kind != "grid")
         mutations = {k: _mutation(sweep.spec.space[k]) for k in keys}
-        return PopulationBasedTraining(time_attr="step", perturbation_interval=settings.perturbation_interval,
-                                       hyperparam_mutations=mutations, quantile_fraction=settings.quantile_fraction,
-                                       resample_probability=settings.resample_probability)
+        return StepPBT(sweep.base_spec.train.steps, time_attr="step",
+                       perturbation_interval=settings.perturbation_interval, hyperparam_mutations=mutations,
+                       quantile_fraction=settings.quantile_fraction,
+                       resample_probability=settings.resample_probability)
     return FIFOScheduler()
 
 
@@ -317,10 +336,14 @@ def _error_text(trial) -> str:
     return str(trial.get_pickled_error() or "unknown error")
 
 
+EXCEPTION_LINE = re.compile(r"^(?:[A-Za-z_]\w*\.)*[A-Z]\w*: \S")
+
+
 def _error_summary(text: str, limit: int = 500) -> str:
-    """The last line that names an exception, which for a chained Ray error is the root cause."""
+    """The last `package.ExceptionName: message` line: for a Ray error wrapping a worker's
+    traceback, the worker's own exception."""
     lines = [ln.strip() for ln in text.splitlines() if ln.strip()]
-    named = [ln for ln in lines if ("Error" in ln or "Exception" in ln) and ":" in ln and not ln.startswith("File ")]
+    named = [ln for ln in lines if EXCEPTION_LINE.match(ln)]
     return (named[-1] if named else lines[-1] if lines else "unknown error")[:limit]
 
 
@@ -337,7 +360,7 @@ def sweep_folder(sweep: Sweep, storage: Path, name: str | None, resume: bool) ->
             folder = candidates[-1].parent
         else:
             folder = storage / name
-        if not (folder / "tuner.pkl").is_file():
+        if not (folder / TUNE_DIR / "tuner.pkl").is_file():
             raise SweepFolderError(f"--resume: {folder} holds no sweep to resume")
         recorded = yaml.safe_load((folder / "sweep.yaml").read_text())
         changed = sorted(k for k, v in flatten(sweep_record(sweep)).items() if flatten(recorded).get(k) != v)
@@ -380,7 +403,7 @@ def build_tuner(sweep: Sweep, sweep_dir: Path, parent: Tracker, progress: bool, 
     trainable = make_trainable(sweep, sweep_dir)
     if resume:
         # Finished and failed trials stay as they are; unfinished ones continue (see train_trial).
-        return tune.Tuner.restore(str(sweep_dir), trainable, resume_unfinished=True)
+        return tune.Tuner.restore(str(sweep_dir / TUNE_DIR), trainable, resume_unfinished=True)
     s = sweep.spec
     pbt = isinstance(s.scheduler, PbtSettings)
     return tune.Tuner(
@@ -388,9 +411,11 @@ def build_tuner(sweep: Sweep, sweep_dir: Path, parent: Tracker, progress: bool, 
         param_space=param_space(sweep),
         tune_config=tune.TuneConfig(metric=s.metric, mode=s.mode, scheduler=make_scheduler(sweep),
                                     search_alg=make_search(sweep), num_samples=s.num_samples,
-                                    trial_dirname_creator=trial_dirname),
+                                    trial_dirname_creator=trial_dirname,
+                                    # PBT restarts trials with another's checkpoint: keep the process.
+                                    reuse_actors=pbt),
         run_config=tune.RunConfig(
-            name=sweep_dir.name, storage_path=str(sweep_dir.parent),
+            name=TUNE_DIR, storage_path=str(sweep_dir),
             callbacks=[SweepTracking(sweep, parent.run_id, sweep_dir)],
             checkpoint_config=tune.CheckpointConfig(num_to_keep=PBT_CHECKPOINTS_KEPT if pbt else None),
             verbose=1 if progress else 0,
@@ -433,7 +458,7 @@ def summarize(sweep: Sweep, sweep_dir: Path, results, parent: Tracker) -> dict:
         metrics = result.metrics or {}
         trial_id = metrics.get("trial_id") or Path(result.path).name.removeprefix("trial_")
         record = records.get(trial_id, {})
-        config = {k: v for k, v in (result.config or {}).items()}
+        config = dict(result.config or {}) or _recorded_config(Path(result.path))
         workers = _workers(sweep, config)
         history = result.metrics_dataframe
         has_metric = history is not None and s.metric in getattr(history, "columns", ())
@@ -487,6 +512,12 @@ def summarize(sweep: Sweep, sweep_dir: Path, results, parent: Tracker) -> dict:
                                title=f"{s.name}: {s.metric} per trial ({s.scheduler.type})")
     parent.log_artifact(figure, "figures")
     return summary
+
+
+def _recorded_config(trial_dir: Path) -> dict[str, Any]:
+    """A restored trial that never reported has no config in its Result; Tune's params.json has it."""
+    params = trial_dir / "params.json"
+    return json.loads(params.read_text()) if params.is_file() else {}
 
 
 def _workers(sweep: Sweep, config: dict[str, Any]) -> int:
