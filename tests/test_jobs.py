@@ -53,7 +53,7 @@ def test_submission_runs_the_spec_from_the_shipped_working_directory(monkeypatch
     env = sub.runtime_env["env_vars"]
     assert env["MLFLOW_TRACKING_URI"] == "http://mlflow.example:5000" and env["DITLAB_CACHE_DIR"] == "/cache/ditlab"
     assert env["EXTRA"] == "1" and "UNRELATED_SECRET" not in env
-    assert env["DITLAB_GIT_COMMIT"] == git_commit(ROOT)
+    assert env.get("DITLAB_GIT_COMMIT") == git_commit(ROOT)
     assert sub.runtime_env["working_dir"] == str(ROOT)
     assert sub.runtime_env["py_modules"] == [str(ROOT / "src" / "ditlab")]
     assert sub.metadata == {"ditlab_run": "my-run", "ditlab_spec": TINY}
@@ -164,7 +164,7 @@ def test_the_submitted_run_is_tracked_on_the_mlflow_server(followed_job, mlflow_
     assert run.data.params["resources.num_workers"] == "1"
     assert "conditional_accuracy" in run.data.metrics
     # The job ran from an unpacked folder without .git; the commit came with `ditlab submit`.
-    assert run.data.tags["mlflow.source.git.commit"] == git_commit(ROOT)
+    assert run.data.tags.get("mlflow.source.git.commit") == git_commit(ROOT)
 
 
 @pytest.mark.e2e
@@ -211,7 +211,7 @@ def test_a_stopped_job_ends_stopped_and_its_training_stops(long_job, ray_head, c
     # The driver ended its MLflow run on the way out (Ray gives it 3 s after SIGTERM).
     assert find_run(mlflow_server, name).info.status == "KILLED"
     # The job's Train worker goes with it (Ray reaps a dead driver's actors shortly after).
-    deadline = time.monotonic() + 60
+    deadline = time.monotonic() + 120
     while alive_train_workers(ray_head):
         assert time.monotonic() < deadline, "Train workers outlived the stopped job"
         time.sleep(1)
