@@ -1,9 +1,11 @@
 """Atomic file writes: write to a temporary file beside the target, then rename over it.
 
-A crash or an error mid-write leaves the previous file (or no file) in place, never a torn one."""
+A crash or an error mid-write leaves the previous file (or no file) in place, never a torn one.
+Also the file checksum the integrity checks use."""
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import tempfile
@@ -35,3 +37,12 @@ def write_json(path: str | os.PathLike, payload) -> Path:
     with atomic_path(path) as tmp:
         tmp.write_text(json.dumps(payload, indent=2, sort_keys=True) + "\n")
     return Path(path)
+
+
+def file_digest(path: str | os.PathLike, algorithm: str = "sha256") -> str:
+    """Hex digest of a file's bytes, read in 1 MiB blocks."""
+    h = hashlib.new(algorithm)
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            h.update(block)
+    return h.hexdigest()

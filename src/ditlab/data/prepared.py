@@ -9,14 +9,13 @@ same DVC hash and the stages after it are not rerun.
 
 from __future__ import annotations
 
-import hashlib
 import json
 from pathlib import Path
 
 import numpy as np
 import torch
 
-from ditlab.atomic import atomic_path, write_json
+from ditlab.atomic import atomic_path, file_digest, write_json
 
 MANIFEST = "manifest.json"
 FORMAT = "ditlab-prepared/1"
@@ -27,13 +26,6 @@ DEFINING_FIELDS = ("source", "name", "path", "resolution", "channels", "test_fra
 class PreparedDataError(ValueError):
     pass
 
-
-def _sha256(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            h.update(block)
-    return h.hexdigest()
 
 
 def defining_fields(data_spec) -> dict:
@@ -57,7 +49,7 @@ def save_prepared(data_spec, out_dir: str | Path) -> dict:
             with atomic_path(path) as tmp:
                 with open(tmp, "wb") as f:
                     np.save(f, np.ascontiguousarray(array), allow_pickle=False)
-            files[path.name] = _sha256(path)
+            files[path.name] = file_digest(path)
     manifest = {
         "format": FORMAT,
         "data": defining_fields(source_spec),
@@ -106,7 +98,7 @@ def check_prepared(data_spec, verify_checksums: bool = False) -> dict:
                                 "rerun `ditlab data prepare`")
     if verify_checksums:
         for name, digest in manifest["sha256"].items():
-            if not (folder / name).is_file() or _sha256(folder / name) != digest:
+            if not (folder / name).is_file() or file_digest(folder / name) != digest:
                 raise PreparedDataError(f"data.prepared: {str(folder / name)!r} is missing or does not match "
                                         "its checksum in the manifest")
     return manifest

@@ -7,7 +7,6 @@ by SHA1). Nothing here downloads: on an air-gapped cluster the same search appli
 
 from __future__ import annotations
 
-import hashlib
 import os
 import tempfile
 import warnings
@@ -19,7 +18,7 @@ import numpy as np
 import torch
 from PIL import Image
 
-from ditlab.atomic import atomic_path
+from ditlab.atomic import atomic_path, file_digest
 
 ENV_VAR = "DITLAB_INCEPTION_WEIGHTS"
 CLEANFID_FILE = "inception-2015-12-05.pt"
@@ -52,11 +51,7 @@ def _fid_helper_file() -> Path | None:
 
 @lru_cache(maxsize=8)
 def _sha1(path: Path) -> str:
-    h = hashlib.sha1()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()
+    return file_digest(path, "sha1")
 
 
 def _download(dest: Path) -> None:

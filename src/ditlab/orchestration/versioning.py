@@ -19,7 +19,7 @@ from pathlib import Path
 
 import yaml
 
-from ditlab.atomic import write_json
+from ditlab.atomic import file_digest, write_json
 from ditlab.config import DATASETS_ROOT
 from ditlab.data.prepared import MANIFEST
 
@@ -97,13 +97,6 @@ def run_tags(data_spec) -> dict[str, str]:
 
 # -- ditlab data add ---------------------------------------------------------------------------
 
-def _file_sha256(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            h.update(block)
-    return h.hexdigest()
-
 
 def inspect_image_folder(src: str | Path) -> dict:
     """Validate an image folder (one subfolder per class, every file a readable image) and
@@ -128,7 +121,7 @@ def inspect_image_folder(src: str | Path) -> dict:
         except Exception as err:  # PIL raises several types for bad files
             raise VersioningError(f"cannot read image {str(f)!r}: {err}") from None
         rel = f.relative_to(src).as_posix()
-        digest.update(f"{rel}\0{_file_sha256(f)}\n".encode())
+        digest.update(f"{rel}\0{file_digest(f)}\n".encode())
     widths, heights = [w for w, _ in sizes], [h for _, h in sizes]
     return {
         "format": DATASET_FORMAT,

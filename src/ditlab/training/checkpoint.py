@@ -6,7 +6,6 @@ previous checkpoint intact. Loaded with `weights_only=True`: every field is a te
 
 from __future__ import annotations
 
-import hashlib
 import random
 from pathlib import Path
 from typing import Any
@@ -14,7 +13,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from ditlab.atomic import atomic_path
+from ditlab.atomic import atomic_path, file_digest
 
 FORMAT = "ditlab-checkpoint/1"
 BUNDLE_NAME = "checkpoint.pt"
@@ -47,13 +46,6 @@ def restore_rng_state(state: dict[str, Any]) -> None:
         torch.cuda.set_rng_state_all(state["cuda"])
 
 
-def _sha256(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            h.update(block)
-    return h.hexdigest()
-
 
 def checksum_path(bundle_path: str | Path) -> Path:
     return Path(f"{bundle_path}.sha256")
@@ -63,7 +55,7 @@ def save_bundle(path: str | Path, bundle: dict[str, Any]) -> Path:
     """Write `bundle` to `path` atomically, and its SHA-256 beside it (`<path>.sha256`)."""
     with atomic_path(path, fsync=True) as tmp:
         torch.save({"format": FORMAT, **bundle}, tmp)
-        digest = _sha256(tmp)
+        digest = file_digest(tmp)
     with atomic_path(checksum_path(path)) as tmp:
         tmp.write_text(f"{digest}  {Path(path).name}\n")
     return Path(path)
@@ -77,7 +69,7 @@ def verify_bundle(path: str | Path) -> Path:
     record = checksum_path(path)
     if record.is_file():
         expected = record.read_text().split()[0]
-        if _sha256(path) != expected:
+        if file_digest(path) != expected:
             raise CheckpointError(f"checkpoint {str(path)!r} is corrupt: its SHA-256 does not match "
                                   f"{record.name}; delete this checkpoint folder to fall back to an earlier one, "
                                   "or restore it (e.g. `dvc checkout`)")
