@@ -1,7 +1,10 @@
 """The `ditlab` command: one way in.
 
     ditlab run SPEC [--set a.b=c ...] [--address ADDR] [--name NAME] [--dry-run] [--json]
-    ditlab sample CHECKPOINT --num N --out DIR [--labels 0,1,2] [--sampler ddim] [--steps S] [--guidance W]
+    ditlab train SPEC [...as run] [--restart-if-changed] [--export DIR]     (no final evaluation)
+    ditlab sample CHECKPOINT|RUN --out DIR [--num N] [--spec SPEC] [--labels 0,1,2] [--sampler ddim] [--guidance W]
+    ditlab evaluate --fake DIR|CHECKPOINT [--real DIR|DATASET|PREPARED] [--protocol P | --spec SPEC] [--json]
+    ditlab data prepare SPEC --out DIR | ditlab data add DIR --name NAME [--no-dvc]
     ditlab submit SPEC --address http://HEAD:8265 [--set a.b=c ...] [--name NAME] [--follow] [--json]
     ditlab jobs list|status ID|logs ID [--follow]|stop ID --address http://HEAD:8265
     ditlab tune SWEEP [--set a.b=c | --set sweep.num_samples=N ...] [--address ADDR] [--name NAME] [--resume] [--json]
