@@ -68,6 +68,11 @@ class RayNode:
                 found.append(proc)
         return found
 
+    def describe(self) -> str:
+        """For failure messages: which of the node's daemons still run, and the end of its log."""
+        names = sorted({proc.name() for proc in self.processes() if proc.name() in ("gcs_server", "raylet")})
+        return f"daemons running: {names or 'none'}; ray start log:\n{self.log_tail()}"
+
     def stop(self, grace_seconds: float = 5) -> list[int]:
         """SIGTERM to this node's processes (as `ray stop` does, for ours only), SIGKILL to any left
         after the grace period: seen here, raylets took up to 30 s to drain on SIGTERM, which a

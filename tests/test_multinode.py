@@ -29,12 +29,15 @@ def two_nodes(ray_head):
 def ranks(two_nodes, tmp_path_factory):
     out = tmp_path_factory.mktemp("multinode")
     env = {**node_env(two_nodes.token), "RAY_TRAIN_V2_ENABLED": "1"}
-    proc = subprocess.run(
-        [sys.executable, str(ROOT / "tests" / "multinode_driver.py"), "--address", two_nodes.gcs_address,
-         "--spec", str(ROOT / "experiments" / "tiny.yaml"), "--steps", str(STEPS),
-         "--storage", str(out / "runs"), "--out", str(out / "ranks.json")],
-        env=env, cwd=ROOT, capture_output=True, text=True, timeout=600)
-    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-4000:]
+    command = [sys.executable, str(ROOT / "tests" / "multinode_driver.py"), "--address", two_nodes.gcs_address,
+               "--spec", str(ROOT / "experiments" / "tiny.yaml"), "--steps", str(STEPS),
+               "--storage", str(out / "runs"), "--out", str(out / "ranks.json")]
+    try:
+        proc = subprocess.run(command, env=env, cwd=ROOT, capture_output=True, text=True, timeout=600)
+    except subprocess.TimeoutExpired as err:  # its partial output comes as bytes
+        stderr = (err.stderr or b"").decode(errors="replace")
+        pytest.fail(f"the driver ran 600 s; head {two_nodes.describe()}\ndriver stderr:\n{stderr[-3000:]}")
+    assert proc.returncode == 0, f"head {two_nodes.describe()}\n{proc.stdout[-2000:]}{proc.stderr[-4000:]}"
     return json.loads((out / "ranks.json").read_text())
 
 
