@@ -39,11 +39,13 @@ def ray_session():
     ray.shutdown()
 
 
-@pytest.fixture(scope="session")
+@pytest.fixture(scope="module")
 def ray_head():
     """A real Ray head (`ray start --head`, token auth with a token made here, dashboard on
-    127.0.0.1) shared by the Ray Jobs and multi-node tests. At the end it stops only its own
-    processes, and fails if any of them is left."""
+    127.0.0.1) for the Ray Jobs tests, and another for the multi-node tests. At the end of the
+    module it stops only its own processes, and fails if any of them is left. Module scope: while a
+    second Ray instance runs on the host, Ray Train's placement-group cleaner in the session's
+    local instance cannot tell which cluster is its own, and the Tune tests leak CPUs."""
     import secrets
     import shutil
     import tempfile
