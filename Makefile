@@ -20,7 +20,7 @@ pipeline: $(STAMP)
 
 ## test: the whole test suite (unit tests, then end-to-end with Ray and an MLflow server)
 test: $(STAMP)
-	$(VENV)/bin/python -m pytest -q -p no:cacheprovider
+	$(VENV)/bin/python -m pytest -q -p no:cacheprovider --durations=15
 
 lint: $(STAMP)
 	$(VENV)/bin/ruff check src tests
