@@ -20,7 +20,7 @@ from mlflow.tracking import MlflowClient
 from PIL import Image
 
 from ditlab import cli
-from ditlab.config import DataSpec, load
+from ditlab.config import DataSpec, apply_override, load
 from ditlab.data import load_dataset
 from ditlab.data.prepared import PreparedDataError, check_prepared, save_prepared
 from ditlab.orchestration.train import RunFolderError, prepare_run_dir
@@ -185,8 +185,6 @@ class Repo:
     def set_params(self, *overrides: str) -> None:
         raw = yaml.safe_load((self.path / "params.yaml").read_text())
         for assignment in overrides:
-            from ditlab.config import apply_override
-
             apply_override(raw, assignment)
         (self.path / "params.yaml").write_text(yaml.safe_dump(raw, sort_keys=False))
 

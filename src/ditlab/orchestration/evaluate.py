@@ -57,12 +57,9 @@ def prepared_folder(real: str) -> tuple[str, str | None] | None:
 def reference_for(real, image_size: int, split: str = "test") -> Reference:
     """`real`: a spec's data section (at `split`), a folder written by `ditlab data prepare`
     ('DIR[:split]'), a dataset name ('digits[:split]'), or a folder of images."""
-    if isinstance(real, DataSpec):
-        return dataset_reference(real, split)
-    prepared = prepared_folder(real)
-    if prepared is not None:
-        root, named_split = prepared
-        return dataset_reference(DataSpec(**read_manifest(root)["data"], prepared=root), named_split or split)
+    data, named_split = real_data_spec(real)
+    if data is not None:
+        return dataset_reference(data, named_split or split)
     dataset = parse_dataset(real)
     if dataset is not None:
         name, split = dataset
@@ -106,12 +103,16 @@ def samples_source(folder: str) -> str | None:
     return json.loads(record.read_text()).get("checkpoint") if record.is_file() else None
 
 
-def real_data_spec(real) -> DataSpec | None:
-    """The data section behind `real`, when it is one (a spec's data or a prepared folder)."""
+def real_data_spec(real) -> tuple[DataSpec | None, str | None]:
+    """(the data section behind `real`, the split it names), when `real` is a spec's data section
+    or a prepared folder ('DIR[:split]'); else (None, None)."""
     if isinstance(real, DataSpec):
-        return real
+        return real, None
     prepared = prepared_folder(real) if isinstance(real, str) else None
-    return DataSpec(**read_manifest(prepared[0])["data"], prepared=prepared[0]) if prepared else None
+    if prepared is None:
+        return None, None
+    root, split = prepared
+    return DataSpec(**read_manifest(root)["data"], prepared=root), split
 
 
 def run_evaluation(fake: str, real, ev: EvaluationSpec | None, out_dir: str | Path,
@@ -133,7 +134,7 @@ def run_evaluation(fake: str, real, ev: EvaluationSpec | None, out_dir: str | Pa
         source = source_run_id(checkpoint) if checkpoint and Path(checkpoint).exists() else None
     report.figures["eval_seconds"] = time.perf_counter() - started
     out_dir = Path(out_dir)
-    data = real_data_spec(real)
+    data, _ = real_data_spec(real)
     real = real if data is None else (data.prepared or data.source)
     tracker = _open_tracker(fake, real, source, experiment)
     tracker.set_tags({**(data_tags(data) if data is not None else {}), **experiment_tags()})
