@@ -40,9 +40,20 @@ def test_spec_errors_name_the_field(override, message):
         load(QUICKSTART, [override])
 
 
-def test_missing_dataset_folder(tmp_path):
-    with pytest.raises(SpecError, match=f"data.path: dataset folder '{tmp_path / 'nope'}' does not exist"):
-        load(QUICKSTART, ["data.source=folder", f"data.path={tmp_path / 'nope'}"])
+def test_a_missing_dataset_folder_loads_but_fails_the_preflight(tmp_path, capsys):
+    """Validation is pure (a checkpoint's spec loads on any machine); `ditlab run` checks the folder
+    before Ray starts: one error line, exit 2, nothing written."""
+    from ditlab import cli
+    from ditlab.config import from_dict
+
+    missing = tmp_path / "nope"
+    spec = load(QUICKSTART, ["data.source=folder", f"data.path={missing}"])
+    assert from_dict(spec.to_dict()).data.path == str(missing)
+    code = cli.main(["run", str(QUICKSTART), "--set", "data.source=folder", "--set", f"data.path={missing}",
+                     "--storage", str(tmp_path / "runs")])
+    err = capsys.readouterr().err.strip().splitlines()
+    assert code == 2 and err == [f"ditlab: error: data.path: dataset folder '{missing}' does not exist"]
+    assert sorted(p.name for p in tmp_path.iterdir()) == []
 
 
 def test_spec_is_frozen():

@@ -5,7 +5,8 @@ import torch
 
 from ditlab.config import load
 from ditlab.training import LocalReporter, train
-from ditlab.training.loop import TrainingDiverged, build_diffusion
+from ditlab.builders import build_diffusion
+from ditlab.training.loop import TrainingDiverged
 from ditlab.training.validation import validation_loss, validation_set
 
 from conftest import ROOT

@@ -44,12 +44,11 @@ class DataSpec(_Section):
         return raw
 
     @model_validator(mode="after")
-    def _folder_exists(self) -> DataSpec:
-        if self.source == "folder" and self.prepared is None:
-            if not self.path:
-                raise ValueError("path: required when source is 'folder'")
-            if not Path(self.path).is_dir():
-                raise ValueError(f"path: dataset folder {self.path!r} does not exist")
+    def _folder_has_path(self) -> DataSpec:
+        # Pure: whether the folder exists is the preflight's question (orchestration/preflight.py),
+        # so a spec stored in a checkpoint loads on any machine.
+        if self.source == "folder" and self.prepared is None and not self.path:
+            raise ValueError("path: required when source is 'folder'")
         return self
 
 
@@ -136,8 +135,13 @@ class TrackingSpec(_Section):
     experiment: str = "ditlab"
 
 
+# The kinds of experiment; each is a module under training/tasks/ (its registry must match).
+TaskName = Literal["generation"]
+
+
 class ExperimentSpec(_Section):
     name: str = "experiment"
+    task: TaskName = Field("generation", description="the kind of experiment: generation (class-conditional DiT)")
     seed: int = 0
     data: DataSpec = DataSpec()
     model: ModelSpec = ModelSpec()
@@ -225,7 +229,8 @@ def _describe(error: ValidationError, source: str) -> str:
 
 
 def from_dict(raw: dict[str, Any], source: str = "spec", model: type[BaseModel] | None = None):
-    """Validate a raw dict as an ExperimentSpec (or `model`); errors become one SpecError line."""
+    """Validate a raw dict as an ExperimentSpec (or `model`); errors become one SpecError line.
+    Pure: reads no file and checks no path, so a spec stored in a checkpoint loads anywhere."""
     try:
         return (model or ExperimentSpec).model_validate(raw)
     except ValidationError as err:

@@ -11,12 +11,12 @@ import torch
 from PIL import Image
 
 from ditlab.atomic import atomic_path
+from ditlab.builders import build_diffusion
 from ditlab.config import ExperimentSpec, from_dict
 from ditlab.data import to_uint8
 from ditlab.diffusion import GaussianDiffusion, get_sampler, guided_denoiser
 from ditlab.models import DiT, model_from_config
 from ditlab.training.checkpoint import load_bundle
-from ditlab.training.loop import build_diffusion
 
 
 @dataclass

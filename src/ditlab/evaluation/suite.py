@@ -1,7 +1,9 @@
-"""The evaluation suite: image sets (or a checkpoint to sample) in, a report of figures out.
+"""The evaluation suite: image sets in, a report of figures out.
 
-    report = evaluate_sets(fake_uint8, real_uint8, EvaluationSpec(...))
-    report = evaluate_checkpoint("runs/x/checkpoint_000600")
+    report = evaluate_sets(fake_uint8, Reference(real_uint8, "name"), EvaluationSpec(...))
+
+A checkpoint is evaluated by its task (training/tasks/), which samples it and calls this suite;
+folders and named datasets are resolved in evaluation/folders.py.
 
 Feature metrics (FID, KID, precision/recall) share one Inception pass per set; the real side comes
 from the reference cache. The Inception Score needs Inception's class logits, which only the full
@@ -16,7 +18,7 @@ from dataclasses import dataclass, field
 import numpy as np
 
 from ditlab.config import EvaluationSpec
-from ditlab.data import load_dataset, to_uint8
+from ditlab.data import load_dataset
 from ditlab.evaluation import generative
 from ditlab.evaluation.classifier import PixelClassifier
 from ditlab.evaluation.features import inception_features, inception_probabilities
@@ -122,29 +124,3 @@ def dataset_reference(data_spec, split: str) -> Reference:
     clf = PixelClassifier.fit(as_rgb_uint8(train.to_uint8()), train.labels.numpy())
     name = f"{ref.name} {split} split ({len(ref)} images, {data_spec.resolution}px)"
     return Reference(as_rgb_uint8(ref.to_uint8()), name, ref.labels.numpy(), clf)
-
-
-def evaluate_checkpoint(checkpoint, ev: EvaluationSpec | None = None, progress: bool = False,
-                        reference: Reference | None = None) -> Report:
-    """Sample from the checkpoint's EMA weights with `ev` (default: the spec's own evaluation
-    settings) and compare with `reference` (default: the split of its training dataset that `ev`
-    names)."""
-    from ditlab.sampling import balanced_labels, generate, load_for_sampling
-
-    ckpt = load_for_sampling(checkpoint, "ema")
-    ev = ev or ckpt.spec.evaluation
-    if ev.num_samples:
-        check_set_sizes(ev, ev.num_samples)
-    labels = balanced_labels(ev.num_samples, ckpt.model.config.num_classes)
-    tic = time.perf_counter()
-    images = generate(ckpt, labels, ev.sampler, ev.steps, ev.guidance, ev.seed, ev.batch_size, ev.clip_x0,
-                      progress=progress)
-    sampling_seconds = time.perf_counter() - tic
-    if ev.num_samples == 0:
-        return Report({"eval_num_samples": 0.0}, {"evaluation": "skipped: evaluation.num_samples is 0"},
-                      settings=ev.model_dump(mode="json"))
-    reference = reference or dataset_reference(ckpt.spec.data, ev.reference_split)
-    report = evaluate_sets(to_uint8(images), reference, ev, fake_labels=labels.numpy(), progress=progress)
-    report.figures.update(eval_num_samples=float(len(labels)), eval_sampling_seconds=sampling_seconds)
-    report.notes["sampler"] = f"{ev.sampler}, {ev.steps} steps, guidance {ev.guidance}, seed {ev.seed}, EMA weights"
-    return report

@@ -1,62 +1,34 @@
-"""`ditlab run`: train a spec under Ray Train's TorchTrainer, then evaluate and track it in MLflow.
+"""`ditlab run` and `ditlab train`: train a spec under Ray Train, then evaluate and track it in MLflow.
 
-Driver side: Ray, the MLflow run, the progress bar, the final evaluation.
-Worker side (`train_worker`): the plain training loop with a Ray-backed Reporter.
+Driver side, here: the run folder, the MLflow run, the progress bar, the task's final evaluation.
+Worker side: orchestration/trainer.py (the one TorchTrainer builder) runs the training loop.
 """
 
 from __future__ import annotations
 
-import json
 import os
 import shutil
 import sys
 import threading
 import time
-from contextlib import nullcontext
 from dataclasses import dataclass, field
 from pathlib import Path
 
-import ray
-import ray.train
-import torch
 import yaml
-from ray.train import (Checkpoint, CheckpointConfig, FailureConfig, LoggingConfig, RunConfig, ScalingConfig,
-                       UserCallback)
-from ray.train.torch import TorchTrainer
+from ray.train import UserCallback
 from ray.util.queue import Queue
 
 from ditlab.atomic import atomic_path, write_json
-from ditlab.config import ExperimentSpec, flatten, from_dict
-from ditlab.evaluation.suite import Report, evaluate_checkpoint
+from ditlab.config import ExperimentSpec, SpecError, flatten, from_dict
 from ditlab.evaluation.plots import save_loss_curve, save_sample_grid
+from ditlab.evaluation.suite import Report
 from ditlab.orchestration.ray_session import ensure_ray
-from ditlab.orchestration.tracking import Tracker, tracking_uri
+from ditlab.orchestration.records import open_recorded_run
+from ditlab.orchestration.tracking import Tracker
+from ditlab.orchestration.trainer import build_trainer
 from ditlab.orchestration.versioning import run_tags
 from ditlab.training.checkpoint import BUNDLE_NAME, CheckpointError, checkpoint_dirs, verify_bundle
-from ditlab.training.loop import Placement, train
-
-
-class RayReporter:
-    """The training loop's Reporter under Ray Train: every rank reports, rank 0 with the bundle."""
-
-    def report(self, metrics: dict[str, float], checkpoint_dir: str | None = None) -> None:
-        if checkpoint_dir is None:
-            ray.train.report(metrics)
-            return
-        ray.train.report(metrics, checkpoint=Checkpoint.from_directory(checkpoint_dir),
-                         checkpoint_dir_name=f"checkpoint_{int(metrics['step']):06d}")
-
-
-def train_worker(config: dict) -> None:
-    """Runs on each Ray Train worker."""
-    spec = from_dict(config["spec"], "spec sent to worker")
-    torch.set_num_threads(max(1, int(spec.resources.cpus_per_worker)))
-    ctx = ray.train.get_context()
-    placement = Placement(rank=ctx.get_world_rank(), world_size=ctx.get_world_size(),
-                          device=ray.train.torch.get_device(), wrap_model=ray.train.torch.prepare_model)
-    checkpoint = ray.train.get_checkpoint()
-    with checkpoint.as_directory() if checkpoint else nullcontext(None) as resume_dir:
-        train(spec, RayReporter(), placement, resume_from=resume_dir)
+from ditlab.training.tasks import task_class
 
 
 class MetricsRelay(UserCallback):
@@ -103,48 +75,16 @@ class MetricsConsumer:
         bar.close()
 
 
-def make_trainer(spec: ExperimentSpec, run_name: str, storage: Path, queue: Queue) -> TorchTrainer:
-    res = spec.resources
-    worker_resources = {"CPU": res.cpus_per_worker}
-    if res.use_gpu:
-        worker_resources["GPU"] = 1
-    worker_spec = spec.to_dict()
-    if spec.data.prepared:
-        # Workers run in their own folder: give them an absolute path (a shared one on a cluster).
-        worker_spec["data"]["prepared"] = str(Path(spec.data.prepared).resolve())
-    return TorchTrainer(
-        train_worker,
-        train_loop_config={"spec": worker_spec},
-        scaling_config=ScalingConfig(num_workers=res.num_workers, use_gpu=res.use_gpu,
-                                     resources_per_worker=worker_resources),
-        run_config=RunConfig(
-            name=run_name,
-            storage_path=str(storage),
-            checkpoint_config=CheckpointConfig(num_to_keep=2),
-            failure_config=FailureConfig(max_failures=res.max_failures),
-            callbacks=[MetricsRelay(queue)],
-            # Our progress bar shows each report; Ray Train's INFO lines would repeat them.
-            logging_config=LoggingConfig(log_level="WARNING"),
-        ),
-    )
-
-
 def open_tracker(spec: ExperimentSpec, run_dir: Path) -> Tracker:
-    """A new MLflow run, or the one this run folder already had (resuming keeps one MLflow run).
-    A resumed run folder records its tracking store, so a run started elsewhere is not reopened."""
-    record = run_dir / "tracking.json"
-    if record.is_file():
-        saved = json.loads(record.read_text())
-        if saved.get("tracking_uri") == tracking_uri():
-            return Tracker.resume(saved["run_id"])
+    """A new MLflow run, or the one this run folder already had (resuming keeps one MLflow run)."""
     display_name = os.environ.get("DVC_EXP_NAME") or run_dir.name
-    tracker = Tracker.start(spec, display_name, tags={"ditlab.run_dir": str(run_dir)})
-    write_json(record, {"run_id": tracker.run_id, "tracking_uri": tracker.uri})
+    tracker, _ = open_recorded_run(run_dir, lambda: Tracker.start(spec, display_name,
+                                                                  tags={"ditlab.run_dir": str(run_dir)}))
     return tracker
 
 
 # Sections whose change makes a run folder's checkpoints belong to another experiment.
-TRAINING_SECTIONS = ("seed", "data", "model", "diffusion", "train")
+TRAINING_SECTIONS = ("task", "seed", "data", "model", "diffusion", "train")
 
 
 class RunFolderError(ValueError):
@@ -152,7 +92,12 @@ class RunFolderError(ValueError):
 
 
 def spec_changes(old: dict, new: dict) -> list[str]:
-    """Dotted fields of the training sections that differ between two spec dicts."""
+    """Dotted fields of the training sections that differ between two spec dicts. The old one is
+    validated first, so a field added since it was written counts as its default."""
+    try:
+        old = from_dict(old, "recorded spec").to_dict()
+    except SpecError:
+        pass  # compare what is there: every differing field is named
     old_flat = flatten({k: old.get(k) for k in TRAINING_SECTIONS})
     new_flat = flatten({k: new.get(k) for k in TRAINING_SECTIONS})
     return sorted(k for k in old_flat.keys() | new_flat.keys() if old_flat.get(k) != new_flat.get(k))
@@ -206,7 +151,7 @@ def run_experiment(spec: ExperimentSpec, *, address: str | None = None, storage_
     started = time.perf_counter()
     try:
         try:
-            result = make_trainer(spec, run_name, storage, queue).fit()
+            result = build_trainer(spec, name=run_name, storage=storage, callbacks=[MetricsRelay(queue)]).fit()
         finally:
             consumer.stop()
         train_seconds = time.perf_counter() - started
@@ -240,7 +185,8 @@ def finish_run(spec: ExperimentSpec, tracker: Tracker, run_dir: Path, checkpoint
                history: list[dict], timings: dict[str, float], progress: bool, evaluate: bool = True) -> dict:
     """Final evaluation (optional), figures and the summary."""
     if evaluate:
-        evaluation = evaluate_checkpoint(checkpoint_dir / BUNDLE_NAME, spec.evaluation, progress=progress)
+        evaluation = task_class(spec.task).evaluate_checkpoint(checkpoint_dir / BUNDLE_NAME, spec.evaluation,
+                                                               progress=progress)
     else:
         evaluation = Report(figures={}, notes={}, settings={}, samples=None)
     metrics = {**evaluation.figures, **timings}

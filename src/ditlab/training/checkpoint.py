@@ -1,4 +1,5 @@
-"""The checkpoint bundle: one file with model, EMA, optimizer, step, RNG states and the spec.
+"""The checkpoint bundle: one file with model, EMA, optimizer, step, RNG states, the spec (which names
+the task) and the task's extra state. The same format for every task.
 
 Written atomically (temp file in the same folder, then rename), so a crash mid-write leaves the
 previous checkpoint intact. Loaded with `weights_only=True`: every field is a tensor or plain data.
@@ -18,6 +19,7 @@ from ditlab.atomic import atomic_path, file_digest
 FORMAT = "ditlab-checkpoint/1"
 BUNDLE_NAME = "checkpoint.pt"
 REQUIRED_KEYS = ("format", "step", "model", "ema", "optimizer", "rng", "spec", "model_config")
+# Optional: "task_state" (a task's extra modules and optimizers; absent before the Task seam).
 
 
 class CheckpointError(ValueError):
@@ -44,7 +46,6 @@ def restore_rng_state(state: dict[str, Any]) -> None:
     random.setstate((version, tuple(internal), gauss))
     if "cuda" in state and torch.cuda.is_available():
         torch.cuda.set_rng_state_all(state["cuda"])
-
 
 
 def checksum_path(bundle_path: str | Path) -> Path:
@@ -79,6 +80,12 @@ def verify_bundle(path: str | Path) -> Path:
 def checkpoint_dirs(run_dir: str | Path) -> list[Path]:
     """The checkpoint_* folders of a run folder, oldest first."""
     return sorted(p for p in Path(run_dir).glob("checkpoint_*") if p.is_dir())
+
+
+def is_checkpoint(path: str | Path) -> bool:
+    """A bundle file, a checkpoint folder, or a run folder holding checkpoint folders."""
+    p = Path(path)
+    return p.is_file() and p.suffix == ".pt" or (p / BUNDLE_NAME).is_file() or bool(checkpoint_dirs(p))
 
 
 def resolve_bundle_path(path: str | Path) -> Path:

@@ -1,7 +1,14 @@
-"""The training loop: plain PyTorch, no Ray, no MLflow. setup -> step -> maybe_log -> maybe_checkpoint.
+"""The training loop, written once for every task: plain PyTorch, no Ray, no MLflow.
 
-Randomness is drawn per step from a generator seeded by (seed, rank, step): batch indices,
-timesteps, noise and label dropout of step n are the same whether the run got there in one go
+    setup -> (train_step -> maybe_validate -> report or maybe_checkpoint) until the last step
+
+What differs between kinds of experiment lives in a Task (training/tasks/); the loop owns the rest:
+the batch each rank draws, the learning-rate schedule, EMA, report windows, the NaN stop, checkpoint
+cadence and timing.
+
+Randomness is a function of the step: each rank's batch comes from a per-epoch permutation split
+across ranks (DistributedSampler's contract), and the noise, timesteps and dropout of step n come
+from a generator seeded by (seed, rank, n). Step n is the same whether the run got there in one go
 or was interrupted and resumed, which is what makes resume exact.
 """
 
@@ -21,12 +28,10 @@ from torch import nn
 
 from ditlab.config import ExperimentSpec
 from ditlab.data import ImageDataset, load_dataset
-from ditlab.diffusion import GaussianDiffusion, training_losses
-from ditlab.models import DiT, build_model
 from ditlab.training.checkpoint import BUNDLE_NAME, capture_rng_state, load_bundle, restore_rng_state, save_bundle
 from ditlab.training.ema import EMA
 from ditlab.training.reporter import Reporter
-from ditlab.training.validation import ValidationSet, validation_loss, validation_set
+from ditlab.training.tasks import Batch, Task, task_class
 
 
 @dataclass
@@ -40,21 +45,53 @@ class Placement:
     wrap_model: Callable[[nn.Module], nn.Module] = lambda m: m
 
 
+class TrainingDiverged(RuntimeError):
+    """The loss became NaN or infinite: every later step would be wasted compute."""
+
+
+class ShardSampler:
+    """Which images each rank trains on at each step, as DistributedSampler shards an epoch.
+
+    Every rank draws the same permutation of the dataset for an epoch (seeded by seed and epoch),
+    pads it to a multiple of world_size by repeating its head, and takes every world_size-th index
+    from its rank on: the ranks see disjoint images, and together the whole dataset once an epoch.
+    Step k of the epoch takes the k-th run of `local_batch` indices of that shard (a shard smaller
+    than the batch is tiled; the tail that does not fill a batch is dropped)."""
+
+    def __init__(self, num_images: int, local_batch: int, seed: int, rank: int, world_size: int):
+        self.num_images, self.local_batch, self.seed = num_images, local_batch, seed
+        self.rank, self.world_size = rank, world_size
+        per_rank = math.ceil(num_images / world_size)
+        self.shard_size = per_rank * math.ceil(local_batch / per_rank)
+        self.steps_per_epoch = self.shard_size // local_batch
+        self._epoch, self._shard = -1, torch.empty(0, dtype=torch.long)
+
+    def shard(self, epoch: int) -> torch.Tensor:
+        if epoch != self._epoch:
+            g = torch.Generator().manual_seed(self.seed * 1_000_003 + epoch)
+            order = torch.randperm(self.num_images, generator=g)
+            padded = order.repeat(math.ceil(self.shard_size * self.world_size / self.num_images))
+            self._epoch, self._shard = epoch, padded[self.rank :: self.world_size][: self.shard_size]
+        return self._shard
+
+    def indices(self, step: int) -> torch.Tensor:
+        epoch, k = divmod(step, self.steps_per_epoch)
+        return self.shard(epoch)[k * self.local_batch : (k + 1) * self.local_batch]
+
+
 @dataclass
 class TrainState:
     spec: ExperimentSpec
-    model: DiT  # the unwrapped module: what EMA tracks and checkpoints hold
-    wrapped: nn.Module  # what the forward pass goes through (DDP across ranks)
+    task: Task
     ema: EMA
-    optimizer: torch.optim.Optimizer
-    diffusion: GaussianDiffusion
     dataset: ImageDataset
+    sampler: ShardSampler
     step: int = 0
-    validation: ValidationSet | None = None
 
-
-class TrainingDiverged(RuntimeError):
-    """The loss became NaN or infinite: every later step would be wasted compute."""
+    @property
+    def model(self) -> nn.Module:
+        """The unwrapped module: what EMA tracks and checkpoints hold."""
+        return self.task.model
 
 
 def seed_everything(seed: int) -> None:
@@ -80,76 +117,58 @@ def lr_at(step: int, train) -> float:
     return floor + 0.5 * (train.lr - floor) * (1 + math.cos(math.pi * progress))
 
 
-def build_diffusion(spec: ExperimentSpec) -> GaussianDiffusion:
-    d = spec.diffusion
-    return GaussianDiffusion.from_schedule(d.schedule, d.num_timesteps, d.prediction)
-
-
-def build_model_for(spec: ExperimentSpec, num_classes: int) -> DiT:
-    return build_model(
-        spec.model.name,
-        input_size=spec.data.resolution,
-        in_channels=spec.data.channels,
-        num_classes=num_classes,
-        learn_sigma=spec.model.learn_sigma,
-        class_dropout_prob=spec.model.class_dropout_prob,
-        dropout=spec.model.dropout,
-    )
-
-
 def setup(spec: ExperimentSpec, placement: Placement, resume_from: str | None = None) -> TrainState:
     seed_everything(spec.seed + placement.rank)
     dataset = load_dataset(spec.data, "train")
-    model = build_model_for(spec, dataset.num_classes).to(placement.device)
-    ema = EMA(model, spec.train.ema_decay, spec.train.ema_warmup)
-    optimizer = torch.optim.AdamW(
-        [p for p in model.parameters() if p.requires_grad],
-        lr=spec.train.lr,
-        betas=spec.train.adam_betas,
-        weight_decay=spec.train.weight_decay,
-    )
-    state = TrainState(spec, model, model, ema, optimizer, build_diffusion(spec), dataset,
-                       validation=validation_set(spec.data, spec.train.val_images))
+    task = task_class(spec.task)(spec, dataset.num_classes, placement.device)
+    ema = EMA(task.model, spec.train.ema_decay, spec.train.ema_warmup)
+    sampler = ShardSampler(len(dataset), spec.train.batch_size // placement.world_size, spec.seed,
+                           placement.rank, placement.world_size)
+    state = TrainState(spec, task, ema, dataset, sampler)
     if resume_from is not None:
-        bundle = load_bundle(resume_from)
-        model.load_state_dict(bundle["model"])
-        ema.load_state_dict(bundle["ema"])
-        optimizer.load_state_dict(bundle["optimizer"])
-        restore_rng_state(bundle["rng"])
-        state.step = int(bundle["step"])
+        restore(state, load_bundle(resume_from))
     # Wrap after loading: DDP broadcasts rank 0's weights at construction.
-    state.wrapped = placement.wrap_model(model)
+    task.wrap(placement.wrap_model)
     return state
 
 
-def train_step(state: TrainState, placement: Placement) -> dict[str, float]:
-    """One optimizer step on this rank's share of the global batch."""
-    spec, train = state.spec, state.spec.train
-    local_batch = train.batch_size // placement.world_size
-    g = step_generator(spec.seed, placement.rank, state.step)
-    idx = torch.randperm(len(state.dataset), generator=g)[:local_batch]
-    x0, y = state.dataset.batch(idx)
-    t = torch.randint(state.diffusion.num_timesteps, (len(idx),), generator=g)
-    noise = torch.randn(x0.shape, generator=g)
-    drop = torch.rand(len(idx), generator=g) < spec.model.class_dropout_prob
-    dev = placement.device
-    x0, y, t, noise, drop = (v.to(dev) for v in (x0, y, t, noise, drop))
+def restore(state: TrainState, bundle: dict) -> None:
+    state.task.model.load_state_dict(bundle["model"])
+    state.ema.load_state_dict(bundle["ema"])
+    state.task.optimizer.load_state_dict(bundle["optimizer"])
+    state.task.load_extra_state(bundle.get("task_state", {}))  # absent in bundles older than tasks
+    restore_rng_state(bundle["rng"])
+    state.step = int(bundle["step"])
 
-    lr = lr_at(state.step, train)
-    for group in state.optimizer.param_groups:
-        group["lr"] = lr
-    with torch.autocast(dev.type, dtype=torch.bfloat16, enabled=train.precision == "bf16"):
-        terms = training_losses(state.wrapped, state.diffusion, x0, t, y, noise, drop)
-    loss = terms["loss"].mean()
-    state.optimizer.zero_grad(set_to_none=True)
-    loss.backward()
-    grad_norm = nn.utils.clip_grad_norm_(state.model.parameters(), train.grad_clip or float("inf"))
-    state.optimizer.step()
-    state.ema.update(state.model)
+
+def make_bundle(state: TrainState) -> dict:
+    return {
+        "step": state.step,
+        "model": state.task.model.state_dict(),
+        "ema": state.ema.state_dict(),
+        "optimizer": state.task.optimizer.state_dict(),
+        "task_state": state.task.extra_state(),
+        "rng": capture_rng_state(),
+        "spec": state.spec.to_dict(),
+        "model_config": state.task.model_config(),
+    }
+
+
+def train_step(state: TrainState, placement: Placement) -> dict[str, float]:
+    """One optimizer step of the task on this rank's share of the global batch."""
+    images, labels = state.dataset.batch(state.sampler.indices(state.step))
+    batch = Batch(images.to(placement.device), labels.to(placement.device))
+    lr = lr_at(state.step, state.spec.train)
+    for optimizer in state.task.optimizers():
+        for group in optimizer.param_groups:
+            group["lr"] = lr
+    state.task.set_train_mode()
+    metrics = state.task.step(batch, step_generator(state.spec.seed, placement.rank, state.step))
+    if not math.isfinite(metrics["loss"]):
+        raise TrainingDiverged(f"training loss is {metrics['loss']} at step {state.step + 1}")
+    state.ema.update(state.task.model)
     state.step += 1
-    out = {k: float(v.detach().mean()) for k, v in terms.items()}
-    out.update(lr=lr, grad_norm=float(grad_norm))
-    return out
+    return {**metrics, "lr": lr}
 
 
 def mean_across_ranks(values: dict[str, float], device: torch.device) -> dict[str, float]:
@@ -159,18 +178,6 @@ def mean_across_ranks(values: dict[str, float], device: torch.device) -> dict[st
     t = torch.tensor([values[k] for k in keys], dtype=torch.float64, device=device)
     dist.all_reduce(t)
     return dict(zip(keys, (t / dist.get_world_size()).tolist(), strict=True))
-
-
-def make_bundle(state: TrainState) -> dict:
-    return {
-        "step": state.step,
-        "model": state.model.state_dict(),
-        "ema": state.ema.state_dict(),
-        "optimizer": state.optimizer.state_dict(),
-        "rng": capture_rng_state(),
-        "spec": state.spec.to_dict(),
-        "model_config": state.model.config.to_dict(),
-    }
 
 
 def maybe_checkpoint(state: TrainState, placement: Placement, reporter: Reporter, metrics: dict, force: bool) -> bool:
@@ -188,44 +195,44 @@ def maybe_checkpoint(state: TrainState, placement: Placement, reporter: Reporter
 
 def is_validation_step(state: TrainState) -> bool:
     every = state.spec.train.val_every or state.spec.train.log_every
-    return state.validation is not None and (state.step % every == 0 or state.step == state.spec.train.steps)
+    return state.task.validates and (state.step % every == 0 or state.step == state.spec.train.steps)
 
 
-def maybe_validate(state: TrainState, placement: Placement) -> dict[str, float]:
-    """`val_loss` at validation steps. Every rank holds the same weights and scores the same
-    fixed set, so every rank reports the same value without a collective."""
+def maybe_validate(state: TrainState) -> dict[str, float]:
+    """The task's validation figures at validation steps, on the weights `train.val_weights` names."""
     if not is_validation_step(state):
         return {}
-    weights = state.ema.model if state.spec.train.val_weights == "ema" else state.model
-    return {"val_loss": validation_loss(weights, state.diffusion, state.validation, placement.device)}
+    weights = state.ema.model if state.spec.train.val_weights == "ema" else state.task.model
+    return state.task.validation(weights)
+
+
+def is_report_step(state: TrainState) -> bool:
+    train = state.spec.train
+    return (state.step % train.log_every == 0 or state.step % train.checkpoint_every == 0
+            or state.step == train.steps or is_validation_step(state))
 
 
 def train(spec: ExperimentSpec, reporter: Reporter, placement: Placement | None = None,
           resume_from: str | None = None) -> TrainState:
-    """Run (or continue) training to `spec.train.steps`, reporting every `log_every` steps,
-    `val_loss` every `val_every` steps (default: log_every), checkpointing every `checkpoint_every`
-    steps, and all three at the end."""
+    """Run (or continue) training to `spec.train.steps`, reporting every `log_every` steps (the
+    window's mean across steps and ranks), validation figures every `val_every` steps (default:
+    log_every), a checkpoint every `checkpoint_every` steps, and all three at the end."""
     placement = placement or Placement()
     state = setup(spec, placement, resume_from)
     window: list[dict[str, float]] = []
     tic, images = time.perf_counter(), 0
     while state.step < spec.train.steps:
-        state.wrapped.train()
         window.append(train_step(state, placement))
-        if not math.isfinite(window[-1]["loss"]):
-            raise TrainingDiverged(f"training loss is {window[-1]['loss']} at step {state.step}")
         images += spec.train.batch_size
-        last = state.step == spec.train.steps
-        if (state.step % spec.train.log_every and state.step % spec.train.checkpoint_every and not last
-                and not is_validation_step(state)):
+        if not is_report_step(state):
             continue
         metrics = mean_across_ranks({k: float(np.mean([w[k] for w in window])) for k in window[0]}, placement.device)
         elapsed = time.perf_counter() - tic
         metrics.update(step=state.step, images_per_sec=images / max(elapsed, 1e-9),
                        epoch=state.step * spec.train.batch_size / len(state.dataset))
-        metrics.update(maybe_validate(state, placement))  # after the clock: not counted as training time
+        metrics.update(maybe_validate(state))  # after the clock: not counted as training time
         window, tic, images = [], time.perf_counter(), 0
-        if not maybe_checkpoint(state, placement, reporter, metrics, force=last):
+        if not maybe_checkpoint(state, placement, reporter, metrics, force=state.step == spec.train.steps):
             reporter.report(metrics, None)
     if spec.train.steps == 0:  # an untrained baseline still gets a checkpoint to sample from
         maybe_checkpoint(state, placement, reporter, {"step": 0}, force=True)

@@ -1,0 +1,68 @@
+"""The `ditlab` command: one way in. One module per command; the flags they share are declared once
+in common.py.
+
+    ditlab run SPEC [--set a.b=c ...] [--address ADDR] [--name NAME] [--dry-run] [--json] [--verbose]
+    ditlab train SPEC [...as run] [--restart-if-changed] [--export DIR]     (no final evaluation)
+    ditlab sample CHECKPOINT|RUN --out DIR [--num N] [--spec SPEC] [--labels 0,1,2] [--sampler ddim] [--guidance W]
+    ditlab evaluate --fake DIR|CHECKPOINT [--real DIR|DATASET|PREPARED] [--protocol P | --spec SPEC] [--json]
+    ditlab data prepare SPEC --out DIR | ditlab data add DIR --name NAME [--no-dvc]
+    ditlab submit SPEC --address http://HEAD:8265 [--set a.b=c ...] [--name NAME] [--follow] [--json]
+    ditlab jobs list|status ID|logs ID [--follow]|stop ID --address http://HEAD:8265
+    ditlab tune SWEEP [--set a.b=c | --set sweep.num_samples=N ...] [--address ADDR] [--name NAME] [--resume] [--json]
+
+Bad input (a spec error, a missing checkpoint) prints one `ditlab: error: ...` line and exits 2.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from types import SimpleNamespace
+
+from ditlab.cli import cluster, data, evaluate, run, sample, tune
+from ditlab.cli.common import (EXIT_BAD_INPUT, BadInput, address_flag, dry_run_flag, json_flag, overrides_flag,
+                               parent, progress_flag, verbose_flag)
+from ditlab.config import SpecError
+
+COMMAND_MODULES = (run, data, sample, evaluate, cluster, tune)
+
+
+def _spec_positional(p: argparse.ArgumentParser) -> None:
+    p.add_argument("spec", help="experiment spec (YAML), e.g. experiments/quickstart.yaml")
+
+
+def shared_parents() -> SimpleNamespace:
+    """Parent parsers, one per group of shared flags; commands pick the groups they take."""
+    output = parent(json_flag, verbose_flag)
+    spec_flags = parent(_spec_positional, overrides_flag, dry_run_flag, json_flag, verbose_flag)
+    ray = parent(address_flag, progress_flag)
+    return SimpleNamespace(
+        output=[output],
+        verbose=[parent(verbose_flag)],
+        overrides=[parent(overrides_flag)],
+        ray=[ray],
+        spec_command=[spec_flags, ray],
+        evaluate=[parent(lambda p: overrides_flag(p, "a protocol field, e.g. --set kid.subset_size=50"),
+                         progress_flag), output],
+    )
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="ditlab", description="Train, sample and evaluate diffusion transformers.")
+    sub = parser.add_subparsers(dest="command", required=True)
+    shared = shared_parents()
+    for module in COMMAND_MODULES:
+        module.register(sub, shared)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        return args.handler(args)
+    except (SpecError, BadInput) as err:
+        print(f"ditlab: error: {err}", file=sys.stderr)
+        return EXIT_BAD_INPUT
+
+
+__all__ = ["BadInput", "build_parser", "main"]

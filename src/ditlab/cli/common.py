@@ -1,0 +1,84 @@
+"""What every `ditlab` command shares: the flags declared once, the bad-input error, JSON output."""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import json
+import sys
+from collections.abc import Iterator
+
+EXIT_BAD_INPUT = 2
+EXIT_INTERRUPTED = 130
+
+
+class BadInput(Exception):
+    """Input that cannot be used: printed as one `ditlab: error: ...` line, exit status 2."""
+
+
+def parent(*adders) -> argparse.ArgumentParser:
+    """A parent parser holding the flags that `adders` declare, for `parents=[...]`."""
+    p = argparse.ArgumentParser(add_help=False)
+    for add in adders:
+        add(p)
+    return p
+
+
+def overrides_flag(p: argparse.ArgumentParser, what: str = "a spec field, e.g. --set train.steps=500") -> None:
+    p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
+                   help=f"override {what} (repeatable)")
+
+
+def json_flag(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--json", action="store_true", help="print the result as one JSON object on stdout")
+
+
+def dry_run_flag(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--dry-run", action="store_true", help="print the resolved spec and exit")
+
+
+def progress_flag(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--no-progress", action="store_true", help="hide progress bars")
+
+
+def verbose_flag(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--verbose", action="store_true",
+                   help="also show Ray's and torch's informational lines (hidden by default)")
+
+
+def address_flag(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--address", help="Ray cluster to join (ray://head:10001 or auto); default: start a local one")
+
+
+def name_flag(p: argparse.ArgumentParser, help_text: str) -> None:
+    p.add_argument("--name", help=help_text)
+
+
+@contextlib.contextmanager
+def stdout_for(args) -> Iterator[None]:
+    """With --json, stdout carries exactly one JSON object: everything else printed meanwhile goes
+    to stderr."""
+    with contextlib.redirect_stdout(sys.stderr) if getattr(args, "json", False) else contextlib.nullcontext():
+        yield
+
+
+def emit(args, result, text: str) -> None:
+    """The command's result: JSON on stdout with --json, else `text`."""
+    print(json.dumps(result, sort_keys=True) if args.json else text)
+
+
+def print_spec(args, record: dict) -> None:
+    """--dry-run: the resolved spec as YAML, or as indented JSON with --json."""
+    import yaml
+
+    sys.stdout.write(json.dumps(record, indent=2) + "\n" if args.json else yaml.safe_dump(record, sort_keys=False))
+
+
+def preflight_or_bad_input(spec) -> None:
+    """The checks that touch the disk, before Ray starts: a failure is one error line."""
+    from ditlab.orchestration.preflight import PreflightError, preflight
+
+    try:
+        preflight(spec)
+    except PreflightError as err:
+        raise BadInput(str(err)) from None

@@ -1,0 +1,57 @@
+"""`ditlab data prepare SPEC --out DIR` and `ditlab data add DIR --name NAME`; each writes its
+manifest.json, the JSON record of the result."""
+
+from __future__ import annotations
+
+from ditlab.cli.common import BadInput, emit, preflight_or_bad_input, print_spec
+from ditlab.config import load
+
+
+def register(sub, shared) -> None:
+    data = sub.add_parser("data", help="datasets: materialize a spec's data, add and version an image folder")
+    data_sub = data.add_subparsers(dest="data_command", required=True)
+    prepare = data_sub.add_parser("prepare", parents=shared.spec_command[:1],
+                                  help="write a spec's train/test splits as arrays + manifest "
+                                       "(the DVC pipeline's prepare stage)")
+    prepare.add_argument("--out", required=True, help="output folder, e.g. pipeline/data")
+    prepare.set_defaults(handler=cmd_prepare)
+    add = data_sub.add_parser("add", parents=shared.output,
+                              help="validate an image folder (one subfolder per class), copy it to "
+                                   "data/NAME with a manifest and track it with DVC")
+    add.add_argument("folder", help="image folder: one subfolder per class")
+    add.add_argument("--name", required=True, help="dataset name; specs use it as data.name")
+    add.add_argument("--root", default="data", help="where named datasets live (default: ./data)")
+    add.add_argument("--no-dvc", action="store_true", help="write the folder and manifest, skip `dvc add`")
+    add.set_defaults(handler=cmd_add)
+
+
+def cmd_prepare(args) -> int:
+    from ditlab.data.prepared import save_prepared
+
+    spec = load(args.spec, args.overrides)
+    if args.dry_run:
+        print_spec(args, spec.to_dict())
+        return 0
+    preflight_or_bad_input(spec.model_copy(update={"data": spec.data.model_copy(update={"prepared": None})}))
+    result = {"out": args.out, **save_prepared(spec.data, args.out)}
+    emit(args, result, f"prepared {spec.data.source} data in {args.out}: {result['counts']['train']} train, "
+                       f"{result['counts']['test']} test images of {result['image_shape']}")
+    return 0
+
+
+def cmd_add(args) -> int:
+    from ditlab.orchestration.versioning import VersioningError, add_dataset
+
+    try:
+        result = add_dataset(args.folder, args.name, args.root, track=not args.no_dvc)
+    except VersioningError as err:
+        raise BadInput(str(err)) from None
+    size = result["image_size"]
+    message = (f"added {result['count']} images in {len(result['classes'])} classes to {result['path']} "
+               f"(sizes {size['min']}..{size['max']}, sha256 {result['sha256'][:12]})")
+    if "dvc_file" in result:
+        message += (f"\ntracked by DVC as {result['dvc_file']} (md5 {result['dvc_md5']}); commit it with "
+                    f"`git add {result['dvc_file']}` and use it in a spec as data.source=folder, "
+                    f"data.name={args.name}")
+    emit(args, result, message)
+    return 0

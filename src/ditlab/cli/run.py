@@ -1,0 +1,51 @@
+"""`ditlab run SPEC` (train, evaluate, track) and `ditlab train SPEC` (the same without the evaluation)."""
+
+from __future__ import annotations
+
+from ditlab.cli.common import BadInput, emit, preflight_or_bad_input, print_spec, stdout_for
+from ditlab.config import load
+
+
+def register(sub, shared) -> None:
+    run = sub.add_parser("run", parents=shared.spec_command,
+                         help="train a spec on Ray, evaluate it, log everything to MLflow")
+    train = sub.add_parser("train", parents=shared.spec_command,
+                           help="as run, without the final evaluation (the DVC pipeline's train stage)")
+    for p in (run, train):
+        p.add_argument("--storage", default="runs", help="where runs and checkpoints are kept (default: ./runs)")
+        p.add_argument("--name", help="run name; rerunning with the same name resumes from its last checkpoint")
+        p.add_argument("--restart-if-changed", action="store_true",
+                       help="if the run folder --name holds a run of another spec, start it over (default: error)")
+        p.add_argument("--export", metavar="DIR", help="also copy metrics.json, history.json and loss_curve.png "
+                                                       "to DIR")
+        p.set_defaults(handler=cmd_run)
+
+
+def cmd_run(args) -> int:
+    spec = load(args.spec, args.overrides)
+    if args.dry_run:
+        print_spec(args, spec.to_dict())
+        return 0
+    preflight_or_bad_input(spec)
+    from ditlab.orchestration.train import RunFolderError, run_experiment  # heavy imports only when needed
+
+    try:
+        with stdout_for(args):
+            summary = run_experiment(spec, address=args.address, storage_path=args.storage,
+                                     run_name=args.name, progress=not args.no_progress,
+                                     evaluate=args.command == "run", restart_if_changed=args.restart_if_changed,
+                                     export_dir=args.export)
+    except RunFolderError as err:
+        raise BadInput(str(err)) from None
+    emit(args, summary, summary_text(summary))
+    return 0
+
+
+def summary_text(summary: dict) -> str:
+    lines = [f"run:        {summary['run_name']}  ({summary['run_dir']})",
+             f"checkpoint: {summary['checkpoint']}",
+             f"mlflow run: {summary['mlflow_run_id']}",
+             f"dashboard:  {summary['mlflow_url']}"]
+    for key, value in sorted(summary["metrics"].items()):
+        lines.append(f"  {key:28s} {value:.4f}" if isinstance(value, float) else f"  {key:28s} {value}")
+    return "\n".join(lines)

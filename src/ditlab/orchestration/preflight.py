@@ -1,0 +1,35 @@
+"""Checks that touch the disk, run before Ray starts: the spec itself loads anywhere (config.py is
+pure), but the folders and files it names must exist on this machine to run it."""
+
+from __future__ import annotations
+
+from ditlab.config import ExperimentSpec
+
+
+class PreflightError(ValueError):
+    """A spec that validates but cannot run here; the message names the field and the path."""
+
+
+def preflight(spec: ExperimentSpec) -> None:
+    """Dataset folder or prepared data present and readable, then the task's own checks."""
+    data = spec.data
+    if data.prepared:
+        from ditlab.data.prepared import PreparedDataError, check_prepared
+
+        try:
+            check_prepared(data, verify_checksums=True)
+        except PreparedDataError as err:
+            raise PreflightError(str(err)) from None
+    elif data.source == "folder":
+        from ditlab.data.folder import scan_image_folder
+
+        try:
+            scan_image_folder(data.path)
+        except (OSError, ValueError) as err:
+            raise PreflightError(f"data.path: {err}") from None
+    from ditlab.training.tasks import task_class
+
+    try:
+        task_class(spec.task).preflight(spec)
+    except ValueError as err:
+        raise PreflightError(str(err)) from None

@@ -1,0 +1,76 @@
+"""The one place a Ray Train TorchTrainer is built, for `ditlab run`, `ditlab train` and every Tune
+trial: the worker function, its Reporter, the scaling and run configs. Whatever the task, the
+worker runs the same loop (training/loop.py); the spec names the task."""
+
+from __future__ import annotations
+
+from contextlib import nullcontext
+from pathlib import Path
+
+import ray
+import ray.train
+import torch
+from ray.train import Checkpoint, CheckpointConfig, FailureConfig, LoggingConfig, RunConfig, ScalingConfig
+from ray.train.torch import TorchTrainer
+
+from ditlab.config import ExperimentSpec, from_dict
+from ditlab.training.loop import Placement, train
+
+
+class RayReporter:
+    """The training loop's Reporter under Ray Train: every rank reports, rank 0 with the bundle."""
+
+    def report(self, metrics: dict[str, float], checkpoint_dir: str | None = None) -> None:
+        if checkpoint_dir is None:
+            ray.train.report(metrics)
+            return
+        ray.train.report(metrics, checkpoint=Checkpoint.from_directory(checkpoint_dir),
+                         checkpoint_dir_name=f"checkpoint_{int(metrics['step']):06d}")
+
+
+def train_worker(config: dict) -> None:
+    """Runs on each Ray Train worker: the loop, resumed from the run's latest checkpoint if any."""
+    spec = from_dict(config["spec"], "spec sent to worker")
+    torch.set_num_threads(max(1, int(spec.resources.cpus_per_worker)))
+    ctx = ray.train.get_context()
+    placement = Placement(rank=ctx.get_world_rank(), world_size=ctx.get_world_size(),
+                          device=ray.train.torch.get_device(), wrap_model=ray.train.torch.prepare_model)
+    checkpoint = ray.train.get_checkpoint()
+    with checkpoint.as_directory() if checkpoint else nullcontext(None) as resume_dir:
+        train(spec, RayReporter(), placement, resume_from=resume_dir)
+
+
+def worker_spec(spec: ExperimentSpec) -> dict:
+    """The spec as workers get it: workers run in their own folder, so dataset paths are made
+    absolute here (on a cluster they must name shared storage)."""
+    raw = spec.to_dict()
+    data = raw["data"]
+    # With prepared data the images come from `prepared`; `path` then only identifies the source
+    # (the prepared manifest records it as written), so it is left as it is.
+    key = "prepared" if data.get("prepared") else "path" if data.get("path") else None
+    if key:
+        data[key] = str(Path(data[key]).resolve())
+    return raw
+
+
+def build_trainer(spec: ExperimentSpec, *, name: str, storage: str | Path, callbacks: list,
+                  checkpoints_kept: int = 2) -> TorchTrainer:
+    """A TorchTrainer for `spec` as the Ray Train run `name` under `storage`: rerunning the same
+    name and storage resumes from its latest checkpoint. `callbacks` receive rank 0's reports."""
+    res = spec.resources
+    per_worker = {"CPU": res.cpus_per_worker, **({"GPU": 1} if res.use_gpu else {})}
+    return TorchTrainer(
+        train_worker,
+        train_loop_config={"spec": worker_spec(spec)},
+        scaling_config=ScalingConfig(num_workers=res.num_workers, use_gpu=res.use_gpu,
+                                     resources_per_worker=per_worker),
+        run_config=RunConfig(
+            name=name,
+            storage_path=str(storage),
+            checkpoint_config=CheckpointConfig(num_to_keep=checkpoints_kept),
+            failure_config=FailureConfig(max_failures=res.max_failures),
+            callbacks=callbacks,
+            # Our progress bar shows each report; Ray Train's INFO lines would repeat them.
+            logging_config=LoggingConfig(log_level="WARNING"),
+        ),
+    )

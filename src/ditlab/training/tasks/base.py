@@ -1,0 +1,120 @@
+"""The Task seam: what one kind of experiment brings to the training loop.
+
+The loop (training/loop.py) owns what every experiment shares: the batch each rank draws, the
+learning-rate schedule, EMA, report windows, the NaN stop, checkpoint cadence and timing. A task
+owns what differs: its modules and optimizers, one optimization step on a batch, its validation
+figure, the extra state it keeps in the checkpoint bundle, the checks it needs before a run starts,
+and the evaluation its checkpoints get. A new kind of experiment is a new subclass in its own module
+plus its spec section, registered in training/tasks/__init__.py.
+"""
+
+from __future__ import annotations
+
+from abc import ABC, abstractmethod
+from collections.abc import Callable
+from contextlib import AbstractContextManager
+from dataclasses import dataclass
+from typing import Any, ClassVar
+
+import torch
+from torch import nn
+
+from ditlab.config import EvaluationSpec, ExperimentSpec
+
+
+@dataclass(frozen=True)
+class Batch:
+    """This rank's share of one global batch, on the task's device."""
+
+    images: torch.Tensor  # [B, C, R, R] in [-1, 1]
+    labels: torch.Tensor  # [B] int64
+
+    def __len__(self) -> int:
+        return len(self.labels)
+
+
+class Task(ABC):
+    """One kind of experiment. Subclasses build `model` (the module EMA tracks, checkpoints store as
+    "model" and evaluation samples from) and `optimizer` in `__init__`, from the spec."""
+
+    name: ClassVar[str]
+    model: nn.Module
+    optimizer: torch.optim.Optimizer
+
+    def __init__(self, spec: ExperimentSpec, num_classes: int, device: torch.device):
+        self.spec, self.num_classes, self.device = spec, num_classes, device
+
+    # -- before the run --------------------------------------------------------------------------
+
+    @classmethod
+    def preflight(cls, spec: ExperimentSpec) -> None:
+        """Checks that touch the disk or another file (a teacher checkpoint, say), run before Ray
+        starts. Raise ValueError with a message that names the field."""
+        return None
+
+    # -- modules ---------------------------------------------------------------------------------
+
+    def optimizers(self) -> list[torch.optim.Optimizer]:
+        """Every optimizer; the loop sets the scheduled learning rate on each before a step."""
+        return [self.optimizer]
+
+    def wrap(self, wrap_model: Callable[[nn.Module], nn.Module]) -> None:
+        """Distribute the trained modules (DDP under Ray Train). Called once, after any resume."""
+        self.forward_model = wrap_model(self.model)
+
+    def model_config(self) -> dict[str, Any]:
+        """What rebuilds `model` without the spec (stored in the bundle as "model_config")."""
+        return self.model.config.to_dict()
+
+    def set_train_mode(self) -> None:
+        self.model.train()
+
+    # -- one step ----------------------------------------------------------------------------------
+
+    @abstractmethod
+    def step(self, batch: Batch, generator: torch.Generator) -> dict[str, float]:
+        """One optimization step on `batch`. Everything random (noise, timesteps, dropout masks) is
+        drawn from `generator`, which the loop seeds by (seed, rank, step): that makes resume exact.
+        Returns this rank's figures; "loss" is required (the loop stops on a non-finite one)."""
+
+    def autocast(self) -> AbstractContextManager:
+        """Mixed precision for forward passes (`train.precision`)."""
+        return torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.spec.train.precision == "bf16")
+
+    def optimize(self, loss: torch.Tensor, optimizer: torch.optim.Optimizer, params) -> float:
+        """Backward, clip to `train.grad_clip`, step; the gradient norm before clipping."""
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        grad_norm = nn.utils.clip_grad_norm_(params, self.spec.train.grad_clip or float("inf"))
+        optimizer.step()
+        return float(grad_norm)
+
+    # -- validation and checkpoint state -------------------------------------------------------------
+
+    @property
+    def validates(self) -> bool:
+        """Whether `validation` reports anything (the loop then reports at validation steps)."""
+        return False
+
+    def validation(self, weights: nn.Module) -> dict[str, float]:
+        """Figures on held-out data for `weights` (the EMA or the live model, per train.val_weights).
+        Every rank holds the same weights and scores the same set: no collective needed."""
+        return {}
+
+    def extra_state(self) -> dict[str, Any]:
+        """State beyond model, EMA and the first optimizer (a discriminator, a second optimizer),
+        stored in the bundle as "task_state"."""
+        return {}
+
+    def load_extra_state(self, state: dict[str, Any]) -> None:
+        """Restore `extra_state`; bundles written before a task had any extra state pass {}."""
+        return None
+
+    # -- after training ----------------------------------------------------------------------------
+
+    @classmethod
+    @abstractmethod
+    def evaluate_checkpoint(cls, checkpoint, ev: EvaluationSpec | None = None, progress: bool = False,
+                            reference=None):
+        """The evaluation a checkpoint of this task gets (an evaluation.suite.Report). `ev` defaults
+        to the checkpoint's own evaluation settings, `reference` to its own dataset's split."""
