@@ -238,7 +238,7 @@ def test_repro_runs_every_stage_and_tags_mlflow_runs(pipeline, mlflow_server):
         (pipeline.path / "pipeline" / "evaluation" / "evaluation.json").read_text())["mlflow_run_id"])
     assert evaluation.data.tags["mlflow.parentRunId"] == train_id, "the evaluate stage nests under the train run"
     assert evaluation.data.tags["ditlab.data.dvc_md5"] == data_md5
-    assert evaluation.data.metrics["fid"] == pytest.approx(metrics["fid"])
+    assert evaluation.data.metrics["eval/fid"] == pytest.approx(metrics["fid"])
 
 
 @pytest.mark.e2e

@@ -52,9 +52,9 @@ def test_mlflow_run_holds_params_metrics_and_artifacts(run_summary, mlflow_serve
     assert run.data.params["resources.num_workers"] == "2"
     assert run.data.params["data.test_fraction"] == "0.05"
     assert run.data.tags["mlflow.source.git.commit"] == git_commit(ROOT)
-    history = client.get_metric_history(run.info.run_id, "loss")
+    history = client.get_metric_history(run.info.run_id, "train/loss")
     assert [m.step for m in history] == [2, 3, 4, 6]
-    assert run.data.metrics["fid"] == pytest.approx(run_summary["metrics"]["fid"])
+    assert run.data.metrics["eval/fid"] == pytest.approx(run_summary["metrics"]["fid"])
     artifacts = {a.path for a in client.list_artifacts(run.info.run_id)}
     assert {"spec.yaml", "metrics.json", "result.json", "figures"} <= artifacts
     figures = {a.path for a in client.list_artifacts(run.info.run_id, "figures")}

@@ -235,5 +235,5 @@ def test_cli_evaluate_two_folders(folders, tmp_path, monkeypatch, capsys):
     saved = json.loads((tmp_path / "out" / "evaluation.json").read_text())
     assert saved["figures"] == result["figures"]
     run = MlflowClient(uri).get_run(result["mlflow_run_id"])
-    assert run.data.metrics["fid"] == pytest.approx(result["figures"]["fid"])
+    assert run.data.metrics["eval/fid"] == pytest.approx(result["figures"]["fid"])
     assert run.data.params["evaluation.kid.subset_size"] == "20"

@@ -162,7 +162,7 @@ def test_the_submitted_run_is_tracked_on_the_mlflow_server(followed_job, mlflow_
     assert run is not None, f"no MLflow run named {name}"
     assert run.info.status == "FINISHED"
     assert run.data.params["resources.num_workers"] == "1"
-    assert "conditional_accuracy" in run.data.metrics
+    assert "eval/conditional_accuracy" in run.data.metrics
     # The job ran from an unpacked folder without .git; the commit came with `ditlab submit`.
     assert run.data.tags.get("mlflow.source.git.commit") == git_commit(ROOT)
 
@@ -196,7 +196,7 @@ def test_a_stopped_job_ends_stopped_and_its_training_stops(long_job, ray_head, c
     name, job_id = long_job
     # Stop it mid-training: once its MLflow run has a loss logged.
     deadline = time.monotonic() + 300
-    while (run := find_run(mlflow_server, name)) is None or "loss" not in run.data.metrics:
+    while (run := find_run(mlflow_server, name)) is None or "train/loss" not in run.data.metrics:
         status = ditlab("jobs", "status", job_id, "--address", ray_head.dashboard, "--json", env=client_env)
         assert json.loads(status.stdout)["status"] in ("PENDING", "RUNNING"), status.stdout
         assert time.monotonic() < deadline, "the job did not start training"

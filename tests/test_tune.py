@@ -114,7 +114,7 @@ def test_resume_does_not_rerun_ended_trials(asha, mlflow_server):
     for trial_id, before in asha["ended_before"].items():
         assert records[trial_id] == before  # same MLflow run, same end state
         assert trial_files(asha["sweep_dir"], trial_id) == asha["files_before"][trial_id]  # nothing rewritten
-        steps = [m.step for m in client.get_metric_history(before["run_id"], "val_loss")]
+        steps = [m.step for m in client.get_metric_history(before["run_id"], "val/loss")]
         assert len(steps) == len(set(steps))
 
 
@@ -147,7 +147,7 @@ def test_each_trial_is_a_nested_mlflow_run_with_its_end_state(asha, mlflow_serve
         assert child.data.params["diffusion.schedule"] == trial["config"]["diffusion.schedule"]
         if trial["state"] == "finished":
             assert trial["last_step"] == planned
-            history = client.get_metric_history(child.info.run_id, "val_loss")
+            history = client.get_metric_history(child.info.run_id, "val/loss")
             assert sorted({m.step for m in history}) == [2, 4, 6, 8]  # a resumed trial repeats none but may re-log one
         if trial["state"] == "stopped_early":
             assert trial["last_step"] < planned
@@ -161,7 +161,7 @@ def test_parent_run_holds_best_config_value_and_comparison_plot(asha, mlflow_ser
     client = MlflowClient(mlflow_server)
     parent = client.get_run(summary["mlflow_run_id"])
     assert parent.info.status == "FINISHED" and parent.data.tags["ditlab.sweep_state"] == "finished"
-    assert parent.data.metrics["best_val_loss"] == pytest.approx(best["val_loss"])
+    assert parent.data.metrics["sweep/best_val_loss"] == pytest.approx(best["val_loss"])
     assert float(parent.data.params["best.train.lr"]) == best["config"]["train.lr"]
     assert parent.data.tags["ditlab.best_trial"] == best["trial_id"]
     artifacts = {a.path for a in client.list_artifacts(parent.info.run_id)}
@@ -199,7 +199,7 @@ def test_pbt_smoke(ray_session, mlflow_server, tmp_path):
         assert list((tmp_path / "pbt" / "tune" / f"trial_{trial['trial_id']}").glob("checkpoint_*/checkpoint.pt"))
     client = MlflowClient(mlflow_server)
     for trial in summary["trials"]:
-        lr = client.get_metric_history(trial["mlflow_run_id"], "config.train.lr")
+        lr = client.get_metric_history(trial["mlflow_run_id"], "config/train.lr")
         assert [m.step for m in lr] == [2, 4, 6, 8]
     assert load(summary["best_spec"]).train.lr == summary["best"]["config"]["train.lr"]
 

@@ -1,12 +1,23 @@
 """MLflow tracking: the only module in ditlab that imports mlflow.
 
 Uses MlflowClient with explicit run ids (not the fluent, thread-local API), because metrics
-arrive on a background thread while the driver waits on Ray."""
+arrive on a background thread while the driver waits on Ray.
+
+What the dashboard shows, and where it comes from:
+- metric charts grouped in sections by name prefix (`train/`, `val/`, `eval/`, `time/`, `sweep/`):
+  `mlflow_metric_name` is the one table from ditlab's raw keys (kept as they are in metrics.json,
+  result.json, history.json and Tune's results) to MLflow names;
+- the runs table's Dataset column: the run's data as an MLflow dataset input (`log_dataset`);
+- its Source, Version and User columns: the `mlflow.source.*` and `mlflow.user` tags;
+- the sample grid as an image chart at its step (`log_image`)."""
 
 from __future__ import annotations
 
+import getpass
+import json
 import os
 import subprocess
+import sys
 from pathlib import Path
 from typing import Any
 
@@ -18,6 +29,66 @@ from ditlab.config import ExperimentSpec, flatten
 # Without this tag MLflow 3.x opens an experiment in its GenAI view; with it, the runs table.
 EXPERIMENT_KIND_TAG = {"mlflow.experimentKind": "custom_model_development"}
 
+
+# -- metric names ----------------------------------------------------------------------------------
+
+# Raw key -> MLflow name, for the keys whose name changes beyond a prefix.
+RENAMED = {
+    "val_loss": "val/loss",
+    "final_val_loss": "val/final_loss",
+    "eval_num_samples": "eval/num_samples",
+    "samples": "eval/samples",  # the sample grid (an image chart, `Tracker.log_image`)
+}
+# The training loop's reports (loss terms, optimizer, throughput) and the run's last training loss.
+TRAIN_KEYS = frozenset({"loss", "mse", "vb", "lr", "grad_norm", "images_per_sec", "epoch", "final_loss"})
+# The evaluation suite's figures (generative and reconstruction protocols).
+EVAL_KEYS = frozenset({
+    "fid", "fid_num_fake", "fid_num_real", "kid", "kid_std", "precision", "recall",
+    "inception_score", "inception_score_std", "classifier_score", "classifier_score_std",
+    "conditional_accuracy", "classifier_test_accuracy", "psnr", "ssim", "lpips",
+})
+# A sweep's parent run: the best trial's figure (`best_<metric>`) and the sweep's totals.
+SWEEP_KEYS = frozenset({"steps_trained", "num_trials"})
+
+
+def mlflow_metric_name(key: str, kind: str = "train") -> str:
+    """The MLflow name of a raw metric key. The prefix is the chart section the MLflow dashboard
+    puts it in. `kind` is the run's `ditlab.kind` tag: in an evaluation run every figure (`mse`
+    too) is an evaluation figure. Keys with a `/` are MLflow names already; an unknown key stays
+    as it is (MLflow shows it ungrouped).
+
+    | raw key                                             | MLflow name                   |
+    |-----------------------------------------------------|-------------------------------|
+    | loss mse vb lr grad_norm images_per_sec epoch        | train/<key>                   |
+    | final_loss                                          | train/final_loss              |
+    | val_loss, final_val_loss                            | val/loss, val/final_loss      |
+    | fid fid_num_* kid* precision recall *_score*         | eval/<key>                    |
+    | conditional_accuracy classifier_test_accuracy        | eval/<key>                    |
+    | psnr ssim lpips (mse in an evaluation run)           | eval/<key>                    |
+    | eval_num_samples                                    | eval/num_samples              |
+    | samples (the sample grid's image key)               | eval/samples                  |
+    | <anything>_seconds                                  | time/<key>                    |
+    | best_<metric>, steps_trained, num_trials            | sweep/<key>                   |
+    | config.<field> (a PBT trial's current value)        | config/<field>                |
+    """
+    if "/" in key:
+        return key
+    if key in RENAMED:
+        return RENAMED[key]
+    if key.endswith("_seconds"):
+        return f"time/{key}"
+    if key.startswith("config."):
+        return f"config/{key.removeprefix('config.')}"
+    if kind == "evaluation" or key in EVAL_KEYS:
+        return f"eval/{key}"
+    if key in TRAIN_KEYS:
+        return f"train/{key}"
+    if key in SWEEP_KEYS or key.startswith("best_"):
+        return f"sweep/{key}"
+    return key
+
+
+# -- the store and the source ----------------------------------------------------------------------
 
 def tracking_uri() -> str:
     """$MLFLOW_TRACKING_URI, else a SQLite file in the working directory (absolute, so Ray
@@ -43,6 +114,81 @@ def git_dirty(cwd: str | Path | None = None) -> bool | None:
     return bool(out.stdout.strip()) if out.returncode == 0 else None
 
 
+def git_remote(cwd: str | Path | None = None) -> str | None:
+    try:
+        out = subprocess.run(["git", "remote", "get-url", "origin"], cwd=cwd, capture_output=True, text=True,
+                             timeout=10)
+    except (OSError, subprocess.TimeoutExpired):
+        return None
+    return (out.stdout.strip() or None) if out.returncode == 0 else None
+
+
+# The ditlab command a run comes from, by its `ditlab.kind`, when the process is not the `ditlab`
+# console script itself (the Python API, tests).
+COMMAND_OF_KIND = {"train": "run", "evaluation": "evaluate", "sweep": "tune", "trial": "tune"}
+
+
+def source_tags(kind: str) -> dict[str, str]:
+    """The tags behind the runs table's Source, Version and User columns: `ditlab <command>` as a
+    LOCAL source, the git commit (and the remote, which MLflow links for GitHub and GitLab)."""
+    argv = sys.argv if sys.argv and sys.argv[0] else [""]
+    command = argv[1] if Path(argv[0]).name == "ditlab" and len(argv) > 1 else COMMAND_OF_KIND.get(kind, "run")
+    try:
+        user = getpass.getuser()
+    except (KeyError, OSError):
+        user = "unknown"
+    tags = {"mlflow.source.name": f"ditlab {command}", "mlflow.source.type": "LOCAL", "mlflow.user": user}
+    commit = git_commit()
+    if commit:
+        tags["mlflow.source.git.commit"] = commit
+        tags["ditlab.git_dirty"] = str(git_dirty())
+        remote = git_remote()
+        if remote:
+            tags["mlflow.source.git.repoURL"] = remote
+    elif os.environ.get("DITLAB_GIT_COMMIT"):  # a Ray Job's unpacked folder: `ditlab submit` recorded it
+        tags["mlflow.source.git.commit"] = os.environ["DITLAB_GIT_COMMIT"]
+        tags["ditlab.git_dirty"] = os.environ.get("DITLAB_GIT_DIRTY", "None")
+    return tags
+
+
+# -- the data version -----------------------------------------------------------------------------
+
+def dataset_record(data_spec) -> dict[str, str]:
+    """The MLflow dataset of a spec's data section: name, digest, source, profile. The digest is
+    the data version: DVC's hash of the data folder when DVC tracks it (as in the tag
+    `ditlab.data.dvc_md5`), else the start of the sha256 of its manifest (`ditlab.data.sha256`),
+    else, for the embedded digits, of the scikit-learn file they are read from."""
+    from ditlab.atomic import file_digest
+    from ditlab.orchestration.versioning import data_tags
+
+    tags = data_tags(data_spec)
+    profile = {k: getattr(data_spec, k) for k in ("resolution", "channels", "test_fraction", "split_seed")}
+    if "ditlab.data.path" in tags:
+        path = Path(tags["ditlab.data.path"]).resolve()
+        md5 = tags.get("ditlab.data.dvc_md5", "untracked")
+        if md5 != "untracked":
+            digest = md5
+        elif "ditlab.data.sha256" in tags:
+            digest = tags["ditlab.data.sha256"][:16]
+        else:
+            digest = "untracked"
+        source_type, source = "local", {"uri": str(path)}
+        if data_spec.prepared:
+            profile["prepared"] = str(path)
+    else:
+        try:
+            import sklearn.datasets
+
+            path = Path(sklearn.datasets.__file__).parent / "data" / "digits.csv.gz"
+            digest = file_digest(path)[:16]
+        except (ImportError, OSError):
+            path, digest = None, "unknown"
+        source_type = "local"
+        source = {"uri": str(path) if path else "sklearn.datasets.load_digits"}
+    return {"name": tags["ditlab.data.name"], "digest": digest[:36], "source_type": source_type,
+            "source": json.dumps(source), "profile": json.dumps(profile)}
+
+
 def experiment_of_run(run_id: str) -> str:
     """The name of the experiment holding `run_id`."""
     client = MlflowClient(tracking_uri=tracking_uri())
@@ -52,13 +198,15 @@ def experiment_of_run(run_id: str) -> str:
 class Tracker:
     """One MLflow run."""
 
-    def __init__(self, client: MlflowClient, run_id: str, experiment_id: str, uri: str):
+    def __init__(self, client: MlflowClient, run_id: str, experiment_id: str, uri: str, kind: str = "train"):
         self.client, self.run_id, self.experiment_id, self.uri = client, run_id, experiment_id, uri
+        self.kind = kind  # the run's ditlab.kind: train, evaluation, sweep or trial (names its metrics)
 
     @classmethod
     def create(cls, experiment: str, run_name: str, tags: dict[str, str] | None = None) -> Tracker:
-        """A new run in `experiment` (created with the runs-table tag if missing), tagged with the
-        git commit of the working directory."""
+        """A new run in `experiment` (created with the runs-table tag if missing), with the source
+        tags (`ditlab <command>`, the git commit of the working directory, the user) and
+        `ditlab.kind` (default `train`; `trial` for a run nested under a sweep)."""
         uri = tracking_uri()
         client = MlflowClient(tracking_uri=uri)
         found = client.get_experiment_by_name(experiment)
@@ -68,25 +216,20 @@ class Tracker:
             experiment_id = found.experiment_id
             if found.tags.get("mlflow.experimentKind") is None:
                 client.set_experiment_tag(experiment_id, *next(iter(EXPERIMENT_KIND_TAG.items())))
-        all_tags = {}
-        commit = git_commit()
-        if commit:
-            all_tags["mlflow.source.git.commit"] = commit
-            all_tags["ditlab.git_dirty"] = str(git_dirty())
-        elif os.environ.get("DITLAB_GIT_COMMIT"):  # a Ray Job's unpacked folder: `ditlab submit` recorded it
-            all_tags["mlflow.source.git.commit"] = os.environ["DITLAB_GIT_COMMIT"]
-            all_tags["ditlab.git_dirty"] = os.environ.get("DITLAB_GIT_DIRTY", "None")
-        all_tags.update(tags or {})
-        run = client.create_run(experiment_id, run_name=run_name, tags=all_tags)
-        return cls(client, run.info.run_id, experiment_id, uri)
+        tags = dict(tags or {})
+        kind = tags.setdefault("ditlab.kind", "trial" if "ditlab.trial_id" in tags else "train")
+        run = client.create_run(experiment_id, run_name=run_name, tags={**source_tags(kind), **tags})
+        return cls(client, run.info.run_id, experiment_id, uri, kind)
 
     @classmethod
     def start(cls, spec: ExperimentSpec, run_name: str, tags: dict[str, str] | None = None) -> Tracker:
-        """A training run: every spec field as a param, the resolved spec as spec.yaml."""
+        """A training run: every spec field as a param, the resolved spec as spec.yaml, the data
+        as the run's dataset input."""
         tags = {"ditlab.spec_name": spec.name, "ditlab.data_source": spec.data.source, **(tags or {})}
         tracker = cls.create(spec.tracking.experiment, run_name, tags)
         tracker.log_params(flatten(spec.to_dict()))
         tracker.client.log_text(tracker.run_id, spec.to_yaml(), "spec.yaml")
+        tracker.log_dataset(spec.data, context="training")
         return tracker
 
     @classmethod
@@ -96,7 +239,7 @@ class Tracker:
         client = MlflowClient(tracking_uri=uri)
         run = client.get_run(run_id)
         client.update_run(run_id, status="RUNNING")
-        return cls(client, run_id, run.info.experiment_id, uri)
+        return cls(client, run_id, run.info.experiment_id, uri, run.data.tags.get("ditlab.kind", "train"))
 
     def log_params(self, params: dict[str, Any]) -> None:
         from mlflow.entities import Param
@@ -106,11 +249,33 @@ class Tracker:
             self.client.log_batch(self.run_id, params=items[i : i + 100])
 
     def log_metrics(self, metrics: dict[str, float], step: int | None = None) -> None:
+        """Raw keys in, grouped MLflow names out (`mlflow_metric_name`)."""
         from mlflow.entities import Metric
 
         ts = int(mlflow.utils.time.get_current_time_millis())
-        batch = [Metric(k, float(v), ts, int(step or 0)) for k, v in metrics.items()]
+        batch = [Metric(mlflow_metric_name(k, self.kind), float(v), ts, int(step or 0)) for k, v in metrics.items()]
         self.client.log_batch(self.run_id, metrics=batch)
+
+    def log_dataset(self, data_spec, context: str = "training") -> None:
+        """The data section as the run's dataset input: the runs table's Dataset column shows
+        its name and digest (the data version), the run page its source and profile."""
+        from mlflow.entities import Dataset, DatasetInput, InputTag
+
+        record = dataset_record(data_spec)
+        dataset = Dataset(record["name"], record["digest"], record["source_type"], record["source"],
+                          profile=record["profile"])
+        tags = [InputTag("mlflow.data.context", context)]
+        self.client.log_inputs(self.run_id, datasets=[DatasetInput(dataset, tags)])
+
+    def log_image(self, path: str | Path, key: str = "samples", step: int | None = None) -> None:
+        """An image file as an image chart at `step`, named like a metric (`samples` ->
+        `eval/samples`): the run's Model metrics show it in that section, with a step slider when
+        there are several. Stored under the run's `images/` artifacts."""
+        from PIL import Image
+
+        with Image.open(path) as img:
+            self.client.log_image(self.run_id, img.convert("RGB"), key=mlflow_metric_name(key, self.kind),
+                                  step=int(step or 0), synchronous=True)
 
     def set_tags(self, tags: dict[str, str]) -> None:
         for k, v in tags.items():
@@ -142,7 +307,9 @@ class Tracker:
 
     @property
     def url(self) -> str:
-        """Where to look at this run: the dashboard URL, or the command that opens one."""
+        """Where to look at this run: the dashboard URL, or the command that opens one. The query
+        puts the 3.x dashboard in its model-training view (else its GenAI view's menus)."""
+        view = "?workflowType=machine_learning"
         if self.uri.startswith(("http://", "https://")):
-            return f"{self.uri.rstrip('/')}/#/experiments/{self.experiment_id}/runs/{self.run_id}"
-        return f"mlflow ui --backend-store-uri {self.uri}  (then #/experiments/{self.experiment_id}/runs)"
+            return f"{self.uri.rstrip('/')}/#/experiments/{self.experiment_id}/runs/{self.run_id}{view}"
+        return f"mlflow ui --backend-store-uri {self.uri}  (then #/experiments/{self.experiment_id}/runs{view})"
