@@ -105,6 +105,11 @@ def step_generator(seed: int, rank: int, step: int) -> torch.Generator:
     return torch.Generator().manual_seed((seed * 1_000_003 + step) * 1_009 + rank)
 
 
+def global_seed(seed: int, rank: int, step: int) -> int:
+    """The global RNG's seed for one (rank, step), distinct from the step generator's."""
+    return (seed * 1_000_003 + step) * 1_009 + rank + 2**40
+
+
 def lr_at(step: int, train) -> float:
     """Linear warmup to `lr`, then constant or cosine decay to `lr * min_lr_ratio` at the last step."""
     if step < train.warmup_steps:
@@ -121,24 +126,23 @@ def setup(spec: ExperimentSpec, placement: Placement, resume_from: str | None = 
     seed_everything(spec.seed + placement.rank)
     dataset = load_dataset(spec.data, "train")
     task = task_class(spec.task)(spec, dataset.num_classes, placement.device)
+    bundle = load_bundle(resume_from) if resume_from is not None else None
+    if bundle is not None:
+        task.model.load_state_dict(bundle["model"])
+        task.optimizer.load_state_dict(bundle["optimizer"])
+        task.load_extra_state(bundle.get("task_state", {}))  # absent in bundles older than tasks
+    # Wrap after loading: DDP broadcasts rank 0's weights at construction. The EMA copy comes after
+    # that, so every rank's EMA starts from the same weights.
+    task.wrap(placement.wrap_model)
     ema = EMA(task.model, spec.train.ema_decay, spec.train.ema_warmup)
     sampler = ShardSampler(len(dataset), spec.train.batch_size // placement.world_size, spec.seed,
                            placement.rank, placement.world_size)
     state = TrainState(spec, task, ema, dataset, sampler)
-    if resume_from is not None:
-        restore(state, load_bundle(resume_from))
-    # Wrap after loading: DDP broadcasts rank 0's weights at construction.
-    task.wrap(placement.wrap_model)
+    if bundle is not None:
+        ema.load_state_dict(bundle["ema"])
+        restore_rng_state(bundle["rng"])
+        state.step = int(bundle["step"])
     return state
-
-
-def restore(state: TrainState, bundle: dict) -> None:
-    state.task.model.load_state_dict(bundle["model"])
-    state.ema.load_state_dict(bundle["ema"])
-    state.task.optimizer.load_state_dict(bundle["optimizer"])
-    state.task.load_extra_state(bundle.get("task_state", {}))  # absent in bundles older than tasks
-    restore_rng_state(bundle["rng"])
-    state.step = int(bundle["step"])
 
 
 def make_bundle(state: TrainState) -> dict:
@@ -163,6 +167,9 @@ def train_step(state: TrainState, placement: Placement) -> dict[str, float]:
         for group in optimizer.param_groups:
             group["lr"] = lr
     state.task.set_train_mode()
+    # Modules that draw from the global RNG (dropout) get it seeded by (seed, rank, step) too: a
+    # checkpoint holds rank 0's RNG state only, so no other rank could resume its own.
+    torch.manual_seed(global_seed(state.spec.seed, placement.rank, state.step))
     metrics = state.task.step(batch, step_generator(state.spec.seed, placement.rank, state.step))
     if not math.isfinite(metrics["loss"]):
         raise TrainingDiverged(f"training loss is {metrics['loss']} at step {state.step + 1}")
