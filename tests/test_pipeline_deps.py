@@ -3,7 +3,6 @@ import, so editing code a stage runs reruns it. The import graph is read from th
 `import ditlab...` / `from ditlab... import`, also those inside functions, which over-approximates
 what one run imports: a stage may rerun for nothing, never miss a change)."""
 
-import ast
 import shlex
 from pathlib import Path
 
@@ -13,26 +12,9 @@ import yaml
 from ditlab.cli import build_parser
 
 from conftest import ROOT
+from import_graph import SRC, imported_names, module_file
 
-SRC = ROOT / "src"
 STAGES = yaml.safe_load((ROOT / "dvc.yaml").read_text())["stages"]
-
-
-def module_file(name: str) -> Path | None:
-    path = SRC.joinpath(*name.split("."))
-    if (path / "__init__.py").is_file():
-        return path / "__init__.py"
-    return path.with_suffix(".py") if path.with_suffix(".py").is_file() else None
-
-
-def imported_names(path: Path) -> set[str]:
-    found = set()
-    for node in ast.walk(ast.parse(path.read_text())):
-        if isinstance(node, ast.Import):
-            found |= {alias.name for alias in node.names if alias.name.startswith("ditlab")}
-        elif isinstance(node, ast.ImportFrom) and node.module and node.module.startswith("ditlab"):
-            found |= {node.module} | {f"{node.module}.{alias.name}" for alias in node.names}  # names may be modules
-    return found
 
 
 def source_closure(entry: str) -> set[Path]:

@@ -6,7 +6,6 @@ from __future__ import annotations
 from dataclasses import dataclass
 from pathlib import Path
 
-import numpy as np
 import torch
 from PIL import Image
 
@@ -80,14 +79,3 @@ def save_pngs(images: torch.Tensor, labels: torch.Tensor, out_dir: str | Path) -
             Image.fromarray(img[:, :, 0] if img.shape[-1] == 1 else img).save(tmp, format="PNG")
         paths.append(path)
     return paths
-
-
-def grid(images_uint8: np.ndarray, nrow: int) -> np.ndarray:
-    """[N, H, W, C] uint8 -> one [rows*H, nrow*W, C] image with 1-pixel gaps."""
-    n, h, w, c = images_uint8.shape
-    rows = -(-n // nrow)
-    canvas = np.full((rows * (h + 1) + 1, nrow * (w + 1) + 1, c), 255, dtype=np.uint8)
-    for i, img in enumerate(images_uint8):
-        r, col = divmod(i, nrow)
-        canvas[1 + r * (h + 1) : 1 + r * (h + 1) + h, 1 + col * (w + 1) : 1 + col * (w + 1) + w] = img
-    return canvas

@@ -24,10 +24,19 @@ def _atomic_savefig(fig, path: Path) -> Path:
     return path
 
 
+def grid(images_uint8: np.ndarray, nrow: int) -> np.ndarray:
+    """[N, H, W, C] uint8 -> one [rows*H, nrow*W, C] image with 1-pixel gaps."""
+    n, h, w, c = images_uint8.shape
+    rows = -(-n // nrow)
+    canvas = np.full((rows * (h + 1) + 1, nrow * (w + 1) + 1, c), 255, dtype=np.uint8)
+    for i, img in enumerate(images_uint8):
+        r, col = divmod(i, nrow)
+        canvas[1 + r * (h + 1) : 1 + r * (h + 1) + h, 1 + col * (w + 1) : 1 + col * (w + 1) + w] = img
+    return canvas
+
+
 def save_sample_grid(images_uint8: np.ndarray, path: str | Path, title: str = "", limit: int = 100) -> Path:
     """The first `limit` samples, 10 a row; with balanced labels 0..K-1 each column is one class."""
-    from ditlab.sampling import grid
-
     plt = _pyplot()
     images_uint8 = images_uint8[:limit]
     nrow = min(10, len(images_uint8))
