@@ -3,7 +3,7 @@ VENV ?= .venv
 PYTHON ?= python3
 STAMP := $(VENV)/.ditlab-installed
 
-.PHONY: quickstart test lint pipeline clean-runs
+.PHONY: quickstart test test-fast lint pipeline clean-runs
 
 $(STAMP): pyproject.toml
 	test -x $(VENV)/bin/python || $(PYTHON) -m venv $(VENV)
@@ -21,6 +21,10 @@ pipeline: $(STAMP)
 ## test: the whole test suite (unit tests, then end-to-end with Ray and an MLflow server)
 test: $(STAMP)
 	$(VENV)/bin/python -m pytest -q -p no:cacheprovider --durations=15
+
+## test-fast: the tests without Ray, DVC pipelines, MLflow servers or Inception passes over more than 20 images
+test-fast: $(STAMP)
+	$(VENV)/bin/python -m pytest -q -p no:cacheprovider -m "not e2e" --durations=10
 
 lint: $(STAMP)
 	$(VENV)/bin/ruff check src tests

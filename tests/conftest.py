@@ -15,6 +15,18 @@ import pytest
 ROOT = Path(__file__).resolve().parents[1]
 
 
+# Services only end-to-end tests may start: `make test-fast` (-m "not e2e") runs without Ray or
+# an MLflow server, so a test that asks for one must carry the e2e marker.
+SERVICE_FIXTURES = {"ray_session", "ray_head", "mlflow_server"}
+
+
+def pytest_collection_modifyitems(config, items):
+    unmarked = [item.nodeid for item in items
+                if SERVICE_FIXTURES & set(getattr(item, "fixturenames", ())) and not item.get_closest_marker("e2e")]
+    if unmarked:
+        raise pytest.UsageError("tests that start Ray or an MLflow server must be marked e2e: " + ", ".join(unmarked))
+
+
 @pytest.fixture(autouse=True, scope="session")
 def _isolated_cache(tmp_path_factory):
     """Reference-feature caches go to a per-session folder, not the user's ~/.cache."""
