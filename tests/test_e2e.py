@@ -1,9 +1,10 @@
-"""End to end: `ditlab run` on a tiny spec with 2 Ray Train workers, tracked on a real MLflow
-server; then `ditlab sample` on the checkpoint it produced."""
+"""End to end: `ditlab run` on a tiny spec with 2 Ray Train workers over a folder dataset, tracked on a
+real MLflow server; then `ditlab sample` and `ditlab evaluate` on the checkpoint it produced."""
 
 import contextlib
 import io
 import json
+import subprocess
 from pathlib import Path
 
 import pytest
@@ -17,15 +18,35 @@ from conftest import ROOT
 pytestmark = pytest.mark.e2e
 
 
+def write_digits_folder(root: Path) -> None:
+    """scikit-learn's digits as a folder dataset: one subfolder of PNG files per class."""
+    from PIL import Image
+    from sklearn.datasets import load_digits
+
+    digits = load_digits()
+    for i, (image, label) in enumerate(zip(digits.images, digits.target, strict=True)):
+        (root / f"digit{label}").mkdir(parents=True, exist_ok=True)
+        Image.fromarray((image * 255 / 16).astype("uint8")).save(root / f"digit{label}" / f"{i:04d}.png")
+
+
 @pytest.fixture(scope="module")
 def run_summary(ray_session, mlflow_server, tmp_path_factory):
-    storage = tmp_path_factory.mktemp("runs")
+    """The tiny spec on a folder dataset named by a path relative to the working directory: the Ray
+    workers run elsewhere, so this checks that they get it as an absolute path."""
+    project = tmp_path_factory.mktemp("project")
+    write_digits_folder(project / "images")
+    git = ["git", "-C", str(project), "-c", "user.name=t", "-c", "user.email=t@example.invalid"]
+    subprocess.run([*git, "init", "-q"], check=True)
+    subprocess.run([*git, "add", "images"], check=True)
+    subprocess.run([*git, "commit", "-qm", "images"], check=True)
     stdout = io.StringIO()
     with pytest.MonkeyPatch.context() as mp, contextlib.redirect_stdout(stdout):
         mp.setenv("MLFLOW_TRACKING_URI", mlflow_server)
+        mp.chdir(project)
         # A small test split keeps the one-off reference feature extraction short.
-        code = cli.main(["run", str(ROOT / "experiments" / "tiny.yaml"), "--json", "--storage", str(storage),
-                         "--name", "e2e", "--no-progress", "--set", "data.test_fraction=0.05"])
+        code = cli.main(["run", str(ROOT / "experiments" / "tiny.yaml"), "--json", "--storage", "runs",
+                         "--name", "e2e", "--no-progress", "--set", "data.test_fraction=0.05",
+                         "--set", "data.source=folder", "--set", "data.path=images"])
     assert code == 0
     lines = stdout.getvalue().splitlines()
     assert len(lines) == 1, "--json must print exactly one line on stdout"
@@ -51,7 +72,9 @@ def test_mlflow_run_holds_params_metrics_and_artifacts(run_summary, mlflow_serve
     assert run.data.params["train.steps"] == "6"
     assert run.data.params["resources.num_workers"] == "2"
     assert run.data.params["data.test_fraction"] == "0.05"
-    assert run.data.tags["mlflow.source.git.commit"] == git_commit(ROOT)
+    assert run.data.params["data.source"] == "folder" and run.data.params["data.path"] == "images"
+    # the commit of the working directory the run started in
+    assert run.data.tags["mlflow.source.git.commit"] == git_commit(Path(run_summary["run_dir"]).parents[1])
     history = client.get_metric_history(run.info.run_id, "train/loss")
     assert [m.step for m in history] == [2, 3, 4, 6]
     assert run.data.metrics["eval/fid"] == pytest.approx(run_summary["metrics"]["fid"])
@@ -76,12 +99,14 @@ def test_sample_command_writes_pngs(run_summary, tmp_path, capsys):
 def test_rerun_with_the_same_name_resumes_into_the_same_mlflow_run(run_summary, mlflow_server):
     """Job-level resume: the same --name and --storage find the run's checkpoints, start from the
     latest (here the last step, so no step is trained again) and reopen the same MLflow run."""
-    storage = str(Path(run_summary["run_dir"]).parent)
+    project = Path(run_summary["run_dir"]).parents[1]
     stdout = io.StringIO()
     with pytest.MonkeyPatch.context() as mp, contextlib.redirect_stdout(stdout):
         mp.setenv("MLFLOW_TRACKING_URI", mlflow_server)
-        code = cli.main(["run", str(ROOT / "experiments" / "tiny.yaml"), "--json", "--storage", storage,
-                         "--name", "e2e", "--no-progress", "--set", "data.test_fraction=0.05"])
+        mp.chdir(project)
+        code = cli.main(["run", str(ROOT / "experiments" / "tiny.yaml"), "--json", "--storage", "runs",
+                         "--name", "e2e", "--no-progress", "--set", "data.test_fraction=0.05",
+                         "--set", "data.source=folder", "--set", "data.path=images"])
     assert code == 0
     again = json.loads(stdout.getvalue().splitlines()[-1])
     assert again["mlflow_run_id"] == run_summary["mlflow_run_id"]

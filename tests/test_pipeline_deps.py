@@ -19,10 +19,10 @@ STAGES = yaml.safe_load((ROOT / "dvc.yaml").read_text())["stages"]
 
 def source_closure(entry: str) -> set[Path]:
     """Files of every ditlab module reachable from `entry` and the packages above each. The `ditlab.cli`
-    package imports every command module, but a stage runs one command: only the entry's imports are
-    followed there."""
+    package imports every command module, but a stage runs one command: of those, only the entry's
+    imports are followed."""
     seen: set[Path] = set()
-    todo = [entry, "ditlab.cli.common"]
+    todo = [entry, "ditlab.cli.common", "ditlab.cli"]
     while todo:
         name = todo.pop()
         path = module_file(name)
@@ -30,9 +30,12 @@ def source_closure(entry: str) -> set[Path]:
             continue
         seen.add(path)
         parts = name.split(".")
-        todo += [".".join(parts[:i]) for i in range(1, len(parts)) if ".".join(parts[:i]) != "ditlab.cli"]
-        todo += imported_names(path)
-    return seen | {SRC / "ditlab" / "cli" / "__init__.py"}
+        todo += [".".join(parts[:i]) for i in range(1, len(parts))]
+        found = imported_names(path)
+        if name == "ditlab.cli":
+            found = {n for n in found if not n.startswith("ditlab.cli.")}
+        todo += found
+    return seen
 
 
 def stage_entry(cmd: str) -> str:

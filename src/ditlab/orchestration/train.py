@@ -143,20 +143,18 @@ def run_experiment(spec: ExperimentSpec, *, address: str | None = None, storage_
     run_dir.mkdir(parents=True, exist_ok=True)
     with atomic_path(run_dir / "spec.yaml") as tmp:
         tmp.write_text(spec.to_yaml())
-    ensure_ray(address)
+    trained = trained_checkpoint(run_dir, spec.train.steps)
+    if trained is None:
+        ensure_ray(address)
     tracker = open_tracker(spec, run_dir)
     tracker.set_tags(run_tags(spec.data))
-    queue = Queue()
-    consumer = MetricsConsumer(queue, tracker, spec.train.steps, progress).start()
-    started = time.perf_counter()
     try:
-        try:
-            result = build_trainer(spec, name=run_name, storage=storage, callbacks=[MetricsRelay(queue)]).fit()
-        finally:
-            consumer.stop()
-        train_seconds = time.perf_counter() - started
-        summary = finish_run(spec, tracker, run_dir, Path(result.checkpoint.path), consumer.history,
-                             {"train_seconds": train_seconds}, progress, evaluate)
+        if trained is None:
+            checkpoint, history, timings = fit(spec, run_name, storage, tracker, progress)
+        else:  # nothing left to train: no workers to start
+            print(f"{run_dir} is already trained to step {spec.train.steps}: using {trained.name}", file=sys.stderr)
+            checkpoint, history, timings = trained, [], {}
+        summary = finish_run(spec, tracker, run_dir, checkpoint, history, timings, progress, evaluate)
     except BaseException as err:
         # Ctrl-C, or SIGTERM from a stopped Ray Job (ray.init's handler turns it into SystemExit).
         tracker.end("KILLED" if isinstance(err, (KeyboardInterrupt, SystemExit)) else "FAILED")
@@ -167,6 +165,26 @@ def run_experiment(spec: ExperimentSpec, *, address: str | None = None, storage_
     if export_dir is not None:
         export_summary(run_dir, Path(export_dir))
     return summary
+
+
+def fit(spec: ExperimentSpec, run_name: str, storage: Path, tracker: Tracker,
+        progress: bool) -> tuple[Path, list[dict], dict[str, float]]:
+    """Train under Ray Train (resuming the run's latest checkpoint, if any), with rank 0's reports
+    logged to MLflow and shown on the progress bar. (final checkpoint folder, reports, timings)"""
+    queue = Queue()
+    consumer = MetricsConsumer(queue, tracker, spec.train.steps, progress).start()
+    started = time.perf_counter()
+    try:
+        result = build_trainer(spec, name=run_name, storage=storage, callbacks=[MetricsRelay(queue)]).fit()
+    finally:
+        consumer.stop()
+    return Path(result.checkpoint.path), consumer.history, {"train_seconds": time.perf_counter() - started}
+
+
+def trained_checkpoint(run_dir: Path, steps: int) -> Path | None:
+    """The run folder's checkpoint of its last step, when the run already got there."""
+    folders = checkpoint_dirs(run_dir) if run_dir.is_dir() else []
+    return folders[-1] if folders and folders[-1].name == f"checkpoint_{steps:06d}" else None
 
 
 EXPORTED = ("metrics.json", "history.json", "loss_curve.png")
