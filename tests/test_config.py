@@ -1,9 +1,9 @@
 import json
-import subprocess
-import sys
 
 import pytest
+from pydantic import ValidationError
 
+from ditlab import cli
 from ditlab.config import SpecError, flatten, load
 
 from conftest import ROOT
@@ -43,7 +43,6 @@ def test_spec_errors_name_the_field(override, message):
 def test_a_missing_dataset_folder_loads_but_fails_the_preflight(tmp_path, capsys):
     """Validation is pure (a checkpoint's spec loads on any machine); `ditlab run` checks the folder
     before Ray starts: one error line, exit 2, nothing written."""
-    from ditlab import cli
     from ditlab.config import from_dict
 
     missing = tmp_path / "nope"
@@ -58,13 +57,23 @@ def test_a_missing_dataset_folder_loads_but_fails_the_preflight(tmp_path, capsys
 
 def test_spec_is_frozen():
     spec = load(QUICKSTART)
-    with pytest.raises(Exception):
+    with pytest.raises(ValidationError, match="frozen"):
         spec.train.steps = 3
 
 
-def run_cli(*args, cwd):
-    return subprocess.run([sys.executable, "-m", "ditlab.cli", *args], cwd=cwd, capture_output=True, text=True,
-                          timeout=120)
+@pytest.fixture
+def run_cli(capsys, monkeypatch):
+    """`ditlab ARGS` in this process, in the folder `cwd`: (exit status, stdout, stderr). The
+    commands below end before Ray or MLflow start, so a subprocess would add only its start-up."""
+
+    def run(*args, cwd):
+        monkeypatch.chdir(cwd)
+        capsys.readouterr()
+        code = cli.main(list(args))
+        out, err = capsys.readouterr()
+        return code, out, err
+
+    return run
 
 
 @pytest.mark.parametrize(
@@ -76,30 +85,31 @@ def run_cli(*args, cwd):
         (["--set", "data.resolution=15"], "data.resolution"),
     ],
 )
-def test_cli_bad_input_exits_2_with_one_line_and_writes_nothing(tmp_path, extra, field):
-    result = run_cli("run", str(QUICKSTART), *extra, cwd=tmp_path)
-    assert result.returncode == 2
-    lines = result.stderr.strip().splitlines()
+def test_cli_bad_input_exits_2_with_one_line_and_writes_nothing(run_cli, tmp_path, extra, field):
+    code, _, stderr = run_cli("run", str(QUICKSTART), *extra, cwd=tmp_path)
+    assert code == 2
+    lines = stderr.strip().splitlines()
     assert len(lines) == 1 and lines[0].startswith("ditlab: error:") and field in lines[0]
     assert list(tmp_path.iterdir()) == []
 
 
-def test_cli_dry_run_prints_resolved_spec(tmp_path):
-    result = run_cli("run", str(QUICKSTART), "--set", "train.steps=11", "--dry-run", "--json", cwd=tmp_path)
-    assert result.returncode == 0, result.stderr
-    assert json.loads(result.stdout)["train"]["steps"] == 11
+def test_cli_dry_run_prints_resolved_spec(run_cli, tmp_path):
+    code, stdout, stderr = run_cli("run", str(QUICKSTART), "--set", "train.steps=11", "--dry-run", "--json",
+                                   cwd=tmp_path)
+    assert code == 0, stderr
+    assert json.loads(stdout)["train"]["steps"] == 11
     assert list(tmp_path.iterdir()) == []
 
 
-def test_cli_sample_missing_checkpoint(tmp_path):
-    result = run_cli("sample", str(tmp_path / "nope.pt"), "--out", str(tmp_path / "out"), cwd=tmp_path)
-    assert result.returncode == 2 and "nope.pt" in result.stderr and "not found" in result.stderr
+def test_cli_sample_missing_checkpoint(run_cli, tmp_path):
+    code, _, stderr = run_cli("sample", str(tmp_path / "nope.pt"), "--out", str(tmp_path / "out"), cwd=tmp_path)
+    assert code == 2 and "nope.pt" in stderr and "not found" in stderr
     assert not (tmp_path / "out").exists()
 
 
-def test_cli_empty_dataset_folder_is_caught_before_ray(tmp_path):
+def test_cli_empty_dataset_folder_is_caught_before_ray(run_cli, tmp_path):
     (tmp_path / "data" / "cats").mkdir(parents=True)
-    result = run_cli("run", str(QUICKSTART), "--set", "data.source=folder", "--set", f"data.path={tmp_path / 'data'}",
-                     cwd=tmp_path)
-    assert result.returncode == 2 and "data.path" in result.stderr and "holds no images" in result.stderr
+    code, _, stderr = run_cli("run", str(QUICKSTART), "--set", "data.source=folder",
+                              "--set", f"data.path={tmp_path / 'data'}", cwd=tmp_path)
+    assert code == 2 and "data.path" in stderr and "holds no images" in stderr
     assert sorted(p.name for p in tmp_path.iterdir()) == ["data"]

@@ -44,35 +44,81 @@ def folders(tmp_path_factory):
 
 
 @pytest.fixture(scope="module")
-def features_of(folders):
-    fake, real = (load_image_folder(f) for f in folders)
-    return feats.inception_features(fake), feats.inception_features(real)
+def images_of(folders):
+    return tuple(load_image_folder(f) for f in folders)
 
 
-class CleanFidExtractor(torch.nn.Module):
-    """clean-fid's custom_feat_extractor gets clean-resized float batches; give it our weights."""
+@pytest.fixture(scope="module")
+def features_of(images_of):
+    """The one Inception pass of these tests: our features of the fake and the real folder. The real
+    side goes through the reference cache, as `evaluate_sets` and `ditlab evaluate` take it, so the
+    tests below that evaluate these folders extract only their fake side."""
+    fake, real = images_of
+    return feats.inception_features(fake), stats.reference_features(real, "clean", describe="real folder")
 
-    def forward(self, x):
-        return feats.load_inception()(x).float()
+
+@pytest.fixture(scope="module")
+def our_fid(features_of):
+    """Our FID of the two folders, computed once: a 2048x2048 matrix square root costs tens of
+    seconds on 2 cores, and the parity tests compare one value with each tool."""
+    return generative.fid(*features_of)
 
 
-def test_fid_equals_clean_fid(folders, features_of):
+class Replay(torch.nn.Module):
+    """A reference tool's feature extractor that answers from the shared pass instead of running
+    Inception again: given a batch the tool prepared, it finds each image among `inputs` (what our
+    pipeline feeds the network for the same images), checks that the two inputs agree, and returns
+    our features of that image. The tools' own statistics (FID, KID) then run on the same features."""
+
+    num_features = 2048  # torchmetrics would otherwise probe the module with a random image
+
+    def __init__(self, inputs: torch.Tensor, features: np.ndarray, atol: float):
+        super().__init__()
+        self.inputs, self.features, self.atol = inputs.double().flatten(1), torch.from_numpy(features), atol
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        flat = x.double().flatten(1)
+        index = torch.cdist(flat, self.inputs).argmin(dim=1)
+        gap = float((flat - self.inputs[index]).abs().max())
+        assert gap <= self.atol, f"the tool fed the network other pixels than ours (max difference {gap})"
+        return self.features[index]
+
+
+@pytest.fixture(scope="module")
+def replay(images_of, features_of):
+    """Replay of the shared pass for clean-resized batches (those our features come from)."""
+    both = np.concatenate(images_of)
+    return Replay(torch.from_numpy(feats.clean_resize(both)), np.concatenate(features_of), atol=1e-3)
+
+
+def test_fid_equals_clean_fid(folders, our_fid, replay):
+    """clean-fid's whole `compute_fid` on the two folders: its file reading and clean resize (checked
+    against ours pixel by pixel by the replay), then its statistics on the same features."""
     from cleanfid import fid as cleanfid
 
-    theirs = cleanfid.compute_fid(str(folders[0]), str(folders[1]), mode="clean",
-                                  custom_feat_extractor=CleanFidExtractor(), device=torch.device("cpu"),
-                                  num_workers=0, batch_size=20, verbose=False)
-    ours = generative.fid(*features_of)
-    assert ours == pytest.approx(theirs, rel=1e-3)
+    theirs = cleanfid.compute_fid(str(folders[0]), str(folders[1]), mode="clean", custom_feat_extractor=replay,
+                                  device=torch.device("cpu"), num_workers=0, batch_size=20, verbose=False)
+    assert our_fid == pytest.approx(theirs, rel=1e-3)
 
 
-def test_fid_equals_torchmetrics_with_the_same_feature_module(folders, features_of):
+def test_the_network_alone_gives_the_batched_features(images_of, features_of):
+    """What the replay stands in for: the network called on a clean-resized batch, as clean-fid and
+    torchmetrics call it, gives the features of our batched pipeline."""
+    x = torch.from_numpy(feats.clean_resize(images_of[0][:2]))
+    assert np.allclose(feats.load_inception()(x).numpy(), features_of[0][:2], atol=1e-4)
+
+
+def _torchmetrics_update(metric, images_of):
+    for images, real in ((images_of[0], False), (images_of[1], True)):
+        metric.update(torch.from_numpy(feats.clean_resize(images)), real=real)
+
+
+def test_fid_equals_torchmetrics_with_the_same_feature_module(images_of, our_fid, replay):
     from torchmetrics.image.fid import FrechetInceptionDistance
 
-    metric = FrechetInceptionDistance(feature=feats.load_inception(), normalize=False)
-    for folder, real in ((folders[0], False), (folders[1], True)):
-        metric.update(torch.from_numpy(feats.clean_resize(load_image_folder(folder))), real=real)
-    assert generative.fid(*features_of) == pytest.approx(float(metric.compute()), rel=1e-3)
+    metric = FrechetInceptionDistance(feature=replay, normalize=False)
+    _torchmetrics_update(metric, images_of)
+    assert our_fid == pytest.approx(float(metric.compute()), rel=1e-3)
 
 
 def test_kid_equals_clean_fid_on_the_same_subsets(features_of):
@@ -85,12 +131,11 @@ def test_kid_equals_clean_fid_on_the_same_subsets(features_of):
     assert ours == pytest.approx(theirs, abs=1e-6)
 
 
-def test_kid_equals_torchmetrics_on_the_whole_sets(folders, features_of):
+def test_kid_equals_torchmetrics_on_the_whole_sets(images_of, features_of, replay):
     from torchmetrics.image.kid import KernelInceptionDistance
 
-    metric = KernelInceptionDistance(feature=feats.load_inception(), subsets=1, subset_size=40)
-    for folder, real in ((folders[0], False), (folders[1], True)):
-        metric.update(torch.from_numpy(feats.clean_resize(load_image_folder(folder))), real=real)
+    metric = KernelInceptionDistance(feature=replay, subsets=1, subset_size=40)
+    _torchmetrics_update(metric, images_of)
     theirs, _ = metric.compute()
     ours, _ = generative.kid(*features_of, num_subsets=1, subset_size=40)  # one subset = all: no randomness
     assert ours == pytest.approx(float(theirs), abs=1e-6)
@@ -148,12 +193,12 @@ def test_reference_features_are_cached(tmp_path, monkeypatch):
         return real_extract(*args, **kwargs)
 
     monkeypatch.setattr(stats, "inception_features", counting)
-    real = digit_images(6, seed=3)
-    first = stats.reference_features(real, "clean", describe="six digits")
+    real = digit_images(3, seed=3)
+    first = stats.reference_features(real, "clean", describe="three digits")
     second = stats.reference_features(real, "clean")
     assert len(calls) == 1 and np.array_equal(first, second)
     stats.reference_features(real, "legacy_tensorflow")  # another resize mode is another entry
-    stats.reference_features(real[:5], "clean")  # so is another sample count
+    stats.reference_features(real[:2], "clean")  # so is another sample count
     assert len(calls) == 3
     assert len(list(tmp_path.glob("reference/*.json"))) == 3
 

