@@ -1,7 +1,9 @@
 """Ray Jobs: `ditlab submit` and `ditlab jobs`.
 
 End to end against a real head (`ray start --head`, token auth on, dashboard on 127.0.0.1), each
-command run as a user runs it, in a subprocess with the cluster's token in its environment."""
+command run as a user runs it, in a subprocess with the cluster's token in its environment (Ray's
+client reads the auth settings once per process). The checks that end before any cluster is
+contacted call the CLI in this process."""
 
 import json
 import secrets
@@ -14,6 +16,7 @@ import zipfile
 import pytest
 from mlflow.tracking import MlflowClient
 
+from ditlab import cli
 from ditlab.orchestration import jobs
 from ditlab.orchestration.tracking import git_commit
 
@@ -24,6 +27,8 @@ TINY = "experiments/tiny.yaml"
 # One Train worker, a small test split and no Inception pass keep the submitted run short.
 QUICK = ["--set", "resources.num_workers=1", "--set", "data.test_fraction=0.05",
          "--set", "evaluation.metrics=[conditional_accuracy]"]
+# The followed job: the tiny spec's 6 steps cut to 4 (still a checkpoint, at step 3, and the last).
+SHORT = ["--set", "train.steps=4"]
 
 
 def ditlab(*args: str, env: dict, timeout: float = 600) -> subprocess.CompletedProcess:
@@ -33,10 +38,22 @@ def ditlab(*args: str, env: dict, timeout: float = 600) -> subprocess.CompletedP
 
 def one_error_line(proc: subprocess.CompletedProcess) -> str:
     """The single `ditlab: error:` line a failed command must print, and nothing else."""
-    assert proc.returncode == 2, proc.stderr
-    lines = proc.stderr.strip().splitlines()
-    assert len(lines) == 1 and lines[0].startswith("ditlab: error: "), proc.stderr
+    return _one_error_line(proc.returncode, proc.stderr)
+
+
+def _one_error_line(code: int, stderr: str) -> str:
+    assert code == 2, stderr
+    lines = stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("ditlab: error: "), stderr
     return lines[0]
+
+
+def in_process(capsys, *args: str) -> str:
+    """`ditlab ARGS` in this process, for commands that fail before contacting any cluster: its one
+    error line."""
+    capsys.readouterr()
+    code = cli.main(list(args))
+    return _one_error_line(code, capsys.readouterr().err)
 
 
 # ---- without a cluster ----------------------------------------------------------------------
@@ -95,16 +112,17 @@ def test_address_comes_from_the_flag_then_ray_api_server_address_then_an_http_ra
         jobs.resolve_address("10.0.0.2:6379")
 
 
-def test_a_bad_spec_fails_before_the_cluster_is_contacted():
+def test_a_bad_spec_fails_before_the_cluster_is_contacted(capsys, monkeypatch):
     """Nothing listens at the address: the spec error shows that validation came first."""
-    proc = ditlab("submit", TINY, "--set", "train.steps=-1", "--address", f"http://127.0.0.1:{free_port()}",
-                  env=node_env("unused"))
-    assert "train.steps" in one_error_line(proc)
+    monkeypatch.chdir(ROOT)
+    line = in_process(capsys, "submit", TINY, "--set", "train.steps=-1", "--address",
+                      f"http://127.0.0.1:{free_port()}")
+    assert "train.steps" in line
 
 
-def test_an_unreachable_cluster_is_one_line_naming_the_address():
+def test_an_unreachable_cluster_is_one_line_naming_the_address(capsys):
     address = f"http://127.0.0.1:{free_port()}"
-    line = one_error_line(ditlab("jobs", "list", "--address", address, env=node_env("unused")))
+    line = in_process(capsys, "jobs", "list", "--address", address)
     assert f"cannot reach the Ray dashboard at {address}" in line and "--address" in line
 
 
@@ -136,11 +154,67 @@ def long_job(ray_head, client_env):
 
 
 @pytest.fixture(scope="module")
-def followed_job(long_job, ray_head, client_env):
+def following(long_job, ray_head, client_env):
+    """`ditlab submit --follow`, started and left running: the stop test works on the long job
+    meanwhile (stopping it early also frees its CPU for this job); `followed_job` waits for it."""
     name = f"submitted-{secrets.token_hex(3)}"
-    proc = ditlab("submit", TINY, "--address", ray_head.dashboard, "--name", name, "--follow", "--json", *QUICK,
-                  env=client_env)
-    return name, proc
+    proc = subprocess.Popen([str(VENV_BIN / "ditlab"), "submit", TINY, "--address", ray_head.dashboard,
+                             "--name", name, "--follow", "--json", *QUICK, *SHORT],
+                            env=client_env, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    yield name, proc
+    if proc.poll() is None:
+        proc.kill()
+        proc.communicate()
+
+
+@pytest.fixture(scope="module")
+def followed_job(following):
+    name, proc = following
+    try:
+        stdout, stderr = proc.communicate(timeout=600)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+        stdout, stderr = proc.communicate()
+    return name, subprocess.CompletedProcess(proc.args, proc.returncode, stdout, stderr)
+
+
+def alive_train_workers(ray_head) -> list[dict]:
+    """Ray Train worker actors alive on the test cluster, from the dashboard's state API."""
+    url = (f"{ray_head.dashboard}/api/v0/actors?limit=1000&filter_keys=state&filter_predicates=%3D"
+           "&filter_values=ALIVE")
+    request = urllib.request.Request(url, headers={"Authorization": f"Bearer {ray_head.token}"})
+    with urllib.request.urlopen(request, timeout=30) as response:
+        actors = json.loads(response.read())["data"]["result"]["result"]
+    return [a for a in actors if a["class_name"] == "RayTrainWorker"]
+
+
+@pytest.mark.e2e
+def test_a_stopped_job_ends_stopped_and_its_training_stops(long_job, following, ray_head, client_env,
+                                                          mlflow_server):
+    """Runs while the followed job (`following`) is under way."""
+    name, job_id = long_job
+    # Stop it mid-training: once its MLflow run has a loss logged.
+    deadline = time.monotonic() + 300
+    while (run := find_run(mlflow_server, name)) is None or "train/loss" not in run.data.metrics:
+        status = ditlab("jobs", "status", job_id, "--address", ray_head.dashboard, "--json", env=client_env)
+        assert json.loads(status.stdout)["status"] in ("PENDING", "RUNNING"), status.stdout
+        assert time.monotonic() < deadline, "the job did not start training"
+        time.sleep(2)
+    assert alive_train_workers(ray_head)
+
+    stopped = ditlab("jobs", "stop", job_id, "--address", ray_head.dashboard, "--json", env=client_env)
+    assert stopped.returncode == 0, stopped.stderr
+    assert json.loads(stopped.stdout) == {"job_id": job_id, "status": "STOPPED"}
+    status = ditlab("jobs", "status", job_id, "--address", ray_head.dashboard, "--json", env=client_env)
+    assert json.loads(status.stdout)["status"] == "STOPPED"
+    # The driver ended its MLflow run on the way out (after SIGTERM Ray waits RAY_JOB_STOP_WAIT_TIME_S
+    # before SIGKILL: 30 s, as `ditlab jobs stop` sets it; Ray's default is 3 s).
+    assert find_run(mlflow_server, name).info.status == "KILLED"
+    # The job's Train worker goes with it (Ray reaps a dead driver's actors shortly after).
+    deadline = time.monotonic() + 120
+    while alive_train_workers(ray_head):
+        assert time.monotonic() < deadline, "Train workers outlived the stopped job"
+        time.sleep(1)
 
 
 @pytest.mark.e2e
@@ -179,42 +253,6 @@ def test_jobs_status_list_and_logs_show_the_job(followed_job, ray_head, client_e
     assert job_id in {j["job_id"] for j in json.loads(listed.stdout)}
     logs = ditlab("jobs", "logs", job_id, "--address", ray_head.dashboard, env=client_env)
     assert logs.returncode == 0 and "mlflow run:" in logs.stdout
-
-
-def alive_train_workers(ray_head) -> list[dict]:
-    """Ray Train worker actors alive on the test cluster, from the dashboard's state API."""
-    url = (f"{ray_head.dashboard}/api/v0/actors?limit=1000&filter_keys=state&filter_predicates=%3D"
-           "&filter_values=ALIVE")
-    request = urllib.request.Request(url, headers={"Authorization": f"Bearer {ray_head.token}"})
-    with urllib.request.urlopen(request, timeout=30) as response:
-        actors = json.loads(response.read())["data"]["result"]["result"]
-    return [a for a in actors if a["class_name"] == "RayTrainWorker"]
-
-
-@pytest.mark.e2e
-def test_a_stopped_job_ends_stopped_and_its_training_stops(long_job, ray_head, client_env, mlflow_server):
-    name, job_id = long_job
-    # Stop it mid-training: once its MLflow run has a loss logged.
-    deadline = time.monotonic() + 300
-    while (run := find_run(mlflow_server, name)) is None or "train/loss" not in run.data.metrics:
-        status = ditlab("jobs", "status", job_id, "--address", ray_head.dashboard, "--json", env=client_env)
-        assert json.loads(status.stdout)["status"] in ("PENDING", "RUNNING"), status.stdout
-        assert time.monotonic() < deadline, "the job did not start training"
-        time.sleep(2)
-    assert alive_train_workers(ray_head)
-
-    stopped = ditlab("jobs", "stop", job_id, "--address", ray_head.dashboard, "--json", env=client_env)
-    assert stopped.returncode == 0, stopped.stderr
-    assert json.loads(stopped.stdout) == {"job_id": job_id, "status": "STOPPED"}
-    status = ditlab("jobs", "status", job_id, "--address", ray_head.dashboard, "--json", env=client_env)
-    assert json.loads(status.stdout)["status"] == "STOPPED"
-    # The driver ended its MLflow run on the way out (Ray gives it 3 s after SIGTERM).
-    assert find_run(mlflow_server, name).info.status == "KILLED"
-    # The job's Train worker goes with it (Ray reaps a dead driver's actors shortly after).
-    deadline = time.monotonic() + 120
-    while alive_train_workers(ray_head):
-        assert time.monotonic() < deadline, "Train workers outlived the stopped job"
-        time.sleep(1)
 
 
 @pytest.mark.e2e
