@@ -23,6 +23,7 @@ from ditlab.cli import cluster, data, evaluate, run, sample, tune
 from ditlab.cli.common import (EXIT_BAD_INPUT, BadInput, address_flag, dry_run_flag, json_flag, overrides_flag,
                                parent, progress_flag, verbose_flag)
 from ditlab.config import SpecError
+from ditlab.orchestration.console import configure_console
 
 COMMAND_MODULES = (run, data, sample, evaluate, cluster, tune)
 
@@ -58,6 +59,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    configure_console(getattr(args, "verbose", False))  # before Ray starts: what reaches stderr
     try:
         return args.handler(args)
     except (SpecError, BadInput) as err:

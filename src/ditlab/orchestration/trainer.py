@@ -14,6 +14,7 @@ from ray.train import Checkpoint, CheckpointConfig, FailureConfig, LoggingConfig
 from ray.train.torch import TorchTrainer
 
 from ditlab.config import ExperimentSpec, from_dict
+from ditlab.orchestration.console import quiet_train_worker, train_log_level
 from ditlab.training.loop import Placement, train
 
 
@@ -30,6 +31,7 @@ class RayReporter:
 
 def train_worker(config: dict) -> None:
     """Runs on each Ray Train worker: the loop, resumed from the run's latest checkpoint if any."""
+    quiet_train_worker()  # a worker process of its own: the driver's console settings do not reach it
     spec = from_dict(config["spec"], "spec sent to worker")
     torch.set_num_threads(max(1, int(spec.resources.cpus_per_worker)))
     ctx = ray.train.get_context()
@@ -70,7 +72,7 @@ def build_trainer(spec: ExperimentSpec, *, name: str, storage: str | Path, callb
             checkpoint_config=CheckpointConfig(num_to_keep=checkpoints_kept),
             failure_config=FailureConfig(max_failures=res.max_failures),
             callbacks=callbacks,
-            # Our progress bar shows each report; Ray Train's INFO lines would repeat them.
-            logging_config=LoggingConfig(log_level="WARNING"),
+            # Our progress bar shows each report; Ray Train's INFO lines would repeat them (--verbose: INFO).
+            logging_config=LoggingConfig(log_level=train_log_level()),
         ),
     )
