@@ -293,8 +293,6 @@ def test_every_param_a_stage_lists_is_in_the_shipped_params_yaml(tmp_path):
     assert f"Parameters '{key}' are missing from 'params.yaml'" in out, out
 
 
-@pytest.mark.xfail(strict=True, reason="reported to the lead: .dvcignore does not ignore __pycache__/, so "
-                                       "Python's bytecode in a listed source folder changes the stage")
 def test_python_bytecode_in_a_source_dependency_changes_no_stage(tmp_path):
     """Importing ditlab writes __pycache__/ into the source folders the stages list (unless
     PYTHONDONTWRITEBYTECODE is set, as on the test machine), so without an ignore rule a second
