@@ -48,8 +48,17 @@ def shared_parents() -> SimpleNamespace:
     )
 
 
+class Parser(argparse.ArgumentParser):
+    """No abbreviated flags: a typo such as `--storag` is an error, not a silent `--storage`.
+    Subcommand parsers are made with the same class."""
+
+    def __init__(self, *args, **kwargs):
+        kwargs.setdefault("allow_abbrev", False)
+        super().__init__(*args, **kwargs)
+
+
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="ditlab", description="Train, sample and evaluate diffusion transformers.")
+    parser = Parser(prog="ditlab", description="Train, sample and evaluate diffusion transformers.")
     sub = parser.add_subparsers(dest="command", required=True)
     shared = shared_parents()
     for module in COMMAND_MODULES:
