@@ -178,14 +178,20 @@ def followed_job(following):
     return name, subprocess.CompletedProcess(proc.args, proc.returncode, stdout, stderr)
 
 
-def alive_train_workers(ray_head) -> list[dict]:
-    """Ray Train worker actors alive on the test cluster, from the dashboard's state API."""
-    url = (f"{ray_head.dashboard}/api/v0/actors?limit=1000&filter_keys=state&filter_predicates=%3D"
-           "&filter_values=ALIVE")
-    request = urllib.request.Request(url, headers={"Authorization": f"Bearer {ray_head.token}"})
+def _dashboard_get(ray_head, path: str):
+    request = urllib.request.Request(f"{ray_head.dashboard}{path}",
+                                     headers={"Authorization": f"Bearer {ray_head.token}"})
     with urllib.request.urlopen(request, timeout=30) as response:
-        actors = json.loads(response.read())["data"]["result"]["result"]
-    return [a for a in actors if a["class_name"] == "RayTrainWorker"]
+        return json.loads(response.read())
+
+
+def alive_train_workers(ray_head, submission_id: str) -> list[dict]:
+    """The Ray Train worker actors of one job alive on the test cluster, from the dashboard's state
+    API (the followed job may be training beside it)."""
+    ray_job_id = _dashboard_get(ray_head, f"/api/jobs/{submission_id}")["job_id"]
+    actors = _dashboard_get(ray_head, "/api/v0/actors?limit=1000&filter_keys=state&filter_predicates=%3D"
+                                      "&filter_values=ALIVE")["data"]["result"]["result"]
+    return [a for a in actors if a["class_name"] == "RayTrainWorker" and a.get("job_id") == ray_job_id]
 
 
 @pytest.mark.e2e
@@ -200,7 +206,7 @@ def test_a_stopped_job_ends_stopped_and_its_training_stops(long_job, following, 
         assert json.loads(status.stdout)["status"] in ("PENDING", "RUNNING"), status.stdout
         assert time.monotonic() < deadline, "the job did not start training"
         time.sleep(2)
-    assert alive_train_workers(ray_head)
+    assert alive_train_workers(ray_head, job_id)
 
     stopped = ditlab("jobs", "stop", job_id, "--address", ray_head.dashboard, "--json", env=client_env)
     assert stopped.returncode == 0, stopped.stderr
@@ -212,7 +218,7 @@ def test_a_stopped_job_ends_stopped_and_its_training_stops(long_job, following, 
     assert find_run(mlflow_server, name).info.status == "KILLED"
     # The job's Train worker goes with it (Ray reaps a dead driver's actors shortly after).
     deadline = time.monotonic() + 120
-    while alive_train_workers(ray_head):
+    while alive_train_workers(ray_head, job_id):
         assert time.monotonic() < deadline, "Train workers outlived the stopped job"
         time.sleep(1)
 
