@@ -52,6 +52,8 @@ def run_evaluation(fake: str, real, ev: EvaluationSpec | None, out_dir: str | Pa
     real = real if data is None else (data.prepared or data.source)
     tracker = _open_tracker(fake, real, source, experiment)
     tracker.set_tags({**(data_tags(data) if data is not None else {}), **experiment_tags()})
+    if data is not None:  # the runs table's Dataset column
+        tracker.log_dataset(data, context="evaluation")
     tracker.log_params(flatten({"evaluation": report.settings}))
     tracker.log_metrics(report.figures)
     tracker.set_tags({f"ditlab.eval.{k}": v for k, v in report.notes.items()})
@@ -59,6 +61,7 @@ def run_evaluation(fake: str, real, ev: EvaluationSpec | None, out_dir: str | Pa
         grid = save_sample_grid(report.samples, out_dir / "samples.png",
                                 title=f"evaluated images ({len(report.samples)} in all)")
         tracker.log_artifact(grid, "figures")
+        tracker.log_image(grid, "samples")  # the dashboard's image chart (eval/samples)
     summary = {"fake": fake, "real": real, "mlflow_run_id": tracker.run_id, "source_run_id": source,
                "mlflow_url": tracker.url, **report.to_dict()}
     write_json(out_dir / "evaluation.json", summary)

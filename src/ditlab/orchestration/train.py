@@ -223,6 +223,7 @@ def finish_run(spec: ExperimentSpec, tracker: Tracker, run_dir: Path, checkpoint
         title = f"EMA samples, {ev.sampler} {ev.steps} steps, guidance {ev.guidance}"
         grid = save_sample_grid(evaluation.samples, run_dir / "samples.png", title=title)
         tracker.log_artifact(grid, "figures")
+        tracker.log_image(grid, "samples", spec.train.steps)  # the dashboard's image chart (eval/samples)
     write_json(run_dir / "metrics.json", metrics)
     tracker.log_artifact(run_dir / "metrics.json")
     return {
