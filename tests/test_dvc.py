@@ -110,6 +110,7 @@ def _run_cli(argv: list[str], capsys) -> tuple[int, str, str]:
     return code, out, err
 
 
+@pytest.mark.e2e  # runs DVC
 def test_data_add_validates_copies_and_tracks_with_dvc(tmp_path, monkeypatch, capsys):
     src = _image_folder(tmp_path / "incoming")
     project = tmp_path / "project"
@@ -270,6 +271,7 @@ def _with_placeholder_outputs(path: Path) -> tuple[Repo, dict]:
     return repo, stages
 
 
+@pytest.mark.e2e  # runs DVC
 def test_every_param_a_stage_lists_is_in_the_shipped_params_yaml(tmp_path):
     """`dvc repro` hashes a stage's params only after running it, so a missing one fails the stage
     after all its work (issue 10). `dvc status` cannot tell before: without a dvc.lock it calls
@@ -293,6 +295,7 @@ def test_every_param_a_stage_lists_is_in_the_shipped_params_yaml(tmp_path):
     assert f"Parameters '{key}' are missing from 'params.yaml'" in out, out
 
 
+@pytest.mark.e2e  # runs DVC
 def test_python_bytecode_in_a_source_dependency_changes_no_stage(tmp_path):
     """Importing ditlab writes __pycache__/ into the source folders the stages list (unless
     PYTHONDONTWRITEBYTECODE is set, as on the test machine), so without an ignore rule a second

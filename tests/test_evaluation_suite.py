@@ -91,6 +91,7 @@ def replay(images_of, features_of):
     return Replay(torch.from_numpy(feats.clean_resize(both)), np.concatenate(features_of), atol=1e-3)
 
 
+@pytest.mark.e2e  # Inception over the 80 images of `folders`
 def test_fid_equals_clean_fid(folders, our_fid, replay):
     """clean-fid's whole `compute_fid` on the two folders: its file reading and clean resize (checked
     against ours pixel by pixel by the replay), then its statistics on the same features."""
@@ -101,6 +102,7 @@ def test_fid_equals_clean_fid(folders, our_fid, replay):
     assert our_fid == pytest.approx(theirs, rel=1e-3)
 
 
+@pytest.mark.e2e  # Inception over the 80 images of `folders`
 def test_the_network_alone_gives_the_batched_features(images_of, features_of):
     """What the replay stands in for: the network called on a clean-resized batch, as clean-fid and
     torchmetrics call it, gives the features of our batched pipeline."""
@@ -113,6 +115,7 @@ def _torchmetrics_update(metric, images_of):
         metric.update(torch.from_numpy(feats.clean_resize(images)), real=real)
 
 
+@pytest.mark.e2e  # Inception over the 80 images of `folders`
 def test_fid_equals_torchmetrics_with_the_same_feature_module(images_of, our_fid, replay):
     from torchmetrics.image.fid import FrechetInceptionDistance
 
@@ -121,6 +124,7 @@ def test_fid_equals_torchmetrics_with_the_same_feature_module(images_of, our_fid
     assert our_fid == pytest.approx(float(metric.compute()), rel=1e-3)
 
 
+@pytest.mark.e2e  # Inception over the 80 images of `folders`
 def test_kid_equals_clean_fid_on_the_same_subsets(features_of):
     from cleanfid.fid import kernel_distance
 
@@ -131,6 +135,7 @@ def test_kid_equals_clean_fid_on_the_same_subsets(features_of):
     assert ours == pytest.approx(theirs, abs=1e-6)
 
 
+@pytest.mark.e2e  # Inception over the 80 images of `folders`
 def test_kid_equals_torchmetrics_on_the_whole_sets(images_of, features_of, replay):
     from torchmetrics.image.kid import KernelInceptionDistance
 
@@ -141,6 +146,7 @@ def test_kid_equals_torchmetrics_on_the_whole_sets(images_of, features_of, repla
     assert ours == pytest.approx(float(theirs), abs=1e-6)
 
 
+@pytest.mark.e2e  # Inception over the 80 images of `folders`
 def test_precision_recall_equals_torch_fidelity(features_of):
     from torch_fidelity.metric_prc import calculate_precision_recall_full
 
@@ -203,6 +209,7 @@ def test_reference_features_are_cached(tmp_path, monkeypatch):
     assert len(list(tmp_path.glob("reference/*.json"))) == 3
 
 
+@pytest.mark.e2e  # Inception over the 80 images of `folders`
 def test_evaluation_makes_no_network_call(folders, monkeypatch):
     def refuse(*args, **kwargs):
         raise AssertionError("network access attempted")
@@ -227,6 +234,7 @@ def test_inception_score_is_skipped_with_pool3_only_weights(folders):
     assert "skipped" in report.notes["classifier_score"]  # never reported as IS, and needs labels
 
 
+@pytest.mark.e2e  # Inception over the 80 images of `folders`
 def test_grayscale_is_compared_as_rgb(features_of, folders, tmp_path):
     gray_folder = write_folder(tmp_path / "gray", load_image_folder(folders[0])[:, :, :, :1], rgb=False)
     gray = load_image_folder(gray_folder)
@@ -260,6 +268,7 @@ def test_bad_features_and_subset_sizes():
         generative.precision_recall(good, np.where(np.isfinite(bad), bad, np.inf))
 
 
+@pytest.mark.e2e  # Inception over the 80 images of `folders`
 def test_cli_evaluate_two_folders(folders, tmp_path, monkeypatch, capsys):
     import json
 
