@@ -76,6 +76,15 @@ def ray_head():
     assert not left, f"Ray processes still running after the test cluster stopped: {left}"
 
 
+class ServerURI(str):
+    """The server's URI, with the folder holding its SQLite store and artifacts as `.root`."""
+
+    def __new__(cls, uri: str, root: Path):
+        self = super().__new__(cls, uri)
+        self.root = root
+        return self
+
+
 @pytest.fixture(scope="session")
 def mlflow_server(tmp_path_factory):
     """A real `mlflow server` on 127.0.0.1 with a SQLite backend and proxied artifacts."""
@@ -101,10 +110,63 @@ def mlflow_server(tmp_path_factory):
     else:
         proc.kill()
         raise RuntimeError("mlflow server did not start in 120 s")
-    yield uri
+    yield ServerURI(uri, root)
     os.killpg(proc.pid, 15)
     try:
         proc.wait(timeout=20)
     except subprocess.TimeoutExpired:
         os.killpg(proc.pid, 9)
     log.close()
+
+
+# The one `ditlab run` that test_e2e.py and test_dashboard.py share: the tiny spec with 2 Ray Train
+# workers, in a project folder of its own (a git repository), on a dataset added with
+# `ditlab data add` and named relative to that folder (workers run elsewhere: they must get it as an
+# absolute path), tracked on the mlflow_server. A small test split keeps the one-off reference
+# feature extraction short.
+TINY_RUN_ARGS = ["run", str(ROOT / "experiments" / "tiny.yaml"), "--json", "--storage", "runs", "--name", "e2e",
+                 "--no-progress", "--set", "data.test_fraction=0.05", "--set", "data.source=folder",
+                 "--set", "data.name=digits-png"]
+
+
+def write_digits_folder(root: Path) -> None:
+    """scikit-learn's digits as an image folder: one subfolder of PNG files per class."""
+    from PIL import Image
+    from sklearn.datasets import load_digits
+
+    digits = load_digits()
+    for i, (image, label) in enumerate(zip(digits.images, digits.target, strict=True)):
+        (root / f"digit{label}").mkdir(parents=True, exist_ok=True)
+        Image.fromarray((image * 255 / 16).astype("uint8")).save(root / f"digit{label}" / f"{i:04d}.png")
+
+
+def run_cli_json(argv: list[str], cwd: Path, tracking_uri: str) -> dict:
+    """`ditlab ARGV --json` in-process from `cwd`; the one JSON line it must print on stdout."""
+    import contextlib
+    import io
+    import json
+
+    from ditlab import cli
+
+    stdout = io.StringIO()
+    with pytest.MonkeyPatch.context() as mp, contextlib.redirect_stdout(stdout):
+        mp.setenv("MLFLOW_TRACKING_URI", tracking_uri)
+        mp.chdir(cwd)
+        code = cli.main(argv)
+    assert code == 0, f"ditlab {' '.join(argv)} exited {code}"
+    lines = stdout.getvalue().splitlines()
+    assert len(lines) == 1, "--json must print exactly one line on stdout"
+    return json.loads(lines[0])
+
+
+@pytest.fixture(scope="session")
+def tiny_run(ray_session, mlflow_server, tmp_path_factory) -> dict:
+    """The summary `ditlab run --json` printed (its run_dir is <project>/runs/e2e)."""
+    project = tmp_path_factory.mktemp("project")
+    write_digits_folder(project / "incoming")
+    run_cli_json(["data", "add", "incoming", "--name", "digits-png", "--no-dvc", "--json"], project, mlflow_server)
+    git = ["git", "-C", str(project), "-c", "user.name=t", "-c", "user.email=t@example.invalid"]
+    subprocess.run([*git, "init", "-q"], check=True)
+    subprocess.run([*git, "add", "data"], check=True)
+    subprocess.run([*git, "commit", "-qm", "data"], check=True)
+    return run_cli_json(TINY_RUN_ARGS, project, mlflow_server)

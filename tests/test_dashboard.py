@@ -1,7 +1,8 @@
-"""The MLflow dashboard as a user sees it: a finished `ditlab run` of the tiny spec, `mlflow ui` on
-127.0.0.1 against its SQLite store (the README's way to open runs), and the pages opened in
-headless Chromium. Checked: the runs table's Dataset and Source columns, the run's parameters,
-its metric charts grouped in sections by name prefix, and the sample grid as an image chart.
+"""The MLflow dashboard as a user sees it: a finished `ditlab run` of the tiny spec (conftest.tiny_run,
+shared with test_e2e.py), `mlflow ui` on 127.0.0.1 against its SQLite store (the README's way to open
+runs), and the pages opened in headless Chromium. Checked: the runs table's Dataset and Source columns,
+the run's parameters, its metric charts grouped in sections by name prefix, and the sample grid as an
+image chart.
 
 Needs Debian's `chromium` and `chromium-driver` (`.ci/run` installs them) and the `selenium`
 package; nothing downloads a browser or a driver. Without them the tests skip and say which is
@@ -9,8 +10,6 @@ missing. Screenshots of every page land in the test's temporary folder (printed 
 
 from __future__ import annotations
 
-import contextlib
-import io
 import json
 import os
 import re
@@ -27,8 +26,7 @@ from conftest import ROOT, free_port
 
 CHROMIUM = os.environ.get("DITLAB_CHROMIUM", "/usr/bin/chromium")
 CHROMEDRIVER = os.environ.get("DITLAB_CHROMEDRIVER", "/usr/bin/chromedriver")
-EXPERIMENT = "ditlab-dashboard"
-RUN_NAME = "dashboard"
+RUN_NAME = "e2e"  # conftest.tiny_run
 # Each page renders client-side after several API calls; on a busy 2-core machine that takes a while.
 PAGE_TIMEOUT = 60
 ML_VIEW = "?workflowType=machine_learning"  # the dashboard's model-training view (see Tracker.url)
@@ -71,32 +69,19 @@ def browser(tmp_path_factory):
 
 
 @pytest.fixture(scope="module")
-def dashboard(browser, ray_session, tmp_path_factory):
-    """A finished tiny run in a SQLite store and `mlflow ui` serving that store on 127.0.0.1.
-    Yields (base URL, the run as MLflow returns it, the store's folder)."""
+def dashboard(browser, tiny_run, mlflow_server):
+    """`mlflow ui` on 127.0.0.1 over the store of the e2e tests' MLflow server (its SQLite file and
+    artifact folder), where the shared tiny run (conftest.tiny_run) finished. Yields (base URL, the
+    run as MLflow returns it, a folder for screenshots)."""
     from mlflow.tracking import MlflowClient
 
-    from ditlab import cli
-
-    root = tmp_path_factory.mktemp("dashboard")
-    uri = f"sqlite:///{root / 'mlflow.db'}"
-    # Made beforehand only to keep the run's artifacts in the temporary folder (by default they
-    # go to ./mlruns); ditlab adds nothing to an experiment that exists but the view tag.
-    MlflowClient(uri).create_experiment(EXPERIMENT, artifact_location=str(root / "artifacts"))
+    root = mlflow_server.root
     port = free_port()
     log = open(root / "ui.log", "w")
-    ui = subprocess.Popen([sys.executable, "-m", "mlflow", "ui", "--backend-store-uri", uri,
-                           "--host", "127.0.0.1", "--port", str(port)],
-                          stdout=log, stderr=subprocess.STDOUT, cwd=root, start_new_session=True)
+    cmd = [sys.executable, "-m", "mlflow", "ui", "--backend-store-uri", f"sqlite:///{root / 'mlflow.db'}",
+           "--artifacts-destination", str(root / "artifacts"), "--host", "127.0.0.1", "--port", str(port)]
+    ui = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, cwd=root, start_new_session=True)
     try:
-        stdout = io.StringIO()
-        with pytest.MonkeyPatch.context() as mp, contextlib.redirect_stdout(stdout):
-            mp.setenv("MLFLOW_TRACKING_URI", uri)
-            code = cli.main(["run", str(ROOT / "experiments" / "tiny.yaml"), "--json", "--no-progress",
-                             "--storage", str(root / "runs"), "--name", RUN_NAME,
-                             "--set", "data.test_fraction=0.05", "--set", f"tracking.experiment={EXPERIMENT}"])
-        assert code == 0
-        summary = json.loads(stdout.getvalue().splitlines()[-1])
         base = f"http://127.0.0.1:{port}"
         deadline = time.time() + 120
         while True:
@@ -109,7 +94,7 @@ def dashboard(browser, ray_session, tmp_path_factory):
                 if time.time() > deadline:
                     raise RuntimeError("mlflow ui did not answer in 120 s") from None
                 time.sleep(0.5)
-        yield base, MlflowClient(uri).get_run(summary["mlflow_run_id"]), root
+        yield base, MlflowClient(mlflow_server).get_run(tiny_run["mlflow_run_id"]), root
     finally:
         os.killpg(ui.pid, 15)
         try:
@@ -195,7 +180,7 @@ def test_every_metric_is_grouped_and_the_run_has_its_dataset(dashboard):
     assert {"train/loss", "train/lr", "val/loss", "eval/fid", "eval/conditional_accuracy",
             "time/train_seconds"} <= set(run.data.metrics)
     (dataset_input,) = run.inputs.dataset_inputs
-    assert dataset_input.dataset.name == "digits"
+    assert dataset_input.dataset.name == "digits-png"
     assert run.data.tags["mlflow.source.name"] == "ditlab run"
 
 

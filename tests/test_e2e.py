@@ -1,10 +1,10 @@
-"""End to end: `ditlab run` on a tiny spec with 2 Ray Train workers over a folder dataset, tracked on a
-real MLflow server; then `ditlab sample` and `ditlab evaluate` on the checkpoint it produced."""
+"""End to end: `ditlab run` on a tiny spec with 2 Ray Train workers over a dataset added with `ditlab data
+add` (conftest.tiny_run), tracked on a real MLflow server; then `ditlab sample`, `ditlab evaluate` and a
+rerun on the checkpoint it produced."""
 
 import contextlib
 import io
 import json
-import subprocess
 from pathlib import Path
 
 import pytest
@@ -13,44 +13,14 @@ from mlflow.tracking import MlflowClient
 from ditlab import cli
 from ditlab.orchestration.tracking import git_commit
 
-from conftest import ROOT
+from conftest import TINY_RUN_ARGS, run_cli_json
 
 pytestmark = pytest.mark.e2e
 
 
-def write_digits_folder(root: Path) -> None:
-    """scikit-learn's digits as a folder dataset: one subfolder of PNG files per class."""
-    from PIL import Image
-    from sklearn.datasets import load_digits
-
-    digits = load_digits()
-    for i, (image, label) in enumerate(zip(digits.images, digits.target, strict=True)):
-        (root / f"digit{label}").mkdir(parents=True, exist_ok=True)
-        Image.fromarray((image * 255 / 16).astype("uint8")).save(root / f"digit{label}" / f"{i:04d}.png")
-
-
 @pytest.fixture(scope="module")
-def run_summary(ray_session, mlflow_server, tmp_path_factory):
-    """The tiny spec on a folder dataset named by a path relative to the working directory: the Ray
-    workers run elsewhere, so this checks that they get it as an absolute path."""
-    project = tmp_path_factory.mktemp("project")
-    write_digits_folder(project / "images")
-    git = ["git", "-C", str(project), "-c", "user.name=t", "-c", "user.email=t@example.invalid"]
-    subprocess.run([*git, "init", "-q"], check=True)
-    subprocess.run([*git, "add", "images"], check=True)
-    subprocess.run([*git, "commit", "-qm", "images"], check=True)
-    stdout = io.StringIO()
-    with pytest.MonkeyPatch.context() as mp, contextlib.redirect_stdout(stdout):
-        mp.setenv("MLFLOW_TRACKING_URI", mlflow_server)
-        mp.chdir(project)
-        # A small test split keeps the one-off reference feature extraction short.
-        code = cli.main(["run", str(ROOT / "experiments" / "tiny.yaml"), "--json", "--storage", "runs",
-                         "--name", "e2e", "--no-progress", "--set", "data.test_fraction=0.05",
-                         "--set", "data.source=folder", "--set", "data.path=images"])
-    assert code == 0
-    lines = stdout.getvalue().splitlines()
-    assert len(lines) == 1, "--json must print exactly one line on stdout"
-    return json.loads(lines[0])
+def run_summary(tiny_run):
+    return tiny_run
 
 
 def test_run_reports_metrics_and_checkpoint(run_summary):
@@ -72,7 +42,7 @@ def test_mlflow_run_holds_params_metrics_and_artifacts(run_summary, mlflow_serve
     assert run.data.params["train.steps"] == "6"
     assert run.data.params["resources.num_workers"] == "2"
     assert run.data.params["data.test_fraction"] == "0.05"
-    assert run.data.params["data.source"] == "folder" and run.data.params["data.path"] == "images"
+    assert run.data.params["data.source"] == "folder" and run.data.params["data.path"] == "data/digits-png"
     # the commit of the working directory the run started in
     assert run.data.tags["mlflow.source.git.commit"] == git_commit(Path(run_summary["run_dir"]).parents[1])
     history = client.get_metric_history(run.info.run_id, "train/loss")
@@ -97,18 +67,10 @@ def test_sample_command_writes_pngs(run_summary, tmp_path, capsys):
 
 
 def test_rerun_with_the_same_name_resumes_into_the_same_mlflow_run(run_summary, mlflow_server):
-    """Job-level resume: the same --name and --storage find the run's checkpoints, start from the
-    latest (here the last step, so no step is trained again) and reopen the same MLflow run."""
-    project = Path(run_summary["run_dir"]).parents[1]
-    stdout = io.StringIO()
-    with pytest.MonkeyPatch.context() as mp, contextlib.redirect_stdout(stdout):
-        mp.setenv("MLFLOW_TRACKING_URI", mlflow_server)
-        mp.chdir(project)
-        code = cli.main(["run", str(ROOT / "experiments" / "tiny.yaml"), "--json", "--storage", "runs",
-                         "--name", "e2e", "--no-progress", "--set", "data.test_fraction=0.05",
-                         "--set", "data.source=folder", "--set", "data.path=images"])
-    assert code == 0
-    again = json.loads(stdout.getvalue().splitlines()[-1])
+    """Job-level resume: the same --name and --storage find the run's folder and reopen the same
+    MLflow run; the run already reached its last step, so nothing is trained (no workers start) and
+    its last checkpoint is evaluated again."""
+    again = run_cli_json(TINY_RUN_ARGS, Path(run_summary["run_dir"]).parents[1], mlflow_server)
     assert again["mlflow_run_id"] == run_summary["mlflow_run_id"]
     assert Path(again["checkpoint"]).name == "checkpoint_000006"
     assert "final_loss" not in again["metrics"]  # nothing left to train
