@@ -48,6 +48,7 @@ def test_mlflow_run_holds_params_metrics_and_artifacts(run_summary, mlflow_serve
     history = client.get_metric_history(run.info.run_id, "train/loss")
     assert [m.step for m in history] == [2, 3, 4, 6]
     assert run.data.metrics["eval/fid"] == pytest.approx(run_summary["metrics"]["fid"])
+    assert run.data.metrics["train/final_loss"] == pytest.approx(run_summary["metrics"]["final_loss"])
     artifacts = {a.path for a in client.list_artifacts(run.info.run_id)}
     assert {"spec.yaml", "metrics.json", "result.json", "figures"} <= artifacts
     figures = {a.path for a in client.list_artifacts(run.info.run_id, "figures")}

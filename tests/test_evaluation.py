@@ -89,3 +89,16 @@ def test_pixel_classifier_on_digits():
     train, test = load_dataset(data, "train"), load_dataset(data, "test")
     clf = PixelClassifier.fit(train.to_uint8(), train.labels.numpy())
     assert clf.accuracy(test.to_uint8(), test.labels.numpy()) > 0.93
+
+
+def test_fid_with_fewer_images_than_features_equals_the_sqrtm_formula():
+    """Fewer images than feature dimensions: the trace term from the N_a x N_b SVD equals
+    Tr sqrtm(S1 S2) of the D x D covariances (the formula clean-fid uses)."""
+    from ditlab.evaluation.fid import feature_statistics
+
+    rng = np.random.default_rng(0)
+    fake, real = rng.normal(size=(40, 256)) ** 2, rng.normal(0.2, 1.0, size=(60, 256)) ** 2
+    assert fid_from_features(fake, real) == pytest.approx(
+        frechet_distance(*feature_statistics(fake), *feature_statistics(real)), rel=1e-7)
+    many = rng.normal(size=(300, 64))  # more images than dimensions: the D x D formula itself
+    assert fid_from_features(many, many[::-1]) == pytest.approx(0.0, abs=1e-6)

@@ -213,7 +213,7 @@ def finish_run(spec: ExperimentSpec, tracker: Tracker, run_dir: Path, checkpoint
         metrics["final_loss"] = float(history[-1]["loss"])
         if "val_loss" in history[-1]:  # the loop validates at the last step
             metrics["final_val_loss"] = float(history[-1]["val_loss"])
-    tracker.log_metrics({**evaluation.figures, **timings}, spec.train.steps)
+    tracker.log_metrics(metrics, spec.train.steps)  # final_loss and final_val_loss included
     tracker.set_tags({f"ditlab.eval.{k}": v for k, v in evaluation.notes.items()})
     if history:
         tracker.log_artifact(save_loss_curve(history, run_dir / "loss_curve.png"), "figures")
