@@ -279,6 +279,7 @@ def test_cli_evaluate_two_folders(folders, tmp_path, monkeypatch, capsys):
 
     uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
     monkeypatch.setenv("MLFLOW_TRACKING_URI", uri)
+    monkeypatch.chdir(tmp_path)  # MLflow's default artifact folder, ./mlruns, lands here, not in the repo
     code = cli.main(["evaluate", "--fake", str(folders[0]), "--real", str(folders[1]), "--json", "--no-progress",
                      "--protocol", str(ROOT / "evaluation" / "folders.yaml"), "--set", "kid.subset_size=20",
                      "--out", str(tmp_path / "out")])
