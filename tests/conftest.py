@@ -3,11 +3,14 @@ and stopped at the end of the session; nothing is left running."""
 
 from __future__ import annotations
 
+import contextlib
 import os
 import socket
 import subprocess
 import sys
 import time
+import urllib.request
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -85,38 +88,45 @@ class ServerURI(str):
         return self
 
 
+@contextlib.contextmanager
+def mlflow_web(command: str, root: Path, *extra: str) -> Iterator[str]:
+    """`mlflow server` or `mlflow ui` on 127.0.0.1 over the SQLite store and artifact folder in
+    `root`, answering /health; yields its URL, then stops its process group."""
+    port = free_port()
+    cmd = [sys.executable, "-m", "mlflow", command, "--host", "127.0.0.1", "--port", str(port),
+           "--backend-store-uri", f"sqlite:///{root / 'mlflow.db'}", "--artifacts-destination", str(root / "artifacts"),
+           *extra]
+    log_path = root / f"{command}.log"
+    with open(log_path, "w") as log:
+        proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, cwd=root, start_new_session=True)
+        try:
+            uri = f"http://127.0.0.1:{port}"
+            deadline = time.time() + 120
+            while True:
+                if proc.poll() is not None:
+                    raise RuntimeError(f"mlflow {command} exited: {log_path.read_text()[-2000:]}")
+                try:
+                    urllib.request.urlopen(f"{uri}/health", timeout=2)
+                    break
+                except OSError:
+                    if time.time() > deadline:
+                        raise RuntimeError(f"mlflow {command} did not answer in 120 s") from None
+                    time.sleep(0.5)
+            yield uri
+        finally:
+            os.killpg(proc.pid, 15)
+            try:
+                proc.wait(timeout=20)
+            except subprocess.TimeoutExpired:
+                os.killpg(proc.pid, 9)
+
+
 @pytest.fixture(scope="session")
 def mlflow_server(tmp_path_factory):
     """A real `mlflow server` on 127.0.0.1 with a SQLite backend and proxied artifacts."""
     root = tmp_path_factory.mktemp("mlflow")
-    port = free_port()
-    cmd = [sys.executable, "-m", "mlflow", "server", "--host", "127.0.0.1", "--port", str(port),
-           "--backend-store-uri", f"sqlite:///{root / 'mlflow.db'}", "--artifacts-destination", str(root / "artifacts"),
-           "--workers", "1"]
-    log = open(root / "server.log", "w")
-    proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, cwd=root, start_new_session=True)
-    uri = f"http://127.0.0.1:{port}"
-    deadline = time.time() + 120
-    import urllib.request
-
-    while time.time() < deadline:
-        if proc.poll() is not None:
-            raise RuntimeError(f"mlflow server exited: {(root / 'server.log').read_text()[-2000:]}")
-        try:
-            urllib.request.urlopen(f"{uri}/health", timeout=2)
-            break
-        except OSError:
-            time.sleep(0.5)
-    else:
-        proc.kill()
-        raise RuntimeError("mlflow server did not start in 120 s")
-    yield ServerURI(uri, root)
-    os.killpg(proc.pid, 15)
-    try:
-        proc.wait(timeout=20)
-    except subprocess.TimeoutExpired:
-        os.killpg(proc.pid, 9)
-    log.close()
+    with mlflow_web("server", root, "--workers", "1") as uri:
+        yield ServerURI(uri, root)
 
 
 # The one `ditlab run` that test_e2e.py and test_dashboard.py share: the tiny spec with 2 Ray Train

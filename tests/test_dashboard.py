@@ -13,8 +13,6 @@ from __future__ import annotations
 import json
 import os
 import re
-import subprocess
-import sys
 import time
 import urllib.parse
 import urllib.request
@@ -22,7 +20,7 @@ from pathlib import Path
 
 import pytest
 
-from conftest import ROOT, free_port
+from conftest import ROOT, mlflow_web
 
 CHROMIUM = os.environ.get("DITLAB_CHROMIUM", "/usr/bin/chromium")
 CHROMEDRIVER = os.environ.get("DITLAB_CHROMEDRIVER", "/usr/bin/chromedriver")
@@ -76,32 +74,8 @@ def dashboard(browser, tiny_run, mlflow_server):
     from mlflow.tracking import MlflowClient
 
     root = mlflow_server.root
-    port = free_port()
-    log = open(root / "ui.log", "w")
-    cmd = [sys.executable, "-m", "mlflow", "ui", "--backend-store-uri", f"sqlite:///{root / 'mlflow.db'}",
-           "--artifacts-destination", str(root / "artifacts"), "--host", "127.0.0.1", "--port", str(port)]
-    ui = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, cwd=root, start_new_session=True)
-    try:
-        base = f"http://127.0.0.1:{port}"
-        deadline = time.time() + 120
-        while True:
-            if ui.poll() is not None:
-                raise RuntimeError(f"mlflow ui exited: {(root / 'ui.log').read_text()[-2000:]}")
-            try:
-                urllib.request.urlopen(f"{base}/health", timeout=2)
-                break
-            except OSError:
-                if time.time() > deadline:
-                    raise RuntimeError("mlflow ui did not answer in 120 s") from None
-                time.sleep(0.5)
+    with mlflow_web("ui", root) as base:
         yield base, MlflowClient(mlflow_server).get_run(tiny_run["mlflow_run_id"]), root
-    finally:
-        os.killpg(ui.pid, 15)
-        try:
-            ui.wait(timeout=20)
-        except subprocess.TimeoutExpired:
-            os.killpg(ui.pid, 9)
-        log.close()
 
 
 def run_page(base: str, run, tab: str = "") -> str:

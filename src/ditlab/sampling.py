@@ -28,10 +28,14 @@ class LoadedCheckpoint:
 
 def load_for_sampling(path: str | Path, weights: str = "ema") -> LoadedCheckpoint:
     """`weights` is "ema" (what papers evaluate) or "model" (the raw trained weights)."""
+    return from_bundle(load_bundle(path), str(path), weights)
+
+
+def from_bundle(bundle: dict, source: str, weights: str = "ema") -> LoadedCheckpoint:
+    """The sampling view of a bundle already loaded (from `source`, named in errors)."""
     if weights not in ("ema", "model"):
         raise ValueError(f"weights must be 'ema' or 'model', got {weights!r}")
-    bundle = load_bundle(path)
-    spec = from_dict(bundle["spec"], source=f"spec stored in {path}")
+    spec = from_dict(bundle["spec"], source=f"spec stored in {source}")
     model = model_from_config(bundle["model_config"])
     state = bundle["ema"]["model"] if weights == "ema" else bundle["model"]
     model.load_state_dict(state)

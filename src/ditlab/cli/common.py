@@ -74,6 +74,17 @@ def print_spec(args, record: dict) -> None:
     sys.stdout.write(json.dumps(record, indent=2) + "\n" if args.json else yaml.safe_dump(record, sort_keys=False))
 
 
+def load_spec(args):
+    """The command's spec with --set applied; with --dry-run it is printed and None returned."""
+    from ditlab.config import load
+
+    spec = load(args.spec, args.overrides)
+    if args.dry_run:
+        print_spec(args, spec.to_dict())
+        return None
+    return spec
+
+
 def preflight_or_bad_input(spec) -> None:
     """The checks that touch the disk, before Ray starts: a failure is one error line."""
     from ditlab.orchestration.preflight import PreflightError, preflight

@@ -3,8 +3,7 @@ manifest.json, the JSON record of the result."""
 
 from __future__ import annotations
 
-from ditlab.cli.common import BadInput, emit, preflight_or_bad_input, print_spec
-from ditlab.config import load
+from ditlab.cli.common import BadInput, emit, load_spec, preflight_or_bad_input
 
 
 def register(sub, shared) -> None:
@@ -28,9 +27,8 @@ def register(sub, shared) -> None:
 def cmd_prepare(args) -> int:
     from ditlab.data.prepared import save_prepared
 
-    spec = load(args.spec, args.overrides)
-    if args.dry_run:
-        print_spec(args, spec.to_dict())
+    spec = load_spec(args)
+    if spec is None:  # --dry-run
         return 0
     preflight_or_bad_input(spec.model_copy(update={"data": spec.data.model_copy(update={"prepared": None})}))
     result = {"out": args.out, **save_prepared(spec.data, args.out)}

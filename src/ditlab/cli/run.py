@@ -2,8 +2,7 @@
 
 from __future__ import annotations
 
-from ditlab.cli.common import BadInput, emit, preflight_or_bad_input, print_spec, stdout_for
-from ditlab.config import load
+from ditlab.cli.common import BadInput, emit, load_spec, preflight_or_bad_input, stdout_for
 
 
 def register(sub, shared) -> None:
@@ -22,9 +21,8 @@ def register(sub, shared) -> None:
 
 
 def cmd_run(args) -> int:
-    spec = load(args.spec, args.overrides)
-    if args.dry_run:
-        print_spec(args, spec.to_dict())
+    spec = load_spec(args)
+    if spec is None:  # --dry-run
         return 0
     preflight_or_bad_input(spec)
     from ditlab.orchestration.train import RunFolderError, run_experiment  # heavy imports only when needed

@@ -28,7 +28,8 @@ def evaluate_checkpoint(checkpoint: str, real, ev: EvaluationSpec | None, progre
     spec = from_dict(bundle["spec"], f"spec stored in {checkpoint}")
     split = ev.reference_split if ev else spec.evaluation.reference_split
     reference = None if real is None else reference_for(real, int(bundle["model_config"]["input_size"]), split)
-    return task_class(spec.task).evaluate_checkpoint(checkpoint, ev, progress=progress, reference=reference)
+    return task_class(spec.task).evaluate_checkpoint(bundle, str(checkpoint), ev, progress=progress,
+                                                     reference=reference)
 
 
 def run_evaluation(fake: str, real, ev: EvaluationSpec | None, out_dir: str | Path,

@@ -27,7 +27,7 @@ from ditlab.orchestration.records import open_recorded_run
 from ditlab.orchestration.tracking import Tracker
 from ditlab.orchestration.trainer import build_trainer
 from ditlab.orchestration.versioning import run_tags
-from ditlab.training.checkpoint import BUNDLE_NAME, CheckpointError, checkpoint_dirs, verify_bundle
+from ditlab.training.checkpoint import BUNDLE_NAME, CheckpointError, checkpoint_dirs, load_bundle, verify_bundle
 from ditlab.training.tasks import task_class
 
 
@@ -203,8 +203,9 @@ def finish_run(spec: ExperimentSpec, tracker: Tracker, run_dir: Path, checkpoint
                history: list[dict], timings: dict[str, float], progress: bool, evaluate: bool = True) -> dict:
     """Final evaluation (optional), figures and the summary."""
     if evaluate:
-        evaluation = task_class(spec.task).evaluate_checkpoint(checkpoint_dir / BUNDLE_NAME, spec.evaluation,
-                                                               progress=progress)
+        bundle_path = checkpoint_dir / BUNDLE_NAME
+        evaluation = task_class(spec.task).evaluate_checkpoint(load_bundle(bundle_path), str(bundle_path),
+                                                               spec.evaluation, progress=progress)
     else:
         evaluation = Report(figures={}, notes={}, settings={}, samples=None)
     metrics = {**evaluation.figures, **timings}

@@ -114,7 +114,8 @@ class Task(ABC):
 
     @classmethod
     @abstractmethod
-    def evaluate_checkpoint(cls, checkpoint, ev: EvaluationSpec | None = None, progress: bool = False,
-                            reference=None):
-        """The evaluation a checkpoint of this task gets (an evaluation.suite.Report). `ev` defaults
-        to the checkpoint's own evaluation settings, `reference` to its own dataset's split."""
+    def evaluate_checkpoint(cls, bundle: dict, source: str, ev: EvaluationSpec | None = None,
+                            progress: bool = False, reference=None):
+        """The evaluation a checkpoint of this task gets (an evaluation.suite.Report), from its loaded
+        bundle (`source`: where it was read, for messages). `ev` defaults to the checkpoint's own
+        evaluation settings, `reference` to its own dataset's split."""

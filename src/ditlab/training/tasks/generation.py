@@ -56,15 +56,15 @@ class GenerationTask(Task):
         return {"val_loss": validation_loss(weights, self.diffusion, self.validation_data, self.device)}
 
     @classmethod
-    def evaluate_checkpoint(cls, checkpoint, ev: EvaluationSpec | None = None, progress: bool = False,
-                            reference=None):
+    def evaluate_checkpoint(cls, bundle: dict, source: str, ev: EvaluationSpec | None = None,
+                            progress: bool = False, reference=None):
         """Sample from the checkpoint's EMA weights with `ev` (default: the spec's own evaluation
         settings) and compare with `reference` (default: the split of its training dataset that `ev`
         names)."""
         from ditlab.evaluation.suite import Report, check_set_sizes, dataset_reference, evaluate_sets
-        from ditlab.sampling import balanced_labels, generate, load_for_sampling
+        from ditlab.sampling import balanced_labels, from_bundle, generate
 
-        ckpt = load_for_sampling(checkpoint, "ema")
+        ckpt = from_bundle(bundle, source, "ema")
         ev = ev or ckpt.spec.evaluation
         if ev.num_samples:
             check_set_sizes(ev, ev.num_samples)
