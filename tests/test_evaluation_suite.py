@@ -292,3 +292,42 @@ def test_cli_evaluate_two_folders(folders, tmp_path, monkeypatch, capsys):
     run = MlflowClient(uri).get_run(result["mlflow_run_id"])
     assert run.data.metrics["eval/fid"] == pytest.approx(result["figures"]["fid"])
     assert run.data.params["evaluation.kid.subset_size"] == "20"
+
+
+def _write_pngs(folder, images, names):
+    folder.mkdir()
+    for img, name in zip(images, names):
+        Image.fromarray(img).save(folder / name)
+
+
+def test_paired_folders_are_scored_by_the_reconstruction_protocol(tmp_path, capsys):
+    """`ditlab evaluate --fake RESTORED --real CLEAN --protocol evaluation/reconstruction.yaml`:
+    each image against its namesake; the figures equal the metrics on the arrays themselves."""
+    from ditlab import cli
+    from conftest import ROOT, run_cli_json
+
+    rng = np.random.default_rng(0)
+    clean = rng.integers(0, 256, (12, 16, 16, 3), dtype=np.uint8)
+    noisy = np.clip(clean + rng.normal(0, 12, clean.shape), 0, 255).astype(np.uint8)
+    names = [f"{i:03d}.png" for i in range(12)]
+    _write_pngs(tmp_path / "clean", clean, names)
+    _write_pngs(tmp_path / "restored", noisy[::-1], names[::-1])  # written in another order: paired by name
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    protocol = str(ROOT / "evaluation" / "reconstruction.yaml")
+    out = run_cli_json(["evaluate", "--fake", "restored", "--real", "clean", "--protocol", protocol,
+                        "--no-progress", "--json"], tmp_path, uri)
+    figures = out["figures"]
+    assert figures["psnr"] == pytest.approx(reconstruction.psnr(noisy, clean), abs=1e-9)
+    assert figures["ssim"] == pytest.approx(reconstruction.ssim(noisy, clean), abs=1e-9)
+    assert figures["mse"] == pytest.approx(reconstruction.mse(noisy, clean), abs=1e-12)
+    assert figures["fid"] > 0 and ("lpips" in figures or out["notes"]["lpips"].startswith("skipped"))
+
+    (tmp_path / "clean" / names[3]).unlink()
+    capsys.readouterr()
+    with pytest.MonkeyPatch.context() as mp:
+        mp.chdir(tmp_path)
+        assert cli.main(["evaluate", "--fake", "restored", "--real", "clean", "--protocol", protocol,
+                         "--out", "bad"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert err == [f"ditlab: error: --real: 'clean' has no ground truth for {names[3]} (paired by file name)"]
+    assert not (tmp_path / "bad").exists()

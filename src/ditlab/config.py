@@ -86,7 +86,11 @@ class TrainSpec(_Section):
     val_weights: Literal["ema", "model"] = "ema"
 
 
-Metric = Literal["fid", "kid", "precision_recall", "inception_score", "classifier_score", "conditional_accuracy"]
+Metric = Literal["fid", "kid", "precision_recall", "inception_score", "classifier_score", "conditional_accuracy",
+                 "mse", "psnr", "ssim", "lpips"]
+# Metrics that compare each image with its own ground truth (restoration, reconstruction): they need
+# paired sets, e.g. two folders holding the same file names.
+RECONSTRUCTION_METRICS = ("mse", "psnr", "ssim", "lpips")
 
 
 class FidSettings(_Section):

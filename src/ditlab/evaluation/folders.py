@@ -13,11 +13,11 @@ from pathlib import Path
 
 import numpy as np
 
-from ditlab.config import DataSpec, EvaluationSpec
+from ditlab.config import RECONSTRUCTION_METRICS, DataSpec, EvaluationSpec
 from ditlab.data.prepared import FORMAT as PREPARED_FORMAT
 from ditlab.data.prepared import MANIFEST, read_manifest
-from ditlab.evaluation.images import list_images, load_image_folder
-from ditlab.evaluation.suite import Reference, Report, dataset_reference, evaluate_sets
+from ditlab.evaluation.images import list_images, load_image_folder, read_rgb
+from ditlab.evaluation.suite import Reference, Report, dataset_reference, evaluate_pairs, evaluate_sets
 
 DATASETS = ("digits",)
 SPLITS = ("train", "test", "all")
@@ -83,9 +83,33 @@ def samples_source(folder: str) -> str | None:
 
 
 def evaluate_folder(fake: str, real, ev: EvaluationSpec, progress: bool = False) -> Report:
-    """Figures for a folder of images against `real`."""
+    """Figures for a folder of images against `real`; with reconstruction metrics in `ev`, `real`
+    must be a folder holding the same file names (each fake image is scored against its namesake)."""
+    if any(m in RECONSTRUCTION_METRICS for m in ev.metrics):
+        pred, target = paired_folders(fake, real)
+        return evaluate_pairs(pred, target, ev, name=f"folder {real} (paired by file name)", progress=progress)
     images = load_image_folder(fake)
     reference = reference_for(real, images.shape[1], ev.reference_split)
     labels = labels_from_names(fake)
     return evaluate_sets(images, reference, ev, fake_labels=None if labels is None else np.asarray(labels),
                          progress=progress)
+
+
+def paired_folders(fake: str, real) -> tuple[np.ndarray, np.ndarray]:
+    """Both folders' images as uint8 [N, H, W, 3], matched by path relative to each folder."""
+    if not isinstance(real, str) or not Path(real).is_dir():
+        raise ValueError(f"--real: reconstruction metrics (mse, psnr, ssim, lpips) need a folder of ground-truth "
+                         f"images with the same file names as --fake, got {real!r}")
+    fake_files = {p.relative_to(fake).as_posix(): p for p in list_images(fake)}
+    real_files = {p.relative_to(real).as_posix(): p for p in list_images(real)}
+    missing = sorted(set(fake_files) - set(real_files))
+    if missing:
+        shown = ", ".join(missing[:3]) + (f" and {len(missing) - 3} more" if len(missing) > 3 else "")
+        raise ValueError(f"--real: {real!r} has no ground truth for {shown} (paired by file name)")
+    pairs = [(name, read_rgb(fake_files[name]), read_rgb(real_files[name])) for name in sorted(fake_files)]
+    size = pairs[0][1].shape
+    for name, pred, target in pairs:
+        if pred.shape != size or target.shape != size:
+            raise ValueError(f"{name}: {pred.shape[1]}x{pred.shape[0]} in --fake, {target.shape[1]}x{target.shape[0]} "
+                             f"in --real; paired metrics need every image at one size ({size[1]}x{size[0]})")
+    return np.stack([p for _, p, _ in pairs]), np.stack([t for _, _, t in pairs])

@@ -107,15 +107,20 @@ def lpips_distance(pred, target) -> float:
         return float(net(p.float() * 2 - 1, t.float() * 2 - 1).mean())
 
 
-def reconstruction_metrics(pred, target) -> tuple[dict[str, float], dict[str, str]]:
-    """(figures, notes): MSE, PSNR, SSIM always; LPIPS when it can run, else a note saying why."""
-    figures = {"mse": mse(pred, target), "psnr": psnr(pred, target), "ssim": ssim(pred, target)}
+def reconstruction_metrics(pred, target,
+                           metrics=("mse", "psnr", "ssim", "lpips")) -> tuple[dict[str, float], dict[str, str]]:
+    """(figures, notes) for the `metrics` asked for; LPIPS when it can run, else a note saying why."""
+    figures: dict[str, float] = {}
     notes = {"value_range": "[0, 1]"}
-    reason = lpips_unavailable_reason()
-    if reason is None:
-        figures["lpips"] = lpips_distance(pred, target)
-    else:
-        notes["lpips"] = f"skipped: {reason}"
-    if math.isinf(figures["psnr"]):
+    for name, metric in (("mse", mse), ("psnr", psnr), ("ssim", ssim)):
+        if name in metrics:
+            figures[name] = metric(pred, target)
+    if "lpips" in metrics:
+        reason = lpips_unavailable_reason()
+        if reason is None:
+            figures["lpips"] = lpips_distance(pred, target)
+        else:
+            notes["lpips"] = f"skipped: {reason}"
+    if math.isinf(figures.get("psnr", 0.0)):
         notes["psnr"] = "identical images: infinite PSNR"
     return figures, notes

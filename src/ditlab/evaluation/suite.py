@@ -17,12 +17,13 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from ditlab.config import EvaluationSpec
+from ditlab.config import RECONSTRUCTION_METRICS, EvaluationSpec
 from ditlab.data import load_dataset
 from ditlab.evaluation import generative
 from ditlab.evaluation.classifier import PixelClassifier
 from ditlab.evaluation.features import inception_features, inception_probabilities
 from ditlab.evaluation.images import as_rgb_uint8
+from ditlab.evaluation.reconstruction import reconstruction_metrics
 from ditlab.evaluation.stats import reference_features
 
 FEATURE_METRICS = ("fid", "kid", "precision_recall")
@@ -114,7 +115,34 @@ def evaluate_sets(fake: np.ndarray, reference: Reference, ev: EvaluationSpec, *,
             figures["conditional_accuracy"] = classifier.accuracy(fake, fake_labels)
             if reference.labels is not None:  # the classifier on real images, for scale
                 figures["classifier_test_accuracy"] = classifier.accuracy(real, reference.labels)
+    for metric in RECONSTRUCTION_METRICS:
+        if metric in ev.metrics:
+            notes[metric] = "skipped: needs paired sets (each image beside its own ground truth)"
     return Report(figures, notes, fake, fake_labels, ev.model_dump(mode="json"))
+
+
+def evaluate_pairs(pred: np.ndarray, target: np.ndarray, ev: EvaluationSpec, *, name: str,
+                   fid_name: str = "fid", progress: bool = False) -> Report:
+    """Figures for paired uint8 sets [N, H, W, C] (a restored or reconstructed image beside its own
+    ground truth): the reconstruction metrics `ev` asks for, image by image, and the feature
+    metrics with the ground-truth set as the reference (FID under `fid_name`: an autoencoder's
+    reconstruction FID is called rFID)."""
+    if pred.shape != target.shape:
+        raise ValueError(f"paired sets differ in shape: {pred.shape} vs {target.shape}")
+    asked = [m for m in ev.metrics if m in RECONSTRUCTION_METRICS]
+    figures, notes = reconstruction_metrics(pred, target, asked) if asked else ({}, {})
+    feature_ev = ev.model_copy(update={"metrics": tuple(m for m in ev.metrics if m in FEATURE_METRICS)})
+    report = evaluate_sets(pred, Reference(target, name), feature_ev, progress=progress) \
+        if feature_ev.metrics else Report({}, {"reference": name}, pred)
+    if "fid" in report.figures and fid_name != "fid":
+        report.figures[fid_name] = report.figures.pop("fid")
+    report.figures.update(figures)
+    report.notes.update(notes)
+    skipped = sorted(set(ev.metrics) - set(RECONSTRUCTION_METRICS) - set(FEATURE_METRICS))
+    if skipped:
+        report.notes["paired_sets"] = f"skipped {', '.join(skipped)}: not defined for paired sets"
+    report.samples, report.settings = pred, ev.model_dump(mode="json")
+    return report
 
 
 def dataset_reference(data_spec, split: str) -> Reference:
