@@ -16,6 +16,7 @@ from __future__ import annotations
 import getpass
 import json
 import os
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -95,6 +96,20 @@ def tracking_uri() -> str:
     workers and subprocesses with another cwd write to the same store)."""
     uri = os.environ.get("MLFLOW_TRACKING_URI")
     return uri or f"sqlite:///{Path.cwd() / 'mlflow.db'}"
+
+
+def artifact_location(uri: str, experiment: str) -> str | None:
+    """Where a new experiment of a SQLite store keeps its artifacts: `mlartifacts/<experiment>`
+    beside the database file, so a run's figures and spec sit with the store that names them
+    (MLflow's own default is ./mlruns in whatever the working directory happens to be). None for
+    any other store: a tracking server decides for itself."""
+    if not uri.startswith("sqlite:///"):
+        return None
+    database = uri.removeprefix("sqlite:///").split("?", 1)[0]
+    if not database or database == ":memory:":
+        return None
+    folder = re.sub(r"[^A-Za-z0-9._-]+", "_", experiment)  # a collision is harmless: runs have own ids
+    return (Path(database).resolve().parent / "mlartifacts" / folder).as_uri()
 
 
 def git_commit(cwd: str | Path | None = None) -> str | None:
@@ -211,7 +226,8 @@ class Tracker:
         client = MlflowClient(tracking_uri=uri)
         found = client.get_experiment_by_name(experiment)
         if found is None:
-            experiment_id = client.create_experiment(experiment, tags=EXPERIMENT_KIND_TAG)
+            experiment_id = client.create_experiment(experiment, artifact_location(uri, experiment),
+                                                     tags=EXPERIMENT_KIND_TAG)
         else:
             experiment_id = found.experiment_id
             if found.tags.get("mlflow.experimentKind") is None:
