@@ -335,6 +335,16 @@ def test_sweep_rayjob_runs_ditlab_tune_on_a_cluster_of_its_own():
     assert args.sweep.startswith(IMAGE_WORKDIR)
     assert (REPO / args.sweep.removeprefix(IMAGE_WORKDIR)).is_file(), f"{args.sweep}: not in experiments/sweeps/"
     assert args.storage.startswith("/mnt/ditlab/"), "trial checkpoints must go to the volume every Ray pod mounts"
+    from ditlab.sweep import load_sweep
+
+    sweep = load_sweep(REPO / args.sweep.removeprefix(IMAGE_WORKDIR), args.overrides)
+    trial = sweep.base_spec.resources
+    assert trial.use_gpu, "the sweep's cluster has GPU workers only: each trial's Train workers must ask for a GPU"
+    (gpu,) = job["rayClusterSpec"]["workerGroupSpecs"]
+    node_cpus = float(gpu["template"]["spec"]["containers"][0]["resources"]["limits"]["cpu"])
+    # The head advertises no CPUs: a trial's driver and its Train worker both land on a GPU worker.
+    assert trial.cpus_per_worker + sweep.spec.resources.driver_cpus <= node_cpus
+    assert sweep.spec.max_concurrent * trial.num_workers <= gpu["maxReplicas"], "more GPUs asked for than nodes"
 
 
 def _allowed(allowed_hosts: str, host: str) -> bool:
