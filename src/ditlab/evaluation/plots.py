@@ -35,11 +35,13 @@ def grid(images_uint8: np.ndarray, nrow: int) -> np.ndarray:
     return canvas
 
 
-def save_sample_grid(images_uint8: np.ndarray, path: str | Path, title: str = "", limit: int = 100) -> Path:
-    """The first `limit` samples, 10 a row; with balanced labels 0..K-1 each column is one class."""
+def save_sample_grid(images_uint8: np.ndarray, path: str | Path, title: str = "", limit: int = 100,
+                     nrow: int = 10) -> Path:
+    """The first `limit` samples, `nrow` a row; with balanced labels 0..K-1 and 10 a row each column
+    is one class."""
     plt = _pyplot()
     images_uint8 = images_uint8[:limit]
-    nrow = min(10, len(images_uint8))
+    nrow = min(nrow, len(images_uint8))
     canvas = grid(images_uint8, nrow)
     fig, ax = plt.subplots(figsize=(max(4, nrow * 0.6), max(3, canvas.shape[0] / canvas.shape[1] * nrow * 0.6)))
     ax.imshow(canvas[:, :, 0] if canvas.shape[-1] == 1 else canvas, cmap="gray", vmin=0, vmax=255,

@@ -46,6 +46,8 @@ class Report:
     samples: np.ndarray | None = None  # uint8 [N, H, W, C] fake images, for the sample grid
     labels: np.ndarray | None = None
     settings: dict = field(default_factory=dict)  # the EvaluationSpec that produced the figures
+    title: str = ""  # the sample grid's title
+    grid_columns: int = 10  # images a row in the sample grid (pairs and strips set their own)
 
     def to_dict(self) -> dict:
         return {"figures": self.figures, "notes": self.notes, "settings": self.settings}

@@ -60,7 +60,8 @@ def run_evaluation(fake: str, real, ev: EvaluationSpec | None, out_dir: str | Pa
     tracker.set_tags({f"ditlab.eval.{k}": v for k, v in report.notes.items()})
     if report.samples is not None and len(report.samples):
         grid = save_sample_grid(report.samples, out_dir / "samples.png",
-                                title=f"evaluated images ({len(report.samples)} in all)")
+                                title=report.title or f"evaluated images ({len(report.samples)} in all)",
+                                nrow=report.grid_columns)
         tracker.log_artifact(grid, "figures")
         tracker.log_image(grid, "samples")  # the dashboard's image chart (eval/samples)
     summary = {"fake": fake, "real": real, "mlflow_run_id": tracker.run_id, "source_run_id": source,

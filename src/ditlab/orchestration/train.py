@@ -24,7 +24,7 @@ from ditlab.evaluation.plots import save_loss_curve, save_sample_grid
 from ditlab.evaluation.suite import Report
 from ditlab.orchestration.ray_session import ensure_ray
 from ditlab.orchestration.records import open_recorded_run
-from ditlab.orchestration.tracking import Tracker
+from ditlab.orchestration.tracking import Tracker, mlflow_metric_name
 from ditlab.orchestration.trainer import build_trainer
 from ditlab.orchestration.versioning import run_tags
 from ditlab.training.checkpoint import BUNDLE_NAME, CheckpointError, checkpoint_dirs, load_bundle, verify_bundle
@@ -214,15 +214,18 @@ def finish_run(spec: ExperimentSpec, tracker: Tracker, run_dir: Path, checkpoint
         metrics["final_loss"] = float(history[-1]["loss"])
         if "val_loss" in history[-1]:  # the loop validates at the last step
             metrics["final_val_loss"] = float(history[-1]["val_loss"])
-    tracker.log_metrics(metrics, spec.train.steps)  # final_loss and final_val_loss included
+    # The evaluation's figures are named as in an evaluation run (an autoencoder's `mse` is eval/mse,
+    # not the training loss term train/mse); final_loss and final_val_loss as training figures.
+    tracker.log_metrics({mlflow_metric_name(k, "evaluation"): v for k, v in evaluation.figures.items()},
+                        spec.train.steps)
+    tracker.log_metrics({k: v for k, v in metrics.items() if k not in evaluation.figures}, spec.train.steps)
     tracker.set_tags({f"ditlab.eval.{k}": v for k, v in evaluation.notes.items()})
     if history:
         tracker.log_artifact(save_loss_curve(history, run_dir / "loss_curve.png"), "figures")
         write_json(run_dir / "history.json", {"history": history})
     if evaluation.samples is not None and len(evaluation.samples):
-        ev = spec.evaluation
-        title = f"EMA samples, {ev.sampler} {ev.steps} steps, guidance {ev.guidance}"
-        grid = save_sample_grid(evaluation.samples, run_dir / "samples.png", title=title)
+        grid = save_sample_grid(evaluation.samples, run_dir / "samples.png", title=evaluation.title,
+                                nrow=evaluation.grid_columns)
         tracker.log_artifact(grid, "figures")
         tracker.log_image(grid, "samples", spec.train.steps)  # the dashboard's image chart (eval/samples)
     write_json(run_dir / "metrics.json", metrics)

@@ -81,4 +81,5 @@ class GenerationTask(Task):
         report.figures.update(eval_num_samples=float(len(labels)), eval_sampling_seconds=sampling_seconds)
         report.notes["sampler"] = (f"{ev.sampler}, {ev.steps} steps, guidance {ev.guidance}, seed {ev.seed}, "
                                    "EMA weights")
+        report.title = f"EMA samples, {ev.sampler} {ev.steps} steps, guidance {ev.guidance}"
         return report
