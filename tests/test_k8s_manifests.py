@@ -609,12 +609,33 @@ def test_mlflow_server_config_sets_postgres_proxied_artifacts_and_allowed_hosts(
     assert '"mlflow[auth]"' in dockerfile and '"psycopg[binary]"' in dockerfile, "basic auth needs Flask-WTF"
     compose = yaml.safe_load((PLATFORM / "mlflow" / "compose.yaml").read_text())
     for service in compose["services"].values():
-        assert image_problems(service["image"].split("${DITLAB_IMAGE:-")[-1].rstrip("}")) == []
+        # The ditlab image is required from the environment (${DITLAB_IMAGE:?message naming its tag}).
+        required = re.fullmatch(r"\$\{DITLAB_IMAGE:\?[^}]* (\S+)\}", service["image"])
+        assert image_problems(required.group(1) if required else service["image"]) == []
+    assert any(s["image"].startswith("${DITLAB_IMAGE:?") for s in compose["services"].values()), \
+        "the MLflow image must come from your registry: no local default a VM cannot pull"
     example = (PLATFORM / "mlflow" / "mlflow.env.example").read_text()
     assert re.search(r"^MLFLOW_SERVER_ALLOWED_HOSTS=\S+", example, re.MULTILINE)
     assert not re.search(r"^\w*(PASSWORD|SECRET)\w*=\S", example, re.MULTILINE), "the example holds no secret"
     deployment = document("Deployment", "mlflow")["spec"]["template"]["spec"]["containers"][0]
     assert deployment["command"][-1] == "/home/ray/ditlab/platform/mlflow/serve.sh"
+
+
+# Example values in cluster.yaml that belong to another account: each must be marked SITE on its
+# line or in a comment at most four lines above it (a folded command cannot hold a comment).
+SITE_VALUES = re.compile(r"\b\d{12}\b|\b[a-z]{2}-[a-z]+-\d[a-z]?\b|fs-[0-9a-f]{8,}|mlflow\.internal")
+
+
+def unmarked_site_values(text: str) -> list[str]:
+    lines = text.splitlines()
+    return [f"line {i + 1}: {line.strip()}" for i, line in enumerate(lines)
+            if SITE_VALUES.search(line.split("#")[0]) and not any("SITE" in above for above in lines[max(0, i - 4):i + 1])]
+
+
+def test_every_site_specific_value_of_the_launcher_config_is_marked():
+    text = (PLATFORM / "cluster.yaml").read_text()
+    assert unmarked_site_values(text) == []
+    assert unmarked_site_values(text.replace("# SITE", "#")) != [], "the check finds unmarked values"
 
 
 def test_every_yaml_file_parses():
