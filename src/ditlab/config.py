@@ -86,6 +86,56 @@ class TrainSpec(_Section):
     val_weights: Literal["ema", "model"] = "ema"
 
 
+class LossSpec(_Section):
+    """Loss terms beside a task's own objective. The reconstruction, KL and perceptual terms are the
+    autoencoder's; the adversarial terms apply to the autoencoder (on its reconstructions) and to
+    generation (on the denoiser's predicted clean image)."""
+
+    reconstruction: Literal["l1", "l2"] = "l1"
+    kl_weight: float = Field(1e-6, ge=0, description="weight of the latent KL term (autoencoder)")
+    perceptual_weight: float = Field(0.0, ge=0, description="LPIPS term (autoencoder); skipped with a note when "
+                                                             "its weights are not on disk")
+    adversarial_weight: float = Field(0.0, ge=0, description="weight of the generator's adversarial term; "
+                                                              "default 0.5 for task autoencoder, 0 for generation")
+    adaptive_weight: bool = Field(True, description="scale the adversarial term by the ratio of gradient norms at "
+                                                    "the decoder's last layer (Esser et al. 2021)")
+    discriminator_start: int = Field(0, ge=0, description="step from which the discriminator trains and its "
+                                                          "term is applied")
+    discriminator_loss: Literal["hinge", "non_saturating"] = "hinge"
+    discriminator_channels: int = Field(32, ge=4, description="width of the patch discriminator's first layer")
+    discriminator_layers: int = Field(2, ge=1, le=4, description="stride-2 layers of the patch discriminator")
+
+
+class AutoencoderSpec(_Section):
+    """`task: autoencoder`: a KL-regularized convolutional encoder/decoder, by preset name
+    (models/autoencoder.py: KL-{size}/f{factor}c{latent channels})."""
+
+    name: str = "KL-S/f2c2"
+
+
+class LatentSpec(_Section):
+    """`task: generation` on an autoencoder's latents instead of pixels."""
+
+    autoencoder: str | None = Field(None, description="checkpoint of a `task: autoencoder` run; when set, the DiT "
+                                                      "trains on its latents and samples are decoded to pixels")
+    cache: str = Field("cache/latents", description="where encoded datasets are kept, one folder per "
+                                                    "(autoencoder hash, dataset version)")
+
+
+class RestorationSpec(_Section):
+    """`task: restoration`: the degradation the DiT learns to undo, conditioned on the degraded image
+    (training/tasks/restoration.py, degradations.py). Pairs are made on the fly from any dataset,
+    seeded by (data.split_seed, split, image index): every run and every rank sees the same pairs."""
+
+    degradation: Literal["downsample", "gaussian_noise"] = "downsample"
+    factor: int = Field(2, ge=2, description="downsample: box-filter downsampling factor; must divide "
+                                             "data.resolution (the model sees the bicubic upsampling back)")
+    sigma: float = Field(0.2, gt=0, description="gaussian_noise: standard deviation in [0, 1] image units "
+                                                "(0.2 = 51 of 255 grey levels); the noisy image is clipped to range")
+    class_conditional: bool = Field(False, description="also condition on the class label; false: the null "
+                                                       "class always, so unlabelled images can be restored")
+
+
 Metric = Literal["fid", "kid", "precision_recall", "inception_score", "classifier_score", "conditional_accuracy",
                  "mse", "psnr", "ssim", "lpips"]
 # Metrics that compare each image with its own ground truth (restoration, reconstruction): they need
@@ -140,20 +190,41 @@ class TrackingSpec(_Section):
 
 
 # The kinds of experiment; each is a module under training/tasks/ (its registry must match).
-TaskName = Literal["generation"]
+TaskName = Literal["generation", "autoencoder", "restoration"]
+
+# Defaults that depend on the task, filled in before validation when the spec leaves them out.
+TASK_DEFAULTS: dict[str, dict[str, dict[str, Any]]] = {"autoencoder": {"loss": {"adversarial_weight": 0.5}}}
 
 
 class ExperimentSpec(_Section):
     name: str = "experiment"
-    task: TaskName = Field("generation", description="the kind of experiment: generation (class-conditional DiT)")
+    task: TaskName = Field("generation", description="the kind of experiment: generation (class-conditional DiT), "
+                                                     "autoencoder (KL encoder/decoder with an adversarial loss), "
+                                                     "restoration (super-resolution, denoising)")
     seed: int = 0
     data: DataSpec = DataSpec()
     model: ModelSpec = ModelSpec()
     diffusion: DiffusionSpec = DiffusionSpec()
+    loss: LossSpec = LossSpec()
+    autoencoder: AutoencoderSpec = AutoencoderSpec()
+    latent: LatentSpec = LatentSpec()
+    restoration: RestorationSpec = RestorationSpec()
     train: TrainSpec = TrainSpec()
     evaluation: EvaluationSpec = EvaluationSpec()
     resources: ResourcesSpec = ResourcesSpec()
     tracking: TrackingSpec = TrackingSpec()
+
+    @model_validator(mode="before")
+    @classmethod
+    def _task_defaults(cls, raw: Any) -> Any:
+        if not isinstance(raw, dict) or raw.get("task") not in TASK_DEFAULTS:
+            return raw
+        raw = dict(raw)
+        for section, defaults in TASK_DEFAULTS[raw["task"]].items():
+            given = raw.get(section)
+            if given is None or isinstance(given, dict):
+                raw[section] = {**defaults, **(given or {})}
+        return raw
 
     @model_validator(mode="after")
     def _consistent(self) -> ExperimentSpec:
@@ -167,6 +238,20 @@ class ExperimentSpec(_Section):
                 f"data.resolution: {self.data.resolution} is not divisible by the patch size {patch} "
                 f"of {self.model.name}"
             )
+        if self.task == "autoencoder":
+            from ditlab.models.autoencoder import AUTOENCODER_PRESETS
+
+            preset = AUTOENCODER_PRESETS.get(self.autoencoder.name)
+            if preset is None:
+                raise SpecError(f"autoencoder.name: unknown autoencoder {self.autoencoder.name!r}; known: "
+                                f"{', '.join(sorted(AUTOENCODER_PRESETS))}")
+            if self.data.resolution % preset.factor:
+                raise SpecError(f"data.resolution: {self.data.resolution} is not divisible by the downsampling "
+                                f"factor {preset.factor} of {self.autoencoder.name}")
+        if self.task == "restoration" and self.restoration.degradation == "downsample" \
+                and self.data.resolution % self.restoration.factor:
+            raise SpecError(f"restoration.factor: {self.restoration.factor} does not divide data.resolution "
+                            f"{self.data.resolution}")
         ev = self.evaluation
         if ev.num_samples and "kid" in ev.metrics and ev.kid.subset_size > ev.num_samples:
             raise SpecError(f"evaluation.kid.subset_size: {ev.kid.subset_size} exceeds evaluation.num_samples "
