@@ -296,7 +296,7 @@ def test_cli_evaluate_two_folders(folders, tmp_path, monkeypatch, capsys):
 
 def _write_pngs(folder, images, names):
     folder.mkdir()
-    for img, name in zip(images, names):
+    for img, name in zip(images, names, strict=True):
         Image.fromarray(img).save(folder / name)
 
 

@@ -84,6 +84,13 @@ class TrainSpec(_Section):
     val_every: int | None = Field(None, ge=1, description="steps between validation losses; default: log_every")
     val_images: int = Field(128, ge=0, description="test images scored for val_loss (all if fewer); 0: none")
     val_weights: Literal["ema", "model"] = "ema"
+    # Sample quality during training (Task.sample_quality): FID and KID of a small sample budget, so
+    # a run has an FID curve and a sweep can judge trials whose val_loss does not compare.
+    eval_every: int | None = Field(None, ge=1, description="steps between FID and KID of `eval_samples` samples "
+                                                           "of the val_weights (and at the end); default: off")
+    eval_samples: int = Field(100, ge=2, description="samples scored at each eval_every step")
+    eval_sampler_steps: int = Field(20, ge=1, description="DDIM steps for those samples; guidance, seed, reference "
+                                                          "split and FID/KID settings come from `evaluation`")
 
 
 class LossSpec(_Section):
@@ -193,7 +200,10 @@ class TrackingSpec(_Section):
 TaskName = Literal["generation", "autoencoder", "restoration"]
 
 # Defaults that depend on the task, filled in before validation when the spec leaves them out.
-TASK_DEFAULTS: dict[str, dict[str, dict[str, Any]]] = {"autoencoder": {"loss": {"adversarial_weight": 0.5}}}
+TASK_DEFAULTS: dict[str, dict[str, dict[str, Any]]] = {
+    "autoencoder": {"loss": {"adversarial_weight": 0.5},
+                    "evaluation": {"metrics": ["mse", "psnr", "ssim", "lpips", "fid"]}},
+}
 
 
 class ExperimentSpec(_Section):
@@ -253,6 +263,12 @@ class ExperimentSpec(_Section):
             raise SpecError(f"restoration.factor: {self.restoration.factor} does not divide data.resolution "
                             f"{self.data.resolution}")
         ev = self.evaluation
+        if self.train.eval_every is not None:
+            if self.task != "generation":
+                raise SpecError(f"train.eval_every: task {self.task} does not score samples during training")
+            if ev.kid.subset_size > self.train.eval_samples:
+                raise SpecError(f"train.eval_samples: {self.train.eval_samples} is below evaluation.kid.subset_size "
+                                f"({ev.kid.subset_size}), the KID subsets scored during training")
         if ev.num_samples and "kid" in ev.metrics and ev.kid.subset_size > ev.num_samples:
             raise SpecError(f"evaluation.kid.subset_size: {ev.kid.subset_size} exceeds evaluation.num_samples "
                             f"({ev.num_samples})")

@@ -44,13 +44,18 @@ def cmd_sample(args) -> int:
     import torch
 
     from ditlab.atomic import write_json
-    from ditlab.sampling import balanced_labels, generate, load_for_sampling, save_pngs
-    from ditlab.training.checkpoint import CheckpointError
+    from ditlab.sampling import balanced_labels, from_bundle, generate, save_pngs
+    from ditlab.training.checkpoint import CheckpointError, load_bundle
 
     try:
-        ckpt = load_for_sampling(args.checkpoint, args.weights)
+        bundle = load_bundle(args.checkpoint)
     except CheckpointError as err:
         raise BadInput(str(err)) from None
+    task = bundle["spec"].get("task", "generation")
+    if task != "generation":
+        raise BadInput(f"{args.checkpoint}: not a generation checkpoint (task {task!r}); ditlab sample draws "
+                       f"from generation checkpoints, ditlab evaluate --fake scores any checkpoint")
+    ckpt = from_bundle(bundle, str(args.checkpoint), args.weights)
     ev = load(args.spec).evaluation if args.spec else ckpt.spec.evaluation
     num = args.num if args.num is not None else ev.num_samples if args.spec else 100
     if num < 1:

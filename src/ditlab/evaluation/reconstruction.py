@@ -79,6 +79,15 @@ def ssim(pred, target, window: int = 11, sigma: float = 1.5, k1: float = 0.01, k
     return float(ssim_map.flatten(1).mean(1).mean())
 
 
+def mean_gradient_magnitude(images) -> float:
+    """Sharpness of a set: the mean magnitude of horizontal and vertical finite differences, on
+    [0, 1]. Blurry reconstructions score below their originals; the ratio of the two is the
+    figure to read."""
+    x = to_unit_range(images)
+    dx, dy = x[..., :, 1:] - x[..., :, :-1], x[..., 1:, :] - x[..., :-1, :]
+    return float(torch.sqrt(dx[..., :-1, :] ** 2 + dy[..., :, :-1] ** 2).mean())
+
+
 ALEXNET_FILE = "alexnet-owt-7be5be79.pth"  # torchvision's ImageNet AlexNet, LPIPS' default backbone
 
 

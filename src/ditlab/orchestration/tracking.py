@@ -36,17 +36,23 @@ EXPERIMENT_KIND_TAG = {"mlflow.experimentKind": "custom_model_development"}
 # Raw key -> MLflow name, for the keys whose name changes beyond a prefix.
 RENAMED = {
     "val_loss": "val/loss",
+    "val_psnr": "val/psnr",
     "final_val_loss": "val/final_loss",
     "eval_num_samples": "eval/num_samples",
     "samples": "eval/samples",  # the sample grid (an image chart, `Tracker.log_image`)
 }
 # The training loop's reports (loss terms, optimizer, throughput) and the run's last training loss.
-TRAIN_KEYS = frozenset({"loss", "mse", "vb", "lr", "grad_norm", "images_per_sec", "epoch", "final_loss"})
+TRAIN_KEYS = frozenset({"loss", "mse", "vb", "lr", "grad_norm", "images_per_sec", "epoch", "final_loss",
+                        # the adversarial terms (loss.adversarial_weight): generator, discriminator, weight
+                        "g_loss", "d_loss", "d_weight", "logits_real", "logits_fake",
+                        # the autoencoder's other terms
+                        "rec_loss", "kl", "perceptual"})
 # The evaluation suite's figures (generative and reconstruction protocols).
 EVAL_KEYS = frozenset({
     "fid", "fid_num_fake", "fid_num_real", "kid", "kid_std", "precision", "recall",
     "inception_score", "inception_score_std", "classifier_score", "classifier_score_std",
     "conditional_accuracy", "classifier_test_accuracy", "psnr", "ssim", "lpips",
+    "rfid", "sharpness", "sharpness_original", "sharpness_ratio",
 })
 # A sweep's parent run: the best trial's figure (`best_<metric>`) and the sweep's totals.
 SWEEP_KEYS = frozenset({"steps_trained", "num_trials"})
@@ -62,10 +68,11 @@ def mlflow_metric_name(key: str, kind: str = "train") -> str:
     |-----------------------------------------------------|-------------------------------|
     | loss mse vb lr grad_norm images_per_sec epoch        | train/<key>                   |
     | final_loss                                          | train/final_loss              |
-    | val_loss, final_val_loss                            | val/loss, val/final_loss      |
+    | g_loss d_loss d_weight logits_real logits_fake       | train/<key>                   |
+    | val_loss, final_val_loss, val_psnr                  | val/loss, val/final_loss, val/psnr |
     | fid fid_num_* kid* precision recall *_score*         | eval/<key>                    |
     | conditional_accuracy classifier_test_accuracy        | eval/<key>                    |
-    | psnr ssim lpips (mse in an evaluation run)           | eval/<key>                    |
+    | psnr ssim lpips rfid sharpness* (mse in an evaluation run) | eval/<key>             |
     | eval_num_samples                                    | eval/num_samples              |
     | samples (the sample grid's image key)               | eval/samples                  |
     | <anything>_seconds                                  | time/<key>                    |

@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
+from ditlab.training.tasks.autoencoder import AutoencoderTask
 from ditlab.training.tasks.base import Batch, Task
 from ditlab.training.tasks.generation import GenerationTask
+from ditlab.training.tasks.restoration import RestorationTask
 
-TASKS: dict[str, type[Task]] = {cls.name: cls for cls in (GenerationTask,)}
+TASKS: dict[str, type[Task]] = {cls.name: cls for cls in (GenerationTask, AutoencoderTask, RestorationTask)}
 
 
 def task_class(name: str) -> type[Task]:
@@ -14,4 +16,4 @@ def task_class(name: str) -> type[Task]:
     return TASKS[name]
 
 
-__all__ = ["Batch", "GenerationTask", "TASKS", "Task", "task_class"]
+__all__ = ["AutoencoderTask", "Batch", "GenerationTask", "RestorationTask", "TASKS", "Task", "task_class"]

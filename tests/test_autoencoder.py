@@ -1,0 +1,123 @@
+"""`task: autoencoder`: the KL autoencoder with its patch discriminator trains, resumes exactly with
+the discriminator active (one process and two DDP ranks), refuses bad specs before Ray starts, and
+its checkpoints are scored on reconstructions of the test split."""
+
+import json
+import os
+
+import numpy as np
+import pytest
+import torch
+import torch.distributed as dist
+import torch.multiprocessing as mp
+
+from ditlab import cli
+from ditlab.config import SpecError, load
+from ditlab.training import LocalReporter, Placement, train
+from ditlab.training.checkpoint import load_bundle
+from ditlab.training.tasks import AutoencoderTask
+
+from conftest import ROOT
+
+SPEC = ROOT / "experiments" / "autoencoder.yaml"
+# The shipped spec at test size: 8px digits, the narrowest preset, the discriminator from step 2.
+TINY = ["autoencoder.name=KL-N/f2c2", "data.resolution=8", "train.steps=6", "train.batch_size=16",
+        "train.warmup_steps=2", "train.log_every=1", "train.checkpoint_every=3", "train.val_images=16",
+        "loss.discriminator_start=2", "loss.discriminator_channels=8", "evaluation.num_samples=16",
+        "evaluation.batch_size=16"]
+
+
+def tiny(*overrides: str):
+    return load(SPEC, ["resources.num_workers=1", *TINY, *overrides])
+
+
+def same_parameters(a: torch.nn.Module, b: torch.nn.Module) -> bool:
+    return all(torch.equal(x, y) for x, y in zip(a.parameters(), b.parameters(), strict=True))
+
+
+def test_resume_is_exact_with_the_discriminator_active(tmp_path):
+    """Interrupted at the step-3 checkpoint (the discriminator trained since step 2) and resumed: the
+    losses of steps 4..6 and the final autoencoder, EMA and discriminator weights are the run's."""
+    spec = tiny()
+    full = LocalReporter(tmp_path / "full")
+    end_full = train(spec, full)
+    assert all(h["d_loss"] > 0 for h in full.history if h["step"] > 2)  # the discriminator trained
+    assert all(h["d_loss"] == 0 and h["g_loss"] == 0 for h in full.history if h["step"] <= 2)
+    resumed = LocalReporter(tmp_path / "resumed")
+    end = train(spec, resumed, resume_from=str(tmp_path / "full" / "checkpoint_000003" / "checkpoint.pt"))
+    assert [h["step"] for h in resumed.history] == [4, 5, 6]
+    assert [h["loss"] for h in resumed.history] == [h["loss"] for h in full.history][3:]
+    assert same_parameters(end.ema.model, end_full.ema.model)
+    assert same_parameters(end.task.discriminator, end_full.task.discriminator)
+    bundle = load_bundle(tmp_path / "full" / "checkpoint_000006" / "checkpoint.pt")
+    assert set(bundle["task_state"]) == {"steps_done", "discriminator", "discriminator_optimizer"}
+    assert bundle["task_state"]["steps_done"] == 6 and bundle["model_config"]["kind"] == "autoencoder"
+
+
+def test_no_discriminator_without_an_adversarial_weight():
+    task = AutoencoderTask(tiny("loss.adversarial_weight=0"), 10, torch.device("cpu"))
+    assert task.discriminator is None and task.optimizers() == [task.optimizer]
+    assert tiny().loss.adversarial_weight == 0.5  # the task's default
+    assert load(None).loss.adversarial_weight == 0  # generation's
+
+
+def _ddp_rank(rank: int, init_file: str, out_dir: str) -> None:
+    torch.set_num_threads(1)
+    dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=2)
+    try:
+        spec = load(SPEC, [*TINY, "resources.num_workers=2"])
+        placement = Placement(rank=rank, world_size=2,
+                              wrap_model=lambda m: torch.nn.parallel.DistributedDataParallel(m))
+        full = LocalReporter(f"{out_dir}/full")
+        end_full = train(spec, full, placement)
+        dist.barrier()
+        resumed = LocalReporter(f"{out_dir}/resumed")
+        end = train(spec, resumed, placement, resume_from=f"{out_dir}/full/checkpoint_000003/checkpoint.pt")
+        record = {"full": [h["loss"] for h in full.history], "resumed": [h["loss"] for h in resumed.history],
+                  "same": same_parameters(end.ema.model, end_full.ema.model)
+                  and same_parameters(end.task.discriminator, end_full.task.discriminator),
+                  "discriminator": [float(p.sum()) for p in end.task.discriminator.parameters()]}
+        with open(f"{out_dir}/rank{rank}.json", "w") as f:
+            json.dump(record, f)
+    finally:
+        dist.destroy_process_group()
+
+
+def test_two_ddp_ranks_resume_exactly_and_share_one_discriminator(tmp_path):
+    """Both modules under DistributedDataParallel, as Ray Train runs them: the adaptive weight's
+    gradients and the discriminator's single forward per backward work with gloo, the ranks end
+    with the same discriminator, and resume is exact."""
+    os.environ.setdefault("OMP_NUM_THREADS", "1")
+    mp.spawn(_ddp_rank, args=(str(tmp_path / "init"), str(tmp_path)), nprocs=2, join=True)
+    ranks = [json.loads((tmp_path / f"rank{r}.json").read_text()) for r in (0, 1)]
+    for record in ranks:
+        assert record["resumed"] == record["full"][3:] and record["same"]
+    assert ranks[0]["discriminator"] == ranks[1]["discriminator"]
+
+
+def test_the_checkpoint_is_scored_on_reconstructions_of_the_test_split(tmp_path, capsys):
+    spec = tiny("train.steps=3")
+    train(spec, LocalReporter(tmp_path))
+    bundle = load_bundle(tmp_path / "checkpoint_000003" / "checkpoint.pt")
+    report = AutoencoderTask.evaluate_checkpoint(bundle, "tiny")
+    f = report.figures
+    assert {"mse", "psnr", "ssim", "rfid", "sharpness_ratio"} <= set(f) and "fid" not in f
+    assert f["eval_num_samples"] == 16 and 0 < f["ssim"] < 1 and f["rfid"] > 0
+    assert f["psnr"] == pytest.approx(10 * np.log10(1 / f["mse"]), abs=3)  # mean of per-image PSNR
+    assert report.samples.shape == (32, 8, 8, 1)  # originals and reconstructions, in pairs
+    code = cli.main(["sample", str(tmp_path / "checkpoint_000003"), "--num", "2", "--out", str(tmp_path / "s")])
+    assert code == 2 and "not a generation checkpoint" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("override,message", [
+    ("data.resolution=12", "data.resolution: 12 is not divisible by the downsampling factor 8 of KL-S/f8c2"),
+    ("loss.adversarial_weight=-1", "loss.adversarial_weight: Input should be greater than or equal to 0"),
+])
+def test_bad_specs_are_refused_naming_the_field(override, message, capsys):
+    overrides = [override] + (["autoencoder.name=KL-S/f8c2"] if "resolution" in override else [])
+    with pytest.raises(SpecError, match=message.split(": ", 1)[1].split(" (")[0]):
+        load(SPEC, overrides)
+    argv = ["run", str(SPEC), "--dry-run"] + [a for o in overrides for a in ("--set", o)]
+    assert cli.main(argv) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith("ditlab: error: ") and message in err[0]
