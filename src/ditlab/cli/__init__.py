@@ -4,6 +4,7 @@ in common.py.
     ditlab run SPEC [--set a.b=c ...] [--address ADDR] [--name NAME] [--dry-run] [--json] [--verbose]
     ditlab train SPEC [...as run] [--restart-if-changed] [--export DIR]     (no final evaluation)
     ditlab sample CHECKPOINT|RUN --out DIR [--num N] [--spec SPEC] [--labels 0,1,2] [--sampler ddim] [--guidance W]
+    ditlab restore CHECKPOINT|RUN --input DIR --out DIR [--sampler ddim] [--steps N] [--json]
     ditlab evaluate --fake DIR|CHECKPOINT [--real DIR|DATASET|PREPARED] [--protocol P | --spec SPEC] [--json]
     ditlab data prepare SPEC --out DIR | ditlab data add DIR --name NAME [--no-dvc]
     ditlab submit SPEC --address http://HEAD:8265 [--set a.b=c ...] [--name NAME] [--follow] [--json]
@@ -19,13 +20,13 @@ import argparse
 import sys
 from types import SimpleNamespace
 
-from ditlab.cli import cluster, data, evaluate, run, sample, tune
+from ditlab.cli import cluster, data, evaluate, restore, run, sample, tune
 from ditlab.cli.common import (EXIT_BAD_INPUT, BadInput, address_flag, dry_run_flag, json_flag, overrides_flag,
                                parent, progress_flag, verbose_flag)
 from ditlab.config import SpecError
 from ditlab.orchestration.console import configure_console
 
-COMMAND_MODULES = (run, data, sample, evaluate, cluster, tune)
+COMMAND_MODULES = (run, data, sample, restore, evaluate, cluster, tune)
 
 
 def _spec_positional(p: argparse.ArgumentParser) -> None:

@@ -1,7 +1,9 @@
 """Diffusion Transformer (DiT), Peebles & Xie 2023, "Scalable Diffusion Models with Transformers".
 
 The model maps (noisy image x_t, timestep t, class label y) to the denoiser output. It knows
-nothing about noise schedules or sampling: those live in `ditlab.diffusion`.
+nothing about noise schedules or sampling: those live in `ditlab.diffusion`. A conditional model
+(`cond_channels` > 0, e.g. restoration) also takes an image the size of x_t, concatenated to its
+channels before the patch embedding (SR3, Saharia et al. 2021).
 """
 
 from __future__ import annotations
@@ -30,6 +32,7 @@ class DiTConfig:
     class_dropout_prob: float = 0.1
     learn_sigma: bool = True
     dropout: float = 0.0
+    cond_channels: int = 0  # channels of a conditioning image concatenated to x_t (0: none)
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -79,13 +82,14 @@ class TimestepEmbedder(nn.Module):
 
 
 class LabelEmbedder(nn.Module):
-    """Class labels -> vectors. Index `num_classes` is the null class used by classifier-free guidance."""
+    """Class labels -> vectors. Index `num_classes` is the null class used by classifier-free guidance;
+    with `num_classes` 0 (a model without labels) the null class is the only row."""
 
     def __init__(self, num_classes: int, hidden_size: int, dropout_prob: float):
         super().__init__()
         self.num_classes = num_classes
         self.dropout_prob = dropout_prob
-        self.embedding_table = nn.Embedding(num_classes + int(dropout_prob > 0), hidden_size)
+        self.embedding_table = nn.Embedding(num_classes + int(dropout_prob > 0 or num_classes == 0), hidden_size)
 
     def forward(self, labels: torch.Tensor, drop_mask: torch.Tensor | None = None) -> torch.Tensor:
         # The training loop draws `drop_mask` from its own seeded generator, so that label dropout
@@ -177,7 +181,7 @@ class DiT(nn.Module):
         self.out_channels = config.in_channels * (2 if config.learn_sigma else 1)
         self.grid_size = config.input_size // p
         # 1. input: non-overlapping p x p patches -> tokens, plus fixed position embedding
-        self.x_embedder = nn.Conv2d(config.in_channels, h, kernel_size=p, stride=p)
+        self.x_embedder = nn.Conv2d(config.in_channels + config.cond_channels, h, kernel_size=p, stride=p)
         pos = sincos_pos_embed_2d(h, self.grid_size)
         self.pos_embed = nn.Parameter(torch.from_numpy(pos).float().unsqueeze(0), requires_grad=False)
         # 2. conditioning: timestep and class embeddings are summed into one vector c
@@ -221,8 +225,14 @@ class DiT(nn.Module):
         return torch.einsum("nhwpqc->nchpwq", x).reshape(x.shape[0], c, g * p, g * p)
 
     def forward(
-        self, x: torch.Tensor, t: torch.Tensor, y: torch.Tensor, drop_mask: torch.Tensor | None = None
+        self, x: torch.Tensor, t: torch.Tensor, y: torch.Tensor, drop_mask: torch.Tensor | None = None,
+        cond: torch.Tensor | None = None,
     ) -> torch.Tensor:
+        if (cond is not None) != (self.config.cond_channels > 0):
+            raise ValueError(f"this DiT takes {self.config.cond_channels} conditioning channels; "
+                             f"got {'none' if cond is None else cond.shape[1]}")
+        if cond is not None:
+            x = torch.cat([x, cond.to(x.dtype)], dim=1)
         x = self.x_embedder(x).flatten(2).transpose(1, 2) + self.pos_embed
         c = self.t_embedder(t) + self.y_embedder(y, drop_mask)
         for block in self.blocks:

@@ -160,8 +160,9 @@ def make_bundle(state: TrainState) -> dict:
 
 def train_step(state: TrainState, placement: Placement) -> dict[str, float]:
     """One optimizer step of the task on this rank's share of the global batch."""
-    images, labels = state.dataset.batch(state.sampler.indices(state.step))
-    batch = Batch(images.to(placement.device), labels.to(placement.device))
+    indices = state.sampler.indices(state.step)
+    images, labels = state.dataset.batch(indices)
+    batch = Batch(images.to(placement.device), labels.to(placement.device), indices)
     lr = lr_at(state.step, state.spec.train)
     for optimizer in state.task.optimizers():
         for group in optimizer.param_groups:

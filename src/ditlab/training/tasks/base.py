@@ -28,6 +28,9 @@ class Batch:
 
     images: torch.Tensor  # [B, C, R, R] in [-1, 1]
     labels: torch.Tensor  # [B] int64
+    # [B] int64 positions in the training split: a task that derives inputs from an image's identity
+    # (restoration's seeded degradation) gets the same input on whichever rank and step it lands.
+    indices: torch.Tensor | None = None
 
     def __len__(self) -> int:
         return len(self.labels)
