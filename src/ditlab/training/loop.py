@@ -206,25 +206,40 @@ def is_validation_step(state: TrainState) -> bool:
     return state.task.validates and (state.step % every == 0 or state.step == state.spec.train.steps)
 
 
+def val_weights(state: TrainState) -> nn.Module:
+    """The weights `train.val_weights` names: the EMA copy or the live model."""
+    return state.ema.model if state.spec.train.val_weights == "ema" else state.task.model
+
+
 def maybe_validate(state: TrainState) -> dict[str, float]:
     """The task's validation figures at validation steps, on the weights `train.val_weights` names."""
     if not is_validation_step(state):
         return {}
-    weights = state.ema.model if state.spec.train.val_weights == "ema" else state.task.model
-    return state.task.validation(weights)
+    return state.task.validation(val_weights(state))
+
+
+def is_sample_eval_step(state: TrainState) -> bool:
+    every = state.spec.train.eval_every
+    return every is not None and (state.step % every == 0 or state.step == state.spec.train.steps)
+
+
+def maybe_score_samples(state: TrainState) -> dict[str, float]:
+    """The task's sample quality (FID, KID) at `train.eval_every` steps, on the same weights."""
+    return state.task.sample_quality(val_weights(state)) if is_sample_eval_step(state) else {}
 
 
 def is_report_step(state: TrainState) -> bool:
     train = state.spec.train
     return (state.step % train.log_every == 0 or state.step % train.checkpoint_every == 0
-            or state.step == train.steps or is_validation_step(state))
+            or state.step == train.steps or is_validation_step(state) or is_sample_eval_step(state))
 
 
 def train(spec: ExperimentSpec, reporter: Reporter, placement: Placement | None = None,
           resume_from: str | None = None) -> TrainState:
     """Run (or continue) training to `spec.train.steps`, reporting every `log_every` steps (the
     window's mean across steps and ranks), validation figures every `val_every` steps (default:
-    log_every), a checkpoint every `checkpoint_every` steps, and all three at the end."""
+    log_every), sample quality every `eval_every` steps (default: never), a checkpoint every
+    `checkpoint_every` steps, and all of them at the end."""
     placement = placement or Placement()
     state = setup(spec, placement, resume_from)
     window: list[dict[str, float]] = []
@@ -239,6 +254,7 @@ def train(spec: ExperimentSpec, reporter: Reporter, placement: Placement | None 
         metrics.update(step=state.step, images_per_sec=images / max(elapsed, 1e-9),
                        epoch=state.step * spec.train.batch_size / len(state.dataset))
         metrics.update(maybe_validate(state))  # after the clock: not counted as training time
+        metrics.update(maybe_score_samples(state))
         window, tic, images = [], time.perf_counter(), 0
         if not maybe_checkpoint(state, placement, reporter, metrics, force=state.step == spec.train.steps):
             reporter.report(metrics, None)

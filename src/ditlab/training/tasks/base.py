@@ -113,6 +113,12 @@ class Task(ABC):
         """Restore `extra_state`; bundles written before a task had any extra state pass {}."""
         return None
 
+    def sample_quality(self, weights: nn.Module) -> dict[str, float]:
+        """Figures on samples of `weights` at `train.eval_every` steps (generation: FID and KID).
+        Called on every rank at the same steps; every rank must return the same figures (a task
+        that splits the work over the ranks gathers the result itself)."""
+        return {}
+
     # -- after training ----------------------------------------------------------------------------
 
     @classmethod

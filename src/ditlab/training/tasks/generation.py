@@ -1,14 +1,32 @@
 """`task: generation`: a class-conditional DiT trained as a denoiser (the default task).
 
-Sections it reads: model, diffusion, train. One AdamW optimizer; label dropout (for classifier-free
-guidance) drawn from the step's generator; validation loss on a fixed slice of the test split;
-evaluation by sampling the EMA weights and scoring FID, KID, precision/recall, classifier score and
-conditional accuracy against the dataset's split.
+Sections it reads: model, diffusion, loss, train. One AdamW optimizer; label dropout (for
+classifier-free guidance) drawn from the step's generator; validation loss on a fixed slice of the
+test split; FID and KID of a small sample budget every `train.eval_every` steps; evaluation by
+sampling the EMA weights and scoring FID, KID, precision/recall, classifier score and conditional
+accuracy against the dataset's split.
+
+With `loss.adversarial_weight` > 0, a patch discriminator judges the denoiser's predicted clean
+image x0_hat (from its eps, v or x0 output at x_t) against the batch's real images, from step
+`loss.discriminator_start` on:
+
+    generator: diffusion loss + adversarial_weight * lambda * G(D(x0_hat))
+    discriminator: hinge or non-saturating loss on [real, x0_hat] in one forward pass
+
+`lambda` is the adaptive weight (loss.adaptive_weight; Esser et al. 2021): the ratio of the
+diffusion loss's and the adversarial term's gradient norms at the DiT's final linear layer (the
+output head plays the part of a decoder's last layer), else 1. x0_hat is not clipped: at high noise
+levels an eps-model's x0_hat is far outside [-1, 1] and the discriminator tells it apart easily;
+the adaptive weight keeps that term's gradient at the diffusion loss's size. The discriminator and
+its optimizer live in the bundle's "task_state". The reported `loss` stays the diffusion loss, so
+runs with and without the term compare; `g_loss`, `d_loss`, `d_weight` (adversarial_weight *
+lambda, 0 before the start) and the mean logits are reported beside it.
 """
 
 from __future__ import annotations
 
 import time
+from typing import Any
 
 import torch
 from torch import nn
@@ -17,8 +35,13 @@ from ditlab.builders import build_diffusion, build_dit
 from ditlab.config import EvaluationSpec, ExperimentSpec
 from ditlab.data import to_uint8
 from ditlab.diffusion import training_losses
+from ditlab.models.adversarial import PatchDiscriminator, adaptive_weight, discriminator_loss, generator_loss
+from ditlab.training.sample_quality import SampleQuality
 from ditlab.training.tasks.base import Batch, Task
 from ditlab.training.validation import validation_loss, validation_set
+
+# Reported at every step with a discriminator, so report windows keep their keys across the start.
+ADVERSARIAL_KEYS = ("g_loss", "d_loss", "d_weight", "logits_real", "logits_fake")
 
 
 class GenerationTask(Task):
@@ -26,13 +49,42 @@ class GenerationTask(Task):
 
     def __init__(self, spec: ExperimentSpec, num_classes: int, device: torch.device):
         super().__init__(spec, num_classes, device)
-        train = spec.train
+        train, loss = spec.train, spec.loss
         self.model = build_dit(spec, num_classes).to(device)
         self.forward_model: nn.Module = self.model  # DDP-wrapped by `wrap`
         self.diffusion = build_diffusion(spec)
         self.optimizer = torch.optim.AdamW([p for p in self.model.parameters() if p.requires_grad], lr=train.lr,
                                            betas=train.adam_betas, weight_decay=train.weight_decay)
         self.validation_data = validation_set(spec.data, train.val_images)
+        self.sample_scorer = SampleQuality(spec, self.diffusion, device) if train.eval_every else None
+        self.discriminator = self.disc_optimizer = None
+        if loss.adversarial_weight > 0:
+            self.discriminator = PatchDiscriminator(self.model.config.in_channels, loss.discriminator_channels,
+                                                    loss.discriminator_layers).to(device)
+            self.disc_forward: nn.Module = self.discriminator
+            self.disc_optimizer = torch.optim.AdamW(self.discriminator.parameters(), lr=train.lr,
+                                                    betas=train.adam_betas, weight_decay=train.weight_decay)
+            self.steps_done = 0  # the loop's step, for loss.discriminator_start (kept in task_state)
+
+    # -- modules -----------------------------------------------------------------------------------
+
+    def optimizers(self) -> list[torch.optim.Optimizer]:
+        return [self.optimizer] + ([self.disc_optimizer] if self.disc_optimizer is not None else [])
+
+    def wrap(self, wrap_model) -> None:
+        self.forward_model = wrap_model(self.model)
+        if self.discriminator is not None:
+            self.disc_forward = wrap_model(self.discriminator)
+
+    def set_train_mode(self) -> None:
+        self.model.train()
+        if self.discriminator is not None:
+            self.discriminator.train()
+
+    # -- one step ----------------------------------------------------------------------------------
+
+    def adversarial_active(self) -> bool:
+        return self.discriminator is not None and self.steps_done >= self.spec.loss.discriminator_start
 
     def step(self, batch: Batch, generator: torch.Generator) -> dict[str, float]:
         # Drawn on the CPU from the step's generator (same order as before the Task seam), then moved.
@@ -41,10 +93,56 @@ class GenerationTask(Task):
         noise = torch.randn(batch.images.shape, generator=generator)
         drop = torch.rand(n, generator=generator) < self.spec.model.class_dropout_prob
         t, noise, drop = (v.to(self.device) for v in (t, noise, drop))
+        if self.discriminator is None:
+            with self.autocast():
+                terms = training_losses(self.forward_model, self.diffusion, batch.images, t, batch.labels, noise, drop)
+            grad_norm = self.optimize(terms["loss"].mean(), self.optimizer, self.model.parameters())
+            return {**{k: float(v.detach().mean()) for k, v in terms.items()}, "grad_norm": grad_norm}
+        return self.adversarial_step(batch, t, noise, drop)
+
+    def adversarial_step(self, batch: Batch, t: torch.Tensor, noise: torch.Tensor,
+                         drop: torch.Tensor) -> dict[str, float]:
+        """The diffusion loss plus the adversarial term on x0_hat, then a discriminator update."""
+        loss_spec, active = self.spec.loss, self.adversarial_active()
+        outputs: list[torch.Tensor] = []
+
+        def recorded(*args):  # training_losses' forward pass, its output kept for x0_hat
+            outputs.append(self.forward_model(*args))
+            return outputs[-1]
+
+        figures = dict.fromkeys(ADVERSARIAL_KEYS, 0.0)
         with self.autocast():
-            terms = training_losses(self.forward_model, self.diffusion, batch.images, t, batch.labels, noise, drop)
-        grad_norm = self.optimize(terms["loss"].mean(), self.optimizer, self.model.parameters())
-        return {**{k: float(v.detach().mean()) for k, v in terms.items()}, "grad_norm": grad_norm}
+            terms = training_losses(recorded, self.diffusion, batch.images, t, batch.labels, noise, drop)
+            loss = terms["loss"].mean()
+            total = loss
+            if active:
+                x_t = self.diffusion.q_sample(batch.images, t, noise)
+                channels = batch.images.shape[1]
+                x0_hat, _ = self.diffusion.to_x0_eps(outputs[0][:, :channels].float(), x_t, t)
+                g_loss = generator_loss(self.disc_forward(x0_hat), loss_spec.discriminator_loss)
+                lam = (adaptive_weight(loss, g_loss, self.model.final_layer.linear.weight)
+                       if loss_spec.adaptive_weight else torch.tensor(1.0, device=self.device))
+                total = loss + loss_spec.adversarial_weight * lam * g_loss
+                figures.update(g_loss=float(g_loss.detach()), d_weight=loss_spec.adversarial_weight * float(lam))
+        figures.update({k: float(v.detach().mean()) for k, v in terms.items()})
+        figures["grad_norm"] = self.optimize(total, self.optimizer, self.model.parameters())
+        if active:
+            figures.update(self.discriminator_step(batch.images, x0_hat.detach()))
+        self.steps_done += 1
+        return figures
+
+    def discriminator_step(self, real: torch.Tensor, fake: torch.Tensor) -> dict[str, float]:
+        """One discriminator update on real images and x0_hat, in one forward pass (one forward per
+        backward, as DistributedDataParallel expects)."""
+        with self.autocast():
+            logits = self.disc_forward(torch.cat([real, fake]))
+            real_logits, fake_logits = logits.float().chunk(2)
+            d_loss = discriminator_loss(real_logits, fake_logits, self.spec.loss.discriminator_loss)
+        self.optimize(d_loss, self.disc_optimizer, self.discriminator.parameters())
+        return {"d_loss": float(d_loss.detach()), "logits_real": float(real_logits.detach().mean()),
+                "logits_fake": float(fake_logits.detach().mean())}
+
+    # -- validation, sample quality and checkpoint state ---------------------------------------------
 
     @property
     def validates(self) -> bool:
@@ -54,6 +152,23 @@ class GenerationTask(Task):
         if self.validation_data is None:
             return {}
         return {"val_loss": validation_loss(weights, self.diffusion, self.validation_data, self.device)}
+
+    def sample_quality(self, weights: nn.Module) -> dict[str, float]:
+        return self.sample_scorer(weights) if self.sample_scorer is not None else {}
+
+    def extra_state(self) -> dict[str, Any]:
+        if self.discriminator is None:
+            return {}
+        return {"steps_done": self.steps_done, "discriminator": self.discriminator.state_dict(),
+                "discriminator_optimizer": self.disc_optimizer.state_dict()}
+
+    def load_extra_state(self, state: dict[str, Any]) -> None:
+        if self.discriminator is not None and "discriminator" in state:
+            self.steps_done = int(state["steps_done"])
+            self.discriminator.load_state_dict(state["discriminator"])
+            self.disc_optimizer.load_state_dict(state["discriminator_optimizer"])
+
+    # -- after training ----------------------------------------------------------------------------
 
     @classmethod
     def evaluate_checkpoint(cls, bundle: dict, source: str, ev: EvaluationSpec | None = None,

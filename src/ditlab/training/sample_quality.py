@@ -1,0 +1,103 @@
+"""Sample quality during training: FID and KID of a small sample budget (`train.eval_every`).
+
+`val_loss` compares trials that share a diffusion process only; FID compares any two, so it is
+what a sweep over noise schedules and prediction targets is judged by, and what gives a run its
+FID curve in MLflow (`eval/fid`, `eval/kid`).
+
+The budget (`train.eval_samples`, balanced over the classes) is drawn in chunks of CHUNK samples
+with a DDIM sampler of `train.eval_sampler_steps` steps; chunk k is seeded by (evaluation.seed, k)
+whichever rank draws it, so the figures do not depend on the number of workers. Each rank samples
+and extracts Inception features for chunks rank, rank + W, ...; rank 0 gathers the features, scores
+them against the cached features of the reference split (evaluation/stats.py) and broadcasts the
+figures, so every rank reports the same ones. Guidance, seed, reference split and the FID and KID
+settings are the `evaluation` section's, as in the final evaluation; its larger budget makes that
+FID lower than these (FID is biased upwards at small N), so compare curves with curves.
+"""
+
+from __future__ import annotations
+
+import time
+
+import numpy as np
+import torch
+import torch.distributed as dist
+from torch import nn
+
+from ditlab.config import ExperimentSpec
+from ditlab.data import load_dataset, to_uint8
+from ditlab.diffusion import GaussianDiffusion
+
+CHUNK = 10  # samples per seeded chunk: the unit of work a rank takes
+
+
+def _rank_and_world() -> tuple[int, int]:
+    if dist.is_available() and dist.is_initialized():
+        return dist.get_rank(), dist.get_world_size()
+    return 0, 1
+
+
+class SampleQuality:
+    """Scores `train.eval_samples` samples of a DiT: {"fid", "kid", "sample_eval_seconds"}."""
+
+    def __init__(self, spec: ExperimentSpec, diffusion: GaussianDiffusion, device: torch.device):
+        self.spec, self.diffusion, self.device = spec, diffusion, device
+        self._reference: np.ndarray | None = None  # rank 0's reference features, loaded once
+
+    def __call__(self, model: nn.Module) -> dict[str, float]:
+        tic = time.perf_counter()
+        rank, world = _rank_and_world()
+        num_chunks = -(-self.spec.train.eval_samples // CHUNK)
+        mine = {k: self.chunk_features(model, k) for k in range(rank, num_chunks, world)}
+        gathered = [mine]
+        if world > 1:
+            gathered = [None] * world
+            dist.all_gather_object(gathered, mine)
+        figures = None
+        if rank == 0:
+            by_chunk = {k: f for part in gathered for k, f in part.items()}
+            figures = self.score(np.concatenate([by_chunk[k] for k in range(num_chunks)]))
+            figures["sample_eval_seconds"] = time.perf_counter() - tic
+        if world > 1:
+            box = [figures]
+            dist.broadcast_object_list(box, src=0)
+            figures = box[0]
+        return figures
+
+    @torch.no_grad()
+    def chunk_features(self, model: nn.Module, k: int) -> np.ndarray:
+        """Inception features of chunk k of the budget (in eval mode, the mode restored after)."""
+        from ditlab.evaluation.features import inception_features
+        from ditlab.evaluation.images import as_rgb_uint8
+        from ditlab.sampling import LoadedCheckpoint, balanced_labels, generate
+
+        train, ev = self.spec.train, self.spec.evaluation
+        labels = balanced_labels(train.eval_samples, model.config.num_classes)[k * CHUNK : (k + 1) * CHUNK]
+        was_training = model.training
+        model.eval()
+        ckpt = LoadedCheckpoint(model, self.diffusion, self.spec, step=0)
+        images = generate(ckpt, labels, "ddim", train.eval_sampler_steps, ev.guidance, seed=ev.seed * 10_007 + k,
+                          batch_size=CHUNK, clip_x0=ev.clip_x0, device=self.device)
+        model.train(was_training)
+        return inception_features(as_rgb_uint8(to_uint8(images)), weights=ev.inception_weights,
+                                  resize=ev.fid.resize)
+
+    def score(self, fake: np.ndarray) -> dict[str, float]:
+        from ditlab.evaluation import generative
+
+        ev = self.spec.evaluation
+        real = self.reference_features()
+        kid, _ = generative.kid(fake, real, ev.kid.num_subsets, ev.kid.subset_size, ev.kid.seed)
+        return {"fid": generative.fid(fake, real), "kid": kid}
+
+    def reference_features(self) -> np.ndarray:
+        """Features of `evaluation.reference_split`, from the cache the final evaluation shares."""
+        if self._reference is None:
+            from ditlab.evaluation.images import as_rgb_uint8
+            from ditlab.evaluation.stats import reference_features
+
+            ev = self.spec.evaluation
+            data = load_dataset(self.spec.data, ev.reference_split)
+            name = f"{data.name} {ev.reference_split} split ({len(data)} images, {self.spec.data.resolution}px)"
+            self._reference = reference_features(as_rgb_uint8(data.to_uint8()), ev.fid.resize,
+                                                 ev.inception_weights, describe=name)
+        return self._reference
