@@ -13,12 +13,14 @@ def build_diffusion(spec: ExperimentSpec) -> GaussianDiffusion:
     return GaussianDiffusion.from_schedule(d.schedule, d.num_timesteps, d.prediction)
 
 
-def build_dit(spec: ExperimentSpec, num_classes: int) -> DiT:
-    """The spec's DiT preset for its data (resolution, channels) and `num_classes` labels."""
+def build_dit(spec: ExperimentSpec, num_classes: int, latent_shape: tuple[int, int, int] | None = None) -> DiT:
+    """The spec's DiT preset for its data (resolution, channels), or for latents of `latent_shape`
+    (channels, size, size), and `num_classes` labels."""
+    channels, size = (spec.data.channels, spec.data.resolution) if latent_shape is None else latent_shape[:2]
     return build_model(
         spec.model.name,
-        input_size=spec.data.resolution,
-        in_channels=spec.data.channels,
+        input_size=size,
+        in_channels=channels,
         num_classes=num_classes,
         learn_sigma=spec.model.learn_sigma,
         class_dropout_prob=spec.model.class_dropout_prob,

@@ -3,6 +3,7 @@ samples with any sampler and guidance scale, and save them as PNG files."""
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -24,6 +25,8 @@ class LoadedCheckpoint:
     diffusion: GaussianDiffusion
     spec: ExperimentSpec
     step: int
+    # A latent model's decoder (latents -> images in [-1, 1]); None for a model of pixels.
+    decode: Callable[[torch.Tensor], torch.Tensor] | None = None
 
 
 def load_for_sampling(path: str | Path, weights: str = "ema") -> LoadedCheckpoint:
@@ -39,7 +42,13 @@ def from_bundle(bundle: dict, source: str, weights: str = "ema") -> LoadedCheckp
     model = model_from_config(bundle["model_config"])
     state = bundle["ema"]["model"] if weights == "ema" else bundle["model"]
     model.load_state_dict(state)
-    return LoadedCheckpoint(model.eval(), build_diffusion(spec), spec, int(bundle["step"]))
+    latent = bundle.get("task_state", {}).get("latent")
+    decode = None
+    if latent is not None:
+        from ditlab.latents import LatentDecoder
+
+        decode = LatentDecoder(spec, latent)
+    return LoadedCheckpoint(model.eval(), build_diffusion(spec), spec, int(bundle["step"]), decode)
 
 
 def balanced_labels(num: int, num_classes: int) -> torch.Tensor:
@@ -52,7 +61,8 @@ def generate(ckpt: LoadedCheckpoint, labels: torch.Tensor, sampler: str = "ddim"
              guidance: float = 1.0, seed: int = 0, batch_size: int = 100, clip_x0: bool = True,
              progress: bool = False, device: str | torch.device = "cpu") -> torch.Tensor:
     """Images in [-1, 1], [N, C, H, W]. Batch i uses a generator seeded by (seed, i), so the
-    same call gives the same images."""
+    same call gives the same images. A latent model's samples are decoded to images (its
+    predicted x0 is not clipped: latents are not confined to [-1, 1])."""
     model, cfg = ckpt.model.to(device), ckpt.model.config
     if guidance != 1.0 and cfg.class_dropout_prob == 0:
         raise ValueError("guidance needs a model trained with label dropout (model.class_dropout_prob > 0)")
@@ -68,8 +78,12 @@ def generate(ckpt: LoadedCheckpoint, labels: torch.Tensor, sampler: str = "ddim"
         g = torch.Generator().manual_seed(seed * 100_003 + i)
         x = torch.randn((len(y), cfg.in_channels, cfg.input_size, cfg.input_size), generator=g).to(device)
         denoise = guided_denoiser(model, y, guidance, model.null_class)
-        out.append(sample_fn(denoise, x, ckpt.diffusion, steps, generator=g, clip_x0=clip_x0).cpu())
-    return torch.cat(out) if out else torch.zeros(0, cfg.in_channels, cfg.input_size, cfg.input_size)
+        x = sample_fn(denoise, x, ckpt.diffusion, steps, generator=g, clip_x0=clip_x0 and ckpt.decode is None)
+        out.append((x if ckpt.decode is None else ckpt.decode(x.cpu())).cpu())
+    if out:
+        return torch.cat(out)
+    channels, size = (cfg.in_channels, cfg.input_size) if ckpt.decode is None else ckpt.decode.image_shape
+    return torch.zeros(0, channels, size, size)
 
 
 def save_pngs(images: torch.Tensor, labels: torch.Tensor, out_dir: str | Path) -> list[Path]:

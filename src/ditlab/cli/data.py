@@ -1,5 +1,5 @@
-"""`ditlab data prepare SPEC --out DIR` and `ditlab data add DIR --name NAME`; each writes its
-manifest.json, the JSON record of the result."""
+"""`ditlab data prepare SPEC --out DIR`, `ditlab data add DIR --name NAME` and `ditlab data encode
+SPEC`; each writes a JSON record of its result (manifest.json; the latent cache's meta.json)."""
 
 from __future__ import annotations
 
@@ -22,6 +22,10 @@ def register(sub, shared) -> None:
     add.add_argument("--root", default="data", help="where named datasets live (default: ./data)")
     add.add_argument("--no-dvc", action="store_true", help="write the folder and manifest, skip `dvc add`")
     add.set_defaults(handler=cmd_add)
+    encode = data_sub.add_parser("encode", parents=shared.spec_command[:1],
+                                 help="encode a latent spec's dataset with its latent.autoencoder into the latent "
+                                      "cache, or find it there (the latent pipeline's encode stage)")
+    encode.set_defaults(handler=cmd_encode)
 
 
 def cmd_prepare(args) -> int:
@@ -52,4 +56,25 @@ def cmd_add(args) -> int:
                     f"`git add {result['dvc_file']}` and use it in a spec as data.source=folder, "
                     f"data.name={args.name}")
     emit(args, result, message)
+    return 0
+
+
+def cmd_encode(args) -> int:
+    from ditlab.latents import LatentError, ensure_latent_cache
+
+    spec = load_spec(args)
+    if spec is None:  # --dry-run
+        return 0
+    if not spec.latent.autoencoder:
+        raise BadInput(f"latent.autoencoder: {args.spec} names no autoencoder checkpoint to encode with")
+    preflight_or_bad_input(spec)
+    try:
+        folder, meta, reused = ensure_latent_cache(spec)
+    except LatentError as err:
+        raise BadInput(str(err)) from None
+    shape = "x".join(str(d) for d in meta["latent_shape"])
+    emit(args, {"cache": str(folder), "reused": reused, **meta},
+         f"{'reused' if reused else 'wrote'} {folder}: {meta['counts']['train']} train, {meta['counts']['test']} "
+         f"test latents of {shape}, scale factor {meta['scale_factor']:.4g} (autoencoder "
+         f"{meta['autoencoder_sha256'][:12]}, dataset {meta['dataset_sha256'][:12]})")
     return 0

@@ -55,7 +55,10 @@ def cmd_sample(args) -> int:
     if task != "generation":
         raise BadInput(f"{args.checkpoint}: not a generation checkpoint (task {task!r}); ditlab sample draws "
                        f"from generation checkpoints, ditlab evaluate --fake scores any checkpoint")
-    ckpt = from_bundle(bundle, str(args.checkpoint), args.weights)
+    try:
+        ckpt = from_bundle(bundle, str(args.checkpoint), args.weights)
+    except ValueError as err:  # a latent model whose autoencoder is missing or another one
+        raise BadInput(str(err)) from None
     ev = load(args.spec).evaluation if args.spec else ckpt.spec.evaluation
     num = args.num if args.num is not None else ev.num_samples if args.spec else 100
     if num < 1:

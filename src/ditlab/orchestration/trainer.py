@@ -52,6 +52,10 @@ def worker_spec(spec: ExperimentSpec) -> dict:
     key = "prepared" if data.get("prepared") else "path" if data.get("path") else None
     if key:
         data[key] = str(Path(data[key]).resolve())
+    latent = raw["latent"]
+    if latent.get("autoencoder"):  # a latent spec's autoencoder checkpoint and its latent cache
+        latent["autoencoder"] = str(Path(latent["autoencoder"]).resolve())
+        latent["cache"] = str(Path(latent["cache"]).resolve())
     return raw
 
 

@@ -14,7 +14,7 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from ditlab.data import load_dataset
+from ditlab.data import ImageDataset, load_dataset
 from ditlab.diffusion import GaussianDiffusion, training_losses
 
 # A constant, not spec.seed: trials that differ only in their seed are still scored on one set.
@@ -35,11 +35,12 @@ class ValidationSet:
         return (self.fraction * num_timesteps).long().clamp(max=num_timesteps - 1)
 
 
-def validation_set(data_spec, num_images: int) -> ValidationSet | None:
-    """`num_images` test images (all of the split if it has fewer), or None for 0."""
+def validation_set(data_spec, num_images: int, test: ImageDataset | None = None) -> ValidationSet | None:
+    """`num_images` test images (all of the split if it has fewer), or None for 0. `test` replaces
+    the data section's test split (a latent model validates on encoded test images)."""
     if num_images <= 0:
         return None
-    test = load_dataset(data_spec, "test")
+    test = test or load_dataset(data_spec, "test")
     g = torch.Generator().manual_seed(VALIDATION_SEED)
     n = min(num_images, len(test))
     x0, y = test.batch(torch.randperm(len(test), generator=g)[:n])

@@ -1,0 +1,109 @@
+"""Latent diffusion (`latent.autoencoder`): the latent cache is keyed by the autoencoder and the
+dataset, the DiT trains on scaled latents and is scored in pixel space, the checkpoint records
+the autoencoder's hash, and a latent spec whose autoencoder cannot serve it is refused before Ray
+starts, naming the field."""
+
+import shutil
+
+import pytest
+import torch
+
+from ditlab import cli
+from ditlab.config import load
+from ditlab.latents import ensure_latent_cache
+from ditlab.training import LocalReporter, train
+from ditlab.training.checkpoint import load_bundle
+from ditlab.training.tasks import GenerationTask
+
+from conftest import ROOT
+
+AE_SPEC = ROOT / "experiments" / "autoencoder.yaml"
+LATENT_SPEC = ROOT / "experiments" / "latent.yaml"
+TINY_AE = ["resources.num_workers=1", "autoencoder.name=KL-N/f2c2", "data.resolution=8", "train.batch_size=16",
+           "train.warmup_steps=1", "train.checkpoint_every=1", "train.val_images=0", "loss.adversarial_weight=0"]
+
+
+@pytest.fixture(scope="module")
+def autoencoders(tmp_path_factory):
+    """A tiny autoencoder run folder with checkpoints after steps 1 and 2 (two different hashes)."""
+    root = tmp_path_factory.mktemp("ae")
+    train(load(AE_SPEC, [*TINY_AE, "train.steps=2"]), LocalReporter(root))
+    return root
+
+
+def latent_spec(tmp_path, autoencoder, *overrides):
+    return load(LATENT_SPEC, ["resources.num_workers=1", "data.resolution=8", f"latent.autoencoder={autoencoder}",
+                              f"latent.cache={tmp_path / 'cache'}", "model.name=DiT-N/2", "train.steps=3",
+                              "train.batch_size=16", "train.warmup_steps=1", "train.log_every=1",
+                              "train.checkpoint_every=3", "train.val_images=16", "evaluation.num_samples=20",
+                              "evaluation.steps=4", "evaluation.batch_size=20", "evaluation.kid.subset_size=10",
+                              "evaluation.kid.num_subsets=5", *overrides])
+
+
+def test_the_cache_is_reused_for_the_same_pair_and_rebuilt_when_either_changes(tmp_path, autoencoders):
+    spec = latent_spec(tmp_path, autoencoders / "checkpoint_000002")
+    folder, meta, reused = ensure_latent_cache(spec)
+    assert not reused and meta["counts"] == {"train": 1437, "test": 360} and meta["latent_shape"] == [2, 4, 4]
+    latents = torch.load(folder / "latents.pt", weights_only=True)["train"]["latents"]
+    assert meta["scale_factor"] == pytest.approx(1 / float(latents.std()))  # unit variance once scaled
+    again, _, reused = ensure_latent_cache(spec)
+    assert reused and again == folder
+    other_ae, _, reused = ensure_latent_cache(latent_spec(tmp_path, autoencoders / "checkpoint_000001"))
+    assert not reused and other_ae != folder and other_ae.name[17:] == folder.name[17:]  # same dataset
+    other_data, _, reused = ensure_latent_cache(latent_spec(tmp_path, autoencoders / "checkpoint_000002",
+                                                            "data.split_seed=1"))
+    assert not reused and other_data.name[:16] == folder.name[:16] and other_data != folder  # same autoencoder
+
+
+def test_a_latent_dit_trains_samples_pixels_and_records_its_autoencoder(tmp_path, autoencoders, capsys):
+    ae = tmp_path / "ae"
+    shutil.copytree(autoencoders / "checkpoint_000002", ae)
+    spec = latent_spec(tmp_path, ae)
+    state = train(spec, LocalReporter(tmp_path / "run"))
+    assert (state.model.config.in_channels, state.model.config.input_size) == (2, 4)
+    bundle = load_bundle(tmp_path / "run" / "checkpoint_000003")
+    recorded = bundle["task_state"]["latent"]
+    assert recorded["autoencoder_sha256"] == ensure_latent_cache(spec)[1]["autoencoder_sha256"]
+    # Decoded to 8x8 pixels and judged there by the digits classifier (no Inception pass: FID of
+    # decoded samples is the final evaluation's, in test_e2e-sized runs).
+    ev = spec.evaluation.model_copy(update={"metrics": ("classifier_score", "conditional_accuracy")})
+    report = GenerationTask.evaluate_checkpoint(bundle, "latent", ev)
+    assert report.samples.shape == (20, 8, 8, 3) and 0 <= report.figures["conditional_accuracy"] <= 1
+
+    shutil.copy(autoencoders / "checkpoint_000001" / "checkpoint.pt", ae / "checkpoint.pt")  # another autoencoder
+    shutil.copy(autoencoders / "checkpoint_000001" / "checkpoint.pt.sha256", ae / "checkpoint.pt.sha256")
+    capsys.readouterr()
+    assert cli.main(["sample", str(tmp_path / "run" / "checkpoint_000003"), "--num", "2",
+                     "--out", str(tmp_path / "s")]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and recorded["autoencoder_sha256"][:16] in err[0]
+    other = ensure_latent_cache(latent_spec(tmp_path, ae))[1]["autoencoder_sha256"]
+    assert other[:16] in err[0] and not (tmp_path / "s").exists()
+
+
+@pytest.mark.parametrize("case", ["missing", "corrupt", "not an autoencoder", "channels", "patch"])
+def test_a_latent_spec_the_autoencoder_cannot_serve_is_one_error_line(case, tmp_path, autoencoders, capsys):
+    ae = tmp_path / "ae"
+    shutil.copytree(autoencoders / "checkpoint_000002", ae)
+    overrides, expected = [], "latent.autoencoder: "
+    if case == "missing":
+        shutil.rmtree(ae)
+        expected += "checkpoint"
+    elif case == "corrupt":
+        data = (ae / "checkpoint.pt").read_bytes()
+        (ae / "checkpoint.pt").write_bytes(data[: len(data) // 2])
+        expected += "checkpoint"
+    elif case == "not an autoencoder":
+        ae = ROOT / "tests" / "data" / "legacy_checkpoint"
+        expected += f"{str(ae)!r} is not an autoencoder checkpoint"
+    elif case == "channels":
+        overrides, expected = ["latent.channels=4"], "latent.channels: 4 does not match the 2 latent channels"
+    else:
+        overrides, expected = ["model.name=DiT-N/8"], "model.name: the 4x4x2 latents of latent.autoencoder"
+    argv = ["run", str(LATENT_SPEC), "--name", "never", "--storage", str(tmp_path / "runs"),
+            "--set", "data.resolution=8", "--set", f"latent.autoencoder={ae}"]
+    argv += [a for o in overrides for a in ("--set", o)]
+    assert cli.main(argv) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith("ditlab: error: ") and expected in err[0], err
+    assert not (tmp_path / "runs").exists()  # refused before anything was written or Ray started
