@@ -629,7 +629,8 @@ SITE_VALUES = re.compile(r"\b\d{12}\b|\b[a-z]{2}-[a-z]+-\d[a-z]?\b|fs-[0-9a-f]{8
 def unmarked_site_values(text: str) -> list[str]:
     lines = text.splitlines()
     return [f"line {i + 1}: {line.strip()}" for i, line in enumerate(lines)
-            if SITE_VALUES.search(line.split("#")[0]) and not any("SITE" in above for above in lines[max(0, i - 4):i + 1])]
+            if SITE_VALUES.search(line.split("#")[0])
+            and not any("SITE" in above for above in lines[max(0, i - 4):i + 1])]
 
 
 def test_every_site_specific_value_of_the_launcher_config_is_marked():
