@@ -14,7 +14,10 @@ from ditlab.cli import build_parser
 from conftest import ROOT
 from import_graph import SRC, imported_names, module_file
 
-STAGES = yaml.safe_load((ROOT / "dvc.yaml").read_text())["stages"]
+# Every shipped pipeline: the root one and those under pipelines/ (stage paths are relative to
+# the folder of their dvc.yaml).
+PIPELINES = [ROOT / "dvc.yaml", *sorted(ROOT.glob("pipelines/*/dvc.yaml"))]
+STAGES = {(p, name): stage for p in PIPELINES for name, stage in yaml.safe_load(p.read_text())["stages"].items()}
 
 
 def source_closure(entry: str) -> set[Path]:
@@ -44,14 +47,17 @@ def stage_entry(cmd: str) -> str:
     return build_parser().parse_args(argv[1:]).handler.__module__
 
 
-@pytest.mark.parametrize("stage", sorted(STAGES))
-def test_every_source_file_a_stage_imports_is_one_of_its_deps(stage):
-    entry = stage_entry(" ".join(STAGES[stage]["cmd"].split()))
-    deps = [ROOT / d for d in STAGES[stage].get("deps", [])]
+@pytest.mark.parametrize("pipeline, stage", sorted(STAGES), ids=[f"{p.parent.relative_to(ROOT)}:{s}".lstrip(".:")
+                                                                for p, s in sorted(STAGES)])
+def test_every_source_file_a_stage_imports_is_one_of_its_deps(pipeline, stage):
+    entry = stage_entry(" ".join(STAGES[pipeline, stage]["cmd"].split()))
+    deps = [(pipeline.parent / d).resolve() for d in STAGES[pipeline, stage].get("deps", [])]
     missing = sorted(str(f.relative_to(ROOT)) for f in source_closure(entry)
                      if not any(f == d or d in f.parents for d in deps))
-    assert not missing, f"dvc.yaml stage {stage!r} runs {entry} but does not list {missing}"
-    assert all(d.exists() for d in deps if "pipeline" not in d.parts), "a listed dep does not exist"
+    name = pipeline.relative_to(ROOT)
+    assert not missing, f"{name} stage {stage!r} runs {entry} but does not list {missing}"
+    sources = [d for d in deps if (ROOT / "src") in d.parents]
+    assert all(d.exists() for d in sources), f"{name} stage {stage!r}: a listed source file does not exist"
 
 
 def test_the_closure_follows_lazy_imports():

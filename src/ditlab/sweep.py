@@ -160,6 +160,9 @@ class SweepSpec(_Strict):
     max_concurrent: int = Field(2, ge=1)
     resources: TrialResources = TrialResources()
     experiment: str | None = Field(None, description="MLflow experiment; default: the base spec's")
+    evaluate_best: bool = Field(False, description="give the best trial's last checkpoint its task's evaluation "
+                                                   "(e.g. an autoencoder's rFID), logged on the parent run as "
+                                                   "best_<figure>")
 
     @model_validator(mode="after")
     def _consistent(self) -> SweepSpec:

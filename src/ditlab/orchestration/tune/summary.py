@@ -10,12 +10,14 @@ from pathlib import Path
 from typing import Any
 
 from ditlab.atomic import atomic_path
-from ditlab.config import SpecError
+from ditlab.config import SpecError, from_dict
 from ditlab.evaluation.plots import save_trial_curves
 from ditlab.orchestration.tracking import Tracker
 from ditlab.orchestration.tune.space import expected_trials
 from ditlab.orchestration.tune.trial_runs import ENDED_STATES, TrialRuns, error_summary
 from ditlab.sweep import Sweep, best_spec_yaml
+from ditlab.training.checkpoint import checkpoint_dirs, load_bundle
+from ditlab.training.tasks import task_class
 
 
 def trial_row(result, record: dict[str, Any], config: dict[str, Any], metric: str, workers: int) -> dict[str, Any]:
@@ -97,6 +99,8 @@ def summarize(sweep: Sweep, sweep_dir: Path, results, parent: Tracker) -> dict:
             if curve["label"] == best["trial_id"]:
                 curve["state"] = "best"
         summary["best_spec"] = str(export_best(sweep, sweep_dir, best, parent, final=not summary["interrupted"]))
+        if s.evaluate_best:
+            summary["best_evaluation"] = evaluate_best(sweep_dir, best, parent)
     parent.log_metrics({"worker_seconds": summary["worker_seconds"], "steps_trained": summary["steps_trained"],
                         "num_trials": len(trials)})
     figure = save_trial_curves(curves, sweep_dir / "trials.png", s.metric,
@@ -118,6 +122,20 @@ def export_best(sweep: Sweep, sweep_dir: Path, best: dict[str, Any], parent: Tra
     if final:
         parent.log_params({f"best.{k}": v for k, v in best["config"].items()})
     return path
+
+
+def evaluate_best(sweep_dir: Path, best: dict[str, Any], parent: Tracker) -> dict[str, Any]:
+    """The best trial's last checkpoint, evaluated as its task evaluates checkpoints (`ditlab
+    evaluate` would give the same figures); logged on the parent run as best_<figure>. The trials
+    themselves report only the cheap figure their scheduler compares."""
+    folders = checkpoint_dirs(sweep_dir / "train" / best["trial_id"])
+    if not folders:  # PBT keeps its checkpoints in Tune's folders; a trial may also have none yet
+        return {"skipped": f"no checkpoint of trial {best['trial_id']} under {sweep_dir / 'train'}"}
+    bundle = load_bundle(folders[-1])
+    spec = from_dict(bundle["spec"], f"spec stored in {folders[-1]}")
+    report = task_class(spec.task).evaluate_checkpoint(bundle, str(folders[-1]))
+    parent.log_metrics({f"best_{k}": v for k, v in report.figures.items()}, best["last_step"])
+    return {"checkpoint": str(folders[-1]), **report.to_dict()}
 
 
 def recorded_config(trial_dir: Path) -> dict[str, Any]:
