@@ -127,6 +127,8 @@ class LatentSpec(_Section):
                                                       "trains on its latents and samples are decoded to pixels")
     cache: str = Field("cache/latents", description="where encoded datasets are kept, one folder per "
                                                     "(autoencoder hash, dataset version)")
+    channels: int | None = Field(None, ge=1, description="the latent channels the spec expects; checked against "
+                                                         "the autoencoder's (default: whatever it has)")
 
 
 class RestorationSpec(_Section):
@@ -243,7 +245,8 @@ class ExperimentSpec(_Section):
         if self.model.name not in PRESETS:
             raise SpecError(f"model.name: unknown model {self.model.name!r}; known: {', '.join(sorted(PRESETS))}")
         patch = PRESETS[self.model.name].patch_size
-        if self.data.resolution % patch:
+        # On latents the DiT sees resolution / factor: checked with the autoencoder, in preflight.
+        if self.data.resolution % patch and not self.latent.autoencoder:
             raise SpecError(
                 f"data.resolution: {self.data.resolution} is not divisible by the patch size {patch} "
                 f"of {self.model.name}"

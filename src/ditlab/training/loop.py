@@ -27,7 +27,7 @@ import torch.distributed as dist
 from torch import nn
 
 from ditlab.config import ExperimentSpec
-from ditlab.data import ImageDataset, load_dataset
+from ditlab.data import ImageDataset
 from ditlab.training.checkpoint import BUNDLE_NAME, capture_rng_state, load_bundle, restore_rng_state, save_bundle
 from ditlab.training.ema import EMA
 from ditlab.training.reporter import Reporter
@@ -124,8 +124,9 @@ def lr_at(step: int, train) -> float:
 
 def setup(spec: ExperimentSpec, placement: Placement, resume_from: str | None = None) -> TrainState:
     seed_everything(spec.seed + placement.rank)
-    dataset = load_dataset(spec.data, "train")
-    task = task_class(spec.task)(spec, dataset.num_classes, placement.device)
+    kind = task_class(spec.task)
+    dataset = kind.training_data(spec)
+    task = kind(spec, dataset.num_classes, placement.device)
     bundle = load_bundle(resume_from) if resume_from is not None else None
     if bundle is not None:
         task.model.load_state_dict(bundle["model"])

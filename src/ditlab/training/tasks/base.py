@@ -20,6 +20,7 @@ import torch
 from torch import nn
 
 from ditlab.config import EvaluationSpec, ExperimentSpec
+from ditlab.data import ImageDataset, load_dataset
 
 
 @dataclass(frozen=True)
@@ -54,6 +55,12 @@ class Task(ABC):
         """Checks that touch the disk or another file (a teacher checkpoint, say), run before Ray
         starts. Raise ValueError with a message that names the field."""
         return None
+
+    @classmethod
+    def training_data(cls, spec: ExperimentSpec) -> ImageDataset:
+        """What the loop draws batches from: the train split of the spec's data (a latent
+        generation spec: its encoded latents)."""
+        return load_dataset(spec.data, "train")
 
     # -- modules ---------------------------------------------------------------------------------
 

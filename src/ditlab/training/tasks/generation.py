@@ -50,12 +50,18 @@ class GenerationTask(Task):
     def __init__(self, spec: ExperimentSpec, num_classes: int, device: torch.device):
         super().__init__(spec, num_classes, device)
         train, loss = spec.train, spec.loss
-        self.model = build_dit(spec, num_classes).to(device)
+        test, self.latent = None, None  # on latents: the encoded test split, the cache's record
+        if spec.latent.autoencoder:
+            from ditlab.latents import load_latent_split
+
+            test, meta = load_latent_split(spec, "test")
+            self.latent = {k: meta[k] for k in ("autoencoder", "autoencoder_sha256", "scale_factor")}
+        self.model = build_dit(spec, num_classes, None if test is None else tuple(test.images.shape[1:])).to(device)
         self.forward_model: nn.Module = self.model  # DDP-wrapped by `wrap`
         self.diffusion = build_diffusion(spec)
         self.optimizer = torch.optim.AdamW([p for p in self.model.parameters() if p.requires_grad], lr=train.lr,
                                            betas=train.adam_betas, weight_decay=train.weight_decay)
-        self.validation_data = validation_set(spec.data, train.val_images)
+        self.validation_data = validation_set(spec.data, train.val_images, test)
         self.sample_scorer = SampleQuality(spec, self.diffusion, device) if train.eval_every else None
         self.discriminator = self.disc_optimizer = None
         if loss.adversarial_weight > 0:
@@ -65,6 +71,39 @@ class GenerationTask(Task):
             self.disc_optimizer = torch.optim.AdamW(self.discriminator.parameters(), lr=train.lr,
                                                     betas=train.adam_betas, weight_decay=train.weight_decay)
             self.steps_done = 0  # the loop's step, for loss.discriminator_start (kept in task_state)
+
+    # -- latent diffusion (latent.autoencoder) ------------------------------------------------------
+
+    @classmethod
+    def preflight(cls, spec: ExperimentSpec) -> None:
+        """A latent spec's autoencoder: present, intact, an autoencoder, fit for the data, and its
+        latents divisible by the DiT's patch size."""
+        if not spec.latent.autoencoder:
+            return
+        from ditlab.latents import open_autoencoder
+        from ditlab.models.registry import PRESETS
+
+        channels, size, _ = open_autoencoder(spec).latent_shape
+        patch = PRESETS[spec.model.name].patch_size
+        if size % patch:
+            raise ValueError(f"model.name: the {size}x{size}x{channels} latents of latent.autoencoder are not "
+                             f"divisible by the patch size {patch} of {spec.model.name}")
+
+    @classmethod
+    def training_data(cls, spec: ExperimentSpec):
+        if not spec.latent.autoencoder:
+            return super().training_data(spec)
+        from ditlab.latents import load_latent_split
+
+        return load_latent_split(spec, "train")[0]
+
+    def check_latent_record(self, state: dict[str, Any]) -> None:
+        """On resume: the latents must come from the autoencoder the checkpoint was trained on."""
+        recorded = state.get("latent")
+        if recorded and self.latent and recorded["autoencoder_sha256"] != self.latent["autoencoder_sha256"]:
+            raise ValueError(f"latent.autoencoder: {self.latent['autoencoder']} has SHA-256 "
+                             f"{self.latent['autoencoder_sha256'][:16]}..., the checkpoint was trained on latents "
+                             f"of {recorded['autoencoder_sha256'][:16]}...")
 
     # -- modules -----------------------------------------------------------------------------------
 
@@ -157,12 +196,14 @@ class GenerationTask(Task):
         return self.sample_scorer(weights) if self.sample_scorer is not None else {}
 
     def extra_state(self) -> dict[str, Any]:
+        state: dict[str, Any] = {} if self.latent is None else {"latent": dict(self.latent)}
         if self.discriminator is None:
-            return {}
-        return {"steps_done": self.steps_done, "discriminator": self.discriminator.state_dict(),
+            return state
+        return {**state, "steps_done": self.steps_done, "discriminator": self.discriminator.state_dict(),
                 "discriminator_optimizer": self.disc_optimizer.state_dict()}
 
     def load_extra_state(self, state: dict[str, Any]) -> None:
+        self.check_latent_record(state)
         if self.discriminator is not None and "discriminator" in state:
             self.steps_done = int(state["steps_done"])
             self.discriminator.load_state_dict(state["discriminator"])
