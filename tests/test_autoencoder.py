@@ -17,7 +17,7 @@ from ditlab.training import LocalReporter, Placement, train
 from ditlab.training.checkpoint import load_bundle
 from ditlab.training.tasks import AutoencoderTask
 
-from conftest import ROOT
+from conftest import ROOT, run_cli_json
 
 SPEC = ROOT / "experiments" / "autoencoder.yaml"
 # The shipped spec at test size: 8px digits, the narrowest preset, the discriminator from step 2.
@@ -105,6 +105,11 @@ def test_the_checkpoint_is_scored_on_reconstructions_of_the_test_split(tmp_path,
     assert f["eval_num_samples"] == 16 and 0 < f["ssim"] < 1 and f["rfid"] > 0
     assert f["psnr"] == pytest.approx(10 * np.log10(1 / f["mse"]), abs=3)  # mean of per-image PSNR
     assert report.samples.shape == (32, 8, 8, 1)  # originals and reconstructions, in pairs
+    # `ditlab evaluate --fake CHECKPOINT` dispatches to the task: the same figures, tracked in MLflow.
+    out = run_cli_json(["evaluate", "--fake", str(tmp_path / "checkpoint_000003"), "--set", "metrics=[mse,psnr,ssim]",
+                        "--out", "eval", "--no-progress", "--json"], tmp_path, f"sqlite:///{tmp_path / 'mlflow.db'}")
+    assert out["figures"]["psnr"] == pytest.approx(f["psnr"]) and "rfid" not in out["figures"]
+    assert (tmp_path / "eval" / "samples.png").is_file()
     code = cli.main(["sample", str(tmp_path / "checkpoint_000003"), "--num", "2", "--out", str(tmp_path / "s")])
     assert code == 2 and "not a generation checkpoint" in capsys.readouterr().err
 
