@@ -126,3 +126,25 @@ def test_bad_specs_are_refused_naming_the_field(override, message, capsys):
     assert cli.main(argv) == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and err[0].startswith("ditlab: error: ") and message in err[0]
+
+
+def test_a_sweep_scores_its_best_trial_with_the_task_evaluation(tmp_path, monkeypatch):
+    """`evaluate_best: true` (the autoencoder sweep): the best trial's last checkpoint, where Tune
+    trials keep theirs (<sweep>/train/<trial id>/), gets the task's evaluation, logged on the parent
+    run as best_<figure> (MLflow: sweep/best_psnr)."""
+    from mlflow.tracking import MlflowClient
+
+    from ditlab.orchestration.tracking import Tracker
+    from ditlab.orchestration.tune.summary import evaluate_best
+
+    spec = tiny("train.steps=3", "evaluation.metrics=[mse,psnr,ssim]")
+    train(spec, LocalReporter(tmp_path / "sweep" / "train" / "abc_00001"))
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", uri)
+    parent = Tracker.create("sweeps", "parent", {"ditlab.kind": "sweep"})
+    result = evaluate_best(tmp_path / "sweep", {"trial_id": "abc_00001", "last_step": 3}, parent)
+    assert result["checkpoint"].endswith("checkpoint_000003") and result["figures"]["psnr"] > 0
+    logged = MlflowClient(uri).get_run(parent.run_id).data.metrics
+    assert logged["sweep/best_psnr"] == pytest.approx(result["figures"]["psnr"])
+    skipped = evaluate_best(tmp_path / "sweep", {"trial_id": "none", "last_step": 0}, parent)
+    assert skipped["skipped"].startswith("no checkpoint of trial none")
