@@ -45,5 +45,5 @@ def summary_text(summary: dict) -> str:
              f"mlflow run: {summary['mlflow_run_id']}",
              f"dashboard:  {summary['mlflow_url']}"]
     for key, value in sorted(summary["metrics"].items()):
-        lines.append(f"  {key:28s} {value:.4f}" if isinstance(value, float) else f"  {key:28s} {value}")
+        lines.append(f"  {key:28s} {value:.6g}" if isinstance(value, float) else f"  {key:28s} {value}")
     return "\n".join(lines)
