@@ -37,6 +37,7 @@ EXPERIMENT_KIND_TAG = {"mlflow.experimentKind": "custom_model_development"}
 RENAMED = {
     "val_loss": "val/loss",
     "val_psnr": "val/psnr",
+    "val_ssim": "val/ssim",  # restoration's validation, beside val_psnr
     "final_val_loss": "val/final_loss",
     "eval_num_samples": "eval/num_samples",
     "samples": "eval/samples",  # the sample grid (an image chart, `Tracker.log_image`)
@@ -69,7 +70,7 @@ def mlflow_metric_name(key: str, kind: str = "train") -> str:
     | loss mse vb lr grad_norm images_per_sec epoch        | train/<key>                   |
     | final_loss                                          | train/final_loss              |
     | g_loss d_loss d_weight logits_real logits_fake       | train/<key>                   |
-    | val_loss, final_val_loss, val_psnr                  | val/loss, val/final_loss, val/psnr |
+    | val_loss, final_val_loss, val_psnr, val_ssim        | val/loss, val/final_loss, val/psnr, val/ssim |
     | fid fid_num_* kid* precision recall *_score*         | eval/<key>                    |
     | conditional_accuracy classifier_test_accuracy        | eval/<key>                    |
     | psnr ssim lpips rfid sharpness* (mse in an evaluation run) | eval/<key>             |
