@@ -58,7 +58,7 @@ RUN_PATH = re.compile(r"^runs/([^/]+)(?:/checkpoint_(\d+))?/?$")
 # Folders the paired-folder example names; the test makes them (see make_paired_folders).
 PAIRED_FOLDERS = ("restored/", "ground_truth/")
 # What each command gets here: see the module docstring.
-DRY_RUN = {"run", "train", "tune", "data prepare"}
+DRY_RUN = {"run", "train", "tune", "data prepare", "data encode"}
 CLUSTER = {"submit", "jobs"}
 RUN_IN_E2E = {"sample", "evaluate"}
 STATIC_ONLY = {"restore": "needs a restoration checkpoint, which no shared fixture trains",
@@ -336,8 +336,8 @@ PATH_TOKEN = re.compile(r"^\.{0,2}[\w.-]+(/[\w.*-]+)+/?$|^[\w-]+\.(py|ya?ml|md|t
 # Roots a README's relative paths are written against: its own folder, the repository, the package.
 PACKAGE_ROOTS = ("src/ditlab", "src/ditlab/training")
 # What commands write (Where things go), not what the repository holds.
-OUTPUT_PREFIXES = ("runs/", "sweeps/", "samples/", "evaluations/", "mlruns/", "mlartifacts/", "pipeline/", "data/",
-                   ".dvc/cache", ".dvc/tmp")
+OUTPUT_PREFIXES = ("runs/", "sweeps/", "samples/", "evaluations/", "cache/", "mlruns/", "mlartifacts/", "pipeline/",
+                   "data/", ".dvc/cache", ".dvc/tmp")
 
 
 def repo_paths(readme: str) -> list[tuple[str, list[Path]]]:
@@ -430,7 +430,7 @@ def test_benchmark_figures_come_from_committed_results():
 
 
 # Default outputs in the working directory ("Where things go").
-WORKDIR_OUTPUTS = ("runs", "sweeps", "evaluations", "samples", "mlflow.db", "mlartifacts", "mlruns")
+WORKDIR_OUTPUTS = ("runs", "sweeps", "evaluations", "samples", "cache", "mlflow.db", "mlartifacts", "mlruns")
 
 
 def test_working_directory_outputs_are_listed_ignored_and_never_submitted():

@@ -29,7 +29,7 @@ from ray.job_submission import JobDetails, JobStatus, JobSubmissionClient
 # are .gitignore syntax relative to the working directory (Ray also honours .gitignore itself).
 EXCLUDES = [
     "/.venv", "venv/", ".git", "/.dvc/cache", "/.dvc/tmp", "/runs", "/mlruns", "/mlartifacts", "/mlflow.db",
-    "/evaluations", "/samples", "/sweeps", "__pycache__", "*.egg-info", ".pytest_cache", ".ruff_cache",
+    "/evaluations", "/samples", "/sweeps", "/cache", "__pycache__", "*.egg-info", ".pytest_cache", ".ruff_cache",
 ]
 # Variables of the submitting shell that the job gets too (credentials are left to the cluster).
 FORWARDED_ENV = ("MLFLOW_TRACKING_URI",)
