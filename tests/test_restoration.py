@@ -96,6 +96,13 @@ def test_bad_restoration_settings_are_one_error_line(override, message, capsys, 
     assert not (tmp_path / "runs").exists()
 
 
+def test_a_changed_degradation_is_another_experiment_for_the_run_folder():
+    from ditlab.orchestration.train import spec_changes
+
+    old, new = tiny_spec().to_dict(), tiny_spec("restoration.factor=4").to_dict()
+    assert spec_changes(old, new) == ["restoration.factor"]  # no silent resume from the x2 model
+
+
 def test_a_conditional_dit_needs_its_conditioning_image():
     model = build_model("DiT-N/2", input_size=8, in_channels=1, cond_channels=1, num_classes=0,
                         class_dropout_prob=0.0, learn_sigma=False)
@@ -205,3 +212,27 @@ def test_restore_bad_input_is_one_error_line_and_writes_nothing(case, message, t
     err = capsys.readouterr().err.strip().splitlines()
     assert code == 2 and len(err) == 1 and err[0].startswith("ditlab: error: ") and message in err[0]
     assert not (tmp_path / "out").exists()
+
+
+# -- through Ray and MLflow ----------------------------------------------------------------------------------
+
+@pytest.mark.e2e
+def test_a_tiny_run_trains_on_two_ray_workers_and_is_evaluated_beside_bicubic(ray_session, mlflow_server, tmp_path):
+    """`ditlab run` of x2 super-resolution (2 Ray Train workers, each its own shard: the degradation is
+    seeded by image, not by rank), then `ditlab evaluate` of its run folder."""
+    from mlflow.tracking import MlflowClient
+
+    from conftest import run_cli_json
+
+    sets = [a for o in TINY if not o.startswith("resources.") for a in ("--set", o)]
+    summary = run_cli_json(["run", str(ROOT / "experiments" / "tiny.yaml"), *sets, "--set", "restoration.factor=2",
+                            "--name", "sr", "--storage", "runs", "--json", "--no-progress"], tmp_path, mlflow_server)
+    m = summary["metrics"]
+    assert {"psnr", "ssim", "baseline_bicubic_psnr", "psnr_gain_db", "final_loss"} <= set(m)
+    assert summary["notes"]["best_baseline"] == "bicubic" and (tmp_path / "runs" / "sr" / "samples.png").is_file()
+    run = MlflowClient(mlflow_server).get_run(summary["mlflow_run_id"])
+    assert run.data.params["resources.num_workers"] == "2" and run.data.params["restoration.factor"] == "2"
+    assert {"val/psnr", "val/ssim", "eval/psnr", "eval/baseline_bicubic_psnr"} <= set(run.data.metrics)
+    evaluation = run_cli_json(["evaluate", "--fake", "runs/sr", "--out", "ev", "--json", "--no-progress"], tmp_path,
+                              mlflow_server)
+    assert evaluation["figures"]["psnr"] == pytest.approx(m["psnr"])  # seeded: the same restorations
