@@ -58,9 +58,11 @@ def test_the_cache_is_reused_for_the_same_pair_and_rebuilt_when_either_changes(t
 def test_a_latent_dit_trains_samples_pixels_and_records_its_autoencoder(tmp_path, autoencoders, capsys):
     ae = tmp_path / "ae"
     shutil.copytree(autoencoders / "checkpoint_000002", ae)
-    spec = latent_spec(tmp_path, ae)
-    state = train(spec, LocalReporter(tmp_path / "run"))
+    spec = latent_spec(tmp_path, ae, "train.eval_every=3", "train.eval_samples=10", "train.eval_sampler_steps=2")
+    reporter = LocalReporter(tmp_path / "run")
+    state = train(spec, reporter)
     assert (state.model.config.in_channels, state.model.config.input_size) == (2, 4)
+    assert reporter.history[-1]["fid"] > 0  # FID during training: samples decoded before Inception
     bundle = load_bundle(tmp_path / "run" / "checkpoint_000003")
     recorded = bundle["task_state"]["latent"]
     assert recorded["autoencoder_sha256"] == ensure_latent_cache(spec)[1]["autoencoder_sha256"]

@@ -17,6 +17,7 @@ FID lower than these (FID is biased upwards at small N), so compare curves with 
 from __future__ import annotations
 
 import time
+from collections.abc import Callable
 
 import numpy as np
 import torch
@@ -39,8 +40,10 @@ def _rank_and_world() -> tuple[int, int]:
 class SampleQuality:
     """Scores `train.eval_samples` samples of a DiT: {"fid", "kid", "sample_eval_seconds"}."""
 
-    def __init__(self, spec: ExperimentSpec, diffusion: GaussianDiffusion, device: torch.device):
+    def __init__(self, spec: ExperimentSpec, diffusion: GaussianDiffusion, device: torch.device,
+                 decode: Callable[[torch.Tensor], torch.Tensor] | None = None):
         self.spec, self.diffusion, self.device = spec, diffusion, device
+        self.decode = decode  # a latent model's decoder: samples are scored as pixels
         self._reference: np.ndarray | None = None  # rank 0's reference features, loaded once
 
     def __call__(self, model: nn.Module) -> dict[str, float]:
@@ -74,7 +77,7 @@ class SampleQuality:
         labels = balanced_labels(train.eval_samples, model.config.num_classes)[k * CHUNK : (k + 1) * CHUNK]
         was_training = model.training
         model.eval()
-        ckpt = LoadedCheckpoint(model, self.diffusion, self.spec, step=0)
+        ckpt = LoadedCheckpoint(model, self.diffusion, self.spec, step=0, decode=self.decode)
         images = generate(ckpt, labels, "ddim", train.eval_sampler_steps, ev.guidance, seed=ev.seed * 10_007 + k,
                           batch_size=CHUNK, clip_x0=ev.clip_x0, device=self.device)
         model.train(was_training)

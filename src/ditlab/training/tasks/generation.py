@@ -62,7 +62,12 @@ class GenerationTask(Task):
         self.optimizer = torch.optim.AdamW([p for p in self.model.parameters() if p.requires_grad], lr=train.lr,
                                            betas=train.adam_betas, weight_decay=train.weight_decay)
         self.validation_data = validation_set(spec.data, train.val_images, test)
-        self.sample_scorer = SampleQuality(spec, self.diffusion, device) if train.eval_every else None
+        self.sample_scorer = None
+        if train.eval_every:
+            from ditlab.latents import LatentDecoder
+
+            decode = LatentDecoder(spec, self.latent) if self.latent else None
+            self.sample_scorer = SampleQuality(spec, self.diffusion, device, decode)
         self.discriminator = self.disc_optimizer = None
         if loss.adversarial_weight > 0:
             self.discriminator = PatchDiscriminator(self.model.config.in_channels, loss.discriminator_channels,
