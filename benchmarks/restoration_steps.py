@@ -58,7 +58,7 @@ def main() -> None:
         for steps in (int(s) for s in args.steps.split(",")):
             tic = time.perf_counter()
             restored = restore(ckpt.model, ckpt.diffusion, pairs.condition, labels, sampler, steps,
-                               spec.evaluation.seed, 100, spec.evaluation.clip_x0)
+                               spec.evaluation.seed, 100, spec.evaluation.clip_x0, residual=spec.restoration.residual)
             ms = (time.perf_counter() - tic) * 1000 / len(pairs)
             pred = to_uint8(restored)
             row = f"{sampler:8s} {steps:5d} {psnr(pred, clean):8.2f} {ssim(pred, clean):7.4f} {ms:9.2f}"

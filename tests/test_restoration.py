@@ -145,6 +145,11 @@ def test_restoring_does_not_depend_on_the_batch_size(trained):
     one = restore(state.ema.model, state.task.diffusion, cond, y, "ddim", 3, batch_size=5)
     split = restore(state.ema.model, state.task.diffusion, cond, y, "ddim", 3, batch_size=2)
     assert one.shape == (5, 1, 8, 8) and torch.allclose(one, split, atol=1e-5)
+    # a residual model's sample is added to the conditioning image
+    plain = restore(state.ema.model, state.task.diffusion, cond, y, "ddim", 3, batch_size=5)
+    residual = restore(state.ema.model, state.task.diffusion, cond, y, "ddim", 3, batch_size=5,
+                       residual=True)
+    assert torch.allclose(residual, (plain + cond).clamp(-1, 1), atol=1e-5)
 
 
 def test_evaluation_scores_restored_images_beside_the_baselines(trained):
@@ -165,13 +170,15 @@ def test_evaluation_scores_restored_images_beside_the_baselines(trained):
 
 
 def test_super_resolution_evaluation_has_the_bicubic_baseline(tmp_path):
-    spec = tiny_spec("train.steps=0", "restoration.factor=2")
+    spec = tiny_spec("train.steps=0", "restoration.factor=2", "restoration.residual=true")
     reporter = LocalReporter(tmp_path)
     train(spec, reporter)
     path = reporter.latest_checkpoint / "checkpoint.pt"
     report = RestorationTask.evaluate_checkpoint(load_bundle(path), str(path))
-    assert {"psnr", "baseline_bicubic_psnr", "baseline_bicubic_ssim", "psnr_gain_db"} <= set(report.figures)
+    f = report.figures
+    assert {"psnr", "baseline_bicubic_psnr", "baseline_bicubic_ssim", "psnr_gain_db"} <= set(f)
     assert report.notes["best_baseline"] == "bicubic"
+    assert f["psnr_gain_db"] == pytest.approx(f["psnr"] - f["baseline_bicubic_psnr"])
     degraded = report.samples[:10]  # 4x4 observations shown as 2x2 blocks
     assert np.array_equal(degraded[:, ::2, ::2], degraded[:, 1::2, 1::2])
 

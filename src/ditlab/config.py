@@ -143,6 +143,8 @@ class RestorationSpec(_Section):
                                                 "(0.2 = 51 of 255 grey levels); the noisy image is clipped to range")
     class_conditional: bool = Field(False, description="also condition on the class label; false: the null "
                                                        "class always, so unlabelled images can be restored")
+    residual: bool = Field(False, description="diffuse the residual (clean - conditioning image) instead of the "
+                                              "clean image (SRDiff, Li et al. 2022): the identity comes for free")
 
 
 Metric = Literal["fid", "kid", "precision_recall", "inception_score", "classifier_score", "conditional_accuracy",

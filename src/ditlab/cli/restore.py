@@ -104,7 +104,7 @@ def cmd_restore(args) -> int:
     labels = model_labels(ckpt.model, torch.zeros(len(files), dtype=torch.long), False)
     restored = restore(ckpt.model, ckpt.diffusion, degradation.condition(observations), labels,
                        settings["sampler"], settings["steps"], settings["seed"], args.batch_size, ev.clip_x0,
-                       progress=not args.no_progress)
+                       progress=not args.no_progress, residual=spec.restoration.residual)
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     written = []

@@ -5,7 +5,9 @@ denoiser: the degraded image, at the target size (bicubic-upsampled for super-re
 concatenated to the noisy input's channels (SR3, Saharia et al. 2021). Pairs are made on the fly
 from the batch's clean images with the seeded degradation of degradations.py. Without
 `restoration.class_conditional` the model has no labels (the null class always), so it restores
-unlabelled images.
+unlabelled images. With `restoration.residual` the diffused variable is the residual over the
+conditioning image (clean - condition, SRDiff, Li et al. 2022), so the network need not carry the
+conditioning image's pixels through to its output: the bicubic image comes for free.
 
 Restoring is sampling: deterministic DDIM from per-image seeded noise with few steps, whose x0
 prediction is close to the conditional mean that PSNR rewards. Validation reports `val_psnr` and
@@ -69,8 +71,9 @@ def start_noise(n: int, shape: tuple[int, ...], seed: int) -> torch.Tensor:
 @torch.no_grad()
 def restore(model: DiT, diffusion: GaussianDiffusion, condition: torch.Tensor, labels: torch.Tensor,
             sampler: str = "ddim", steps: int = 10, seed: int = 0, batch_size: int = 100, clip_x0: bool = True,
-            progress: bool = False, device: str | torch.device = "cpu") -> torch.Tensor:
-    """Restored images in [-1, 1] for conditioning images [N, C, R, R] (the model in eval mode)."""
+            progress: bool = False, device: str | torch.device = "cpu", residual: bool = False) -> torch.Tensor:
+    """Restored images in [-1, 1] for conditioning images [N, C, R, R] (the model in eval mode); a
+    `residual` model's samples are added to the conditioning image."""
     was_training = model.training
     model.eval()
     sample_fn = get_sampler(sampler)
@@ -89,9 +92,15 @@ def restore(model: DiT, diffusion: GaussianDiffusion, condition: torch.Tensor, l
             return model(x, t, y, cond=cond)
 
         g = torch.Generator().manual_seed(seed * 100_003 + i)  # DDPM's per-step noise
-        out.append(sample_fn(denoise, noise[part].to(device), diffusion, steps, generator=g, clip_x0=clip_x0).cpu())
+        x0 = sample_fn(denoise, noise[part].to(device), diffusion, steps, generator=g, clip_x0=clip_x0)
+        out.append((x0 + cond if residual else x0).clamp(-1, 1).cpu())
     model.train(was_training)
     return torch.cat(out) if out else torch.zeros_like(condition)
+
+
+def diffused_target(clean: torch.Tensor, condition: torch.Tensor, residual: bool) -> torch.Tensor:
+    """What the diffusion process models: the clean image, or its residual over the condition."""
+    return clean - condition if residual else clean
 
 
 @dataclass(frozen=True)
@@ -129,6 +138,7 @@ class RestorationTask(Task):
         train = spec.train
         self.degradation = Degradation.from_spec(spec)
         self.class_conditional = spec.restoration.class_conditional
+        self.residual = spec.restoration.residual
         self.model = build_restoration_dit(spec, num_classes).to(device)
         self.forward_model: nn.Module = self.model  # DDP-wrapped by `wrap`
         self.diffusion = build_diffusion(spec)
@@ -152,7 +162,8 @@ class RestorationTask(Task):
             return self.forward_model(x, t, y, drop_mask, cond=condition)
 
         with self.autocast():
-            terms = training_losses(conditioned, self.diffusion, batch.images, t, labels, noise,
+            x0 = diffused_target(batch.images, condition, self.residual)
+            terms = training_losses(conditioned, self.diffusion, x0, t, labels, noise,
                                     drop if self.class_conditional else None)
         grad_norm = self.optimize(terms["loss"].mean(), self.optimizer, self.model.parameters())
         return {**{k: float(v.detach().mean()) for k, v in terms.items()}, "grad_norm": grad_norm}
@@ -170,7 +181,7 @@ class RestorationTask(Task):
             return {}
         labels = model_labels(weights, v.labels, self.class_conditional)
         restored = restore(weights, self.diffusion, v.condition, labels, ev.sampler, ev.steps, ev.seed,
-                           ev.batch_size, ev.clip_x0, device=self.device)
+                           ev.batch_size, ev.clip_x0, device=self.device, residual=self.residual)
         pred, target = to_uint8(restored), to_uint8(v.clean)
         return {"val_psnr": psnr(pred, target), "val_ssim": ssim(pred, target)}
 
@@ -191,7 +202,7 @@ class RestorationTask(Task):
         labels = model_labels(ckpt.model, pairs.labels, spec.restoration.class_conditional)
         tic = time.perf_counter()
         restored = restore(ckpt.model, ckpt.diffusion, pairs.condition, labels, ev.sampler, ev.steps, ev.seed,
-                           ev.batch_size, ev.clip_x0, progress=progress)
+                           ev.batch_size, ev.clip_x0, progress=progress, residual=spec.restoration.residual)
         seconds = time.perf_counter() - tic
         baselines, notes = baseline_restorations(spec, pairs)
         report = score(restored, baselines, pairs, ev, reference_name, progress)
