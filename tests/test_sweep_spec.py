@@ -24,11 +24,27 @@ def write_sweep(tmp_path, **fields):
     return path
 
 
-@pytest.mark.parametrize("name", ["tiny.yaml", "tiny-pbt.yaml", "quickstart.yaml"])
-def test_shipped_sweeps_load(name):
+@pytest.mark.parametrize("name, metric", [("tiny.yaml", "val_loss"), ("tiny-pbt.yaml", "val_loss"),
+                                          ("quickstart.yaml", "fid")])
+def test_shipped_sweeps_load(name, metric):
     sweep = load_sweep(SWEEPS / name)
-    assert sweep.spec.space and sweep.spec.metric == "val_loss"
+    assert sweep.spec.space and sweep.spec.metric == metric
     assert sweep.base_spec.train.val_images > 0
+
+
+def test_the_quickstart_sweep_searches_the_diffusion_process_judged_by_fid_at_every_rung():
+    """val_loss does not compare across schedules and prediction targets; FID does. Trials report it
+    every train.eval_every steps, so each ASHA rung (grace_period * reduction_factor**k) must be one
+    of those steps, or the rung would judge a stale figure."""
+    sweep = load_sweep(SWEEPS / "quickstart.yaml")
+    assert {"diffusion.schedule", "diffusion.prediction", "loss.adversarial_weight"} <= set(sweep.spec.space)
+    assert 0.0 in sweep.spec.space["loss.adversarial_weight"].values  # the term's absence is a candidate
+    every, asha = sweep.base_spec.train.eval_every, sweep.spec.scheduler
+    rungs, rung = [], asha.grace_period
+    while rung < sweep.max_steps():
+        rungs.append(rung)
+        rung *= asha.reduction_factor
+    assert every and rungs and all(r % every == 0 for r in rungs)
 
 
 def test_base_is_relative_to_the_sweep_file_and_set_applies():

@@ -268,15 +268,15 @@ class ExperimentSpec(_Section):
             raise SpecError(f"restoration.factor: {self.restoration.factor} does not divide data.resolution "
                             f"{self.data.resolution}")
         ev = self.evaluation
+        if ev.num_samples and "kid" in ev.metrics and ev.kid.subset_size > ev.num_samples:
+            raise SpecError(f"evaluation.kid.subset_size: {ev.kid.subset_size} exceeds evaluation.num_samples "
+                            f"({ev.num_samples})")
         if self.train.eval_every is not None:
             if self.task != "generation":
                 raise SpecError(f"train.eval_every: task {self.task} does not score samples during training")
             if ev.kid.subset_size > self.train.eval_samples:
                 raise SpecError(f"train.eval_samples: {self.train.eval_samples} is below evaluation.kid.subset_size "
                                 f"({ev.kid.subset_size}), the KID subsets scored during training")
-        if ev.num_samples and "kid" in ev.metrics and ev.kid.subset_size > ev.num_samples:
-            raise SpecError(f"evaluation.kid.subset_size: {ev.kid.subset_size} exceeds evaluation.num_samples "
-                            f"({ev.num_samples})")
         if self.train.batch_size % self.resources.num_workers:
             raise SpecError(
                 f"train.batch_size: {self.train.batch_size} does not split evenly over "
