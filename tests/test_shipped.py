@@ -38,7 +38,8 @@ def _cases() -> list:
         cases += [pytest.param(kind, _rel(p), None, id=f"{kind}:{_rel(p)}") for p in found]
         if not found:
             cases.append(pytest.param("empty", kind, None, id=f"empty:{kind}"))
-    cases.append(pytest.param("spec", "params.yaml", None, id="spec:params.yaml"))
+    for params in ["params.yaml", *(_rel(p) for p in sorted(ROOT.glob("pipelines/*/params.yaml")))]:
+        cases.append(pytest.param("spec", params, None, id=f"spec:{params}"))
     jobs = [(p, doc) for p in sorted(ROOT.glob("k8s/**/*.yaml")) for doc in yaml.safe_load_all(p.read_text())
             if isinstance(doc, dict) and doc.get("kind") == "RayJob"]
     cases += [pytest.param("rayjob", _rel(p), doc, id=f"rayjob:{_rel(p)}#{doc['metadata']['name']}")
