@@ -109,3 +109,11 @@ def test_a_latent_spec_the_autoencoder_cannot_serve_is_one_error_line(case, tmp_
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and err[0].startswith("ditlab: error: ") and expected in err[0], err
     assert not (tmp_path / "runs").exists()  # refused before anything was written or Ray started
+
+
+def test_data_prepare_needs_no_autoencoder(tmp_path):
+    """The latent pipeline's first stage prepares the data before its autoencoder stage has run."""
+    spec = ROOT / "pipelines" / "latent" / "params.yaml"
+    assert cli.main(["data", "prepare", str(spec), "--set", "data.resolution=8", "--set",
+                     f"latent.autoencoder={tmp_path / 'not-yet'}", "--out", str(tmp_path / "data")]) == 0
+    assert (tmp_path / "data" / "manifest.json").is_file()

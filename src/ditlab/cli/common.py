@@ -85,11 +85,11 @@ def load_spec(args):
     return spec
 
 
-def preflight_or_bad_input(spec) -> None:
+def preflight_or_bad_input(spec, task_checks: bool = True) -> None:
     """The checks that touch the disk, before Ray starts: a failure is one error line."""
     from ditlab.orchestration.preflight import PreflightError, preflight
 
     try:
-        preflight(spec)
+        preflight(spec, task_checks)
     except PreflightError as err:
         raise BadInput(str(err)) from None

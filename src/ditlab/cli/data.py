@@ -34,7 +34,9 @@ def cmd_prepare(args) -> int:
     spec = load_spec(args)
     if spec is None:  # --dry-run
         return 0
-    preflight_or_bad_input(spec.model_copy(update={"data": spec.data.model_copy(update={"prepared": None})}))
+    # The source data alone: a latent spec's autoencoder (a later stage's output) is not needed here.
+    preflight_or_bad_input(spec.model_copy(update={"data": spec.data.model_copy(update={"prepared": None})}),
+                           task_checks=False)
     result = {"out": args.out, **save_prepared(spec.data, args.out)}
     emit(args, result, f"prepared {spec.data.source} data in {args.out}: {result['counts']['train']} train, "
                        f"{result['counts']['test']} test images of {result['image_shape']}")

@@ -10,8 +10,9 @@ class PreflightError(ValueError):
     """A spec that validates but cannot run here; the message names the field and the path."""
 
 
-def preflight(spec: ExperimentSpec) -> None:
-    """Dataset folder or prepared data present and readable, then the task's own checks."""
+def preflight(spec: ExperimentSpec, task_checks: bool = True) -> None:
+    """Dataset folder or prepared data present and readable, then (unless `task_checks` is False:
+    `ditlab data prepare` needs the data alone) the task's own checks."""
     data = spec.data
     if data.prepared:
         from ditlab.data.prepared import PreparedDataError, check_prepared
@@ -27,6 +28,8 @@ def preflight(spec: ExperimentSpec) -> None:
             scan_image_folder(data.path)
         except (OSError, ValueError) as err:
             raise PreflightError(f"data.path: {err}") from None
+    if not task_checks:
+        return
     from ditlab.training.tasks import task_class
 
     try:
