@@ -1,12 +1,14 @@
 """Benchmark: sampling steps and sampler against PSNR, SSIM and time for a restoration checkpoint.
 
-    python benchmarks/restoration_steps.py CHECKPOINT [--num 300] [--steps 1,2,5,10,25,50] [--out FILE]
+    python benchmarks/restoration_steps.py CHECKPOINT [--num 300] [--steps 2,5,10,25,50] [--out FILE]
 
 Restores the first --num images of the checkpoint's test split (degraded as its evaluation degrades
 them) with DDIM (deterministic, eta 0) and DDPM (ancestral) at each step count, EMA weights, and
-prints one row per (sampler, steps): PSNR and SSIM against the clean images, seconds per image on
-this machine, and the baselines' PSNR for scale. Restoring is what `task: restoration` evaluates,
+prints one row per (sampler, steps): PSNR and SSIM against the clean images, milliseconds per image
+on this machine, and the baselines' PSNR for scale. Restoring is what `task: restoration` evaluates,
 so the rows are the figures `ditlab evaluate` would report with evaluation.steps set to each value.
+One step is left out of the default: diffusion.schedules.spaced_timesteps(T, 1) is [0], so a
+one-step sampler would start at t = 0 instead of T - 1.
 """
 
 from __future__ import annotations
@@ -23,13 +25,14 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("checkpoint", help="a `task: restoration` checkpoint (file, checkpoint or run folder)")
     parser.add_argument("--num", type=int, default=300, help="test images restored per row")
-    parser.add_argument("--steps", default="1,2,5,10,25,50", help="comma-separated step counts")
+    parser.add_argument("--steps", default="2,5,10,25,50", help="comma-separated step counts")
     parser.add_argument("--samplers", default="ddim,ddpm")
     parser.add_argument("--out", help="also write the table to this file")
     args = parser.parse_args()
     torch.set_num_threads(max(1, torch.get_num_threads()))
 
     from ditlab.data import to_uint8
+    from ditlab.degradations import Degradation
     from ditlab.evaluation.reconstruction import psnr, ssim
     from ditlab.sampling import from_bundle
     from ditlab.training.checkpoint import load_bundle, resolve_bundle_path
@@ -42,9 +45,10 @@ def main() -> None:
     clean = to_uint8(pairs.clean)
     labels = model_labels(ckpt.model, pairs.labels, spec.restoration.class_conditional)
     baselines, notes = baseline_restorations(spec, pairs)
-    lines = [f"# {spec.name}: {spec.restoration.degradation} (factor {spec.restoration.factor}, sigma "
-             f"{spec.restoration.sigma}), {spec.model.name}, {spec.diffusion.schedule} schedule, "
-             f"{spec.diffusion.prediction} prediction, step {ckpt.step}; {len(pairs)} test images",
+    lines = [f"# {spec.name}: {Degradation.from_spec(spec).describe()}; {spec.model.name}, "
+             f"{spec.diffusion.schedule} schedule, {spec.diffusion.prediction} prediction"
+             f"{', residual over the conditioning image' if spec.restoration.residual else ''}, step {ckpt.step}; "
+             f"{len(pairs)} test images",
              f"# checkpoint: {path}",
              f"# machine: {platform.processor() or platform.machine()}, {torch.get_num_threads()} torch threads "
              "(shared with other jobs: times are indicative)",
