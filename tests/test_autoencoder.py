@@ -48,7 +48,7 @@ def test_resume_is_exact_with_the_discriminator_active(tmp_path):
     assert [h["step"] for h in resumed.history] == [4, 5, 6]
     assert [h["loss"] for h in resumed.history] == [h["loss"] for h in full.history][3:]
     assert same_parameters(end.ema.model, end_full.ema.model)
-    assert same_parameters(end.task.discriminator, end_full.task.discriminator)
+    assert same_parameters(end.task.adversary.discriminator, end_full.task.adversary.discriminator)
     bundle = load_bundle(tmp_path / "full" / "checkpoint_000006" / "checkpoint.pt")
     assert set(bundle["task_state"]) == {"steps_done", "discriminator", "discriminator_optimizer"}
     assert bundle["task_state"]["steps_done"] == 6 and bundle["model_config"]["kind"] == "autoencoder"
@@ -56,7 +56,7 @@ def test_resume_is_exact_with_the_discriminator_active(tmp_path):
 
 def test_no_discriminator_without_an_adversarial_weight():
     task = AutoencoderTask(tiny("loss.adversarial_weight=0"), 10, torch.device("cpu"))
-    assert task.discriminator is None and task.optimizers() == [task.optimizer]
+    assert task.adversary is None and task.optimizers() == [task.optimizer]
     assert tiny().loss.adversarial_weight == 0.5  # the task's default
     assert load(None).loss.adversarial_weight == 0  # generation's
 
@@ -75,8 +75,8 @@ def _ddp_rank(rank: int, init_file: str, out_dir: str) -> None:
         end = train(spec, resumed, placement, resume_from=f"{out_dir}/full/checkpoint_000003/checkpoint.pt")
         record = {"full": [h["loss"] for h in full.history], "resumed": [h["loss"] for h in resumed.history],
                   "same": same_parameters(end.ema.model, end_full.ema.model)
-                  and same_parameters(end.task.discriminator, end_full.task.discriminator),
-                  "discriminator": [float(p.sum()) for p in end.task.discriminator.parameters()]}
+                  and same_parameters(end.task.adversary.discriminator, end_full.task.adversary.discriminator),
+                  "discriminator": [float(p.sum()) for p in end.task.adversary.discriminator.parameters()]}
         with open(f"{out_dir}/rank{rank}.json", "w") as f:
             json.dump(record, f)
     finally:

@@ -31,7 +31,7 @@ def tiny(*overrides):
 def test_weight_zero_builds_no_discriminator_and_reports_the_diffusion_terms_only():
     spec = tiny("loss.discriminator_start=0", "loss.discriminator_loss=non_saturating")
     task = GenerationTask(spec, 10, torch.device("cpu"))
-    assert task.discriminator is None and task.optimizers() == [task.optimizer] and task.extra_state() == {}
+    assert task.adversary is None and task.optimizers() == [task.optimizer] and task.extra_state() == {}
     images, labels = load_dataset(spec.data, "train").batch(torch.arange(8))
     figures = task.step(Batch(images, labels), torch.Generator().manual_seed(0))
     assert set(figures) == {"loss", "mse", "grad_norm"}
@@ -52,7 +52,7 @@ def test_the_term_starts_at_discriminator_start_and_resume_is_exact(tmp_path):
     keys = ("loss", "g_loss", "d_loss", "d_weight", "logits_real")
     assert [[h[k] for k in keys] for h in resumed.history] == [[h[k] for k in keys] for h in full.history][3:]
     for a, b in ((end_full.ema.model, end_resumed.ema.model),
-                 (end_full.task.discriminator, end_resumed.task.discriminator)):
+                 (end_full.task.adversary.discriminator, end_resumed.task.adversary.discriminator)):
         assert all(torch.equal(p, q) for p, q in zip(a.state_dict().values(), b.state_dict().values(), strict=True))
 
 
@@ -70,8 +70,9 @@ def _ddp_rank(rank: int, init_file: str, out_dir: str) -> None:
         dist.barrier()
         resumed = LocalReporter(f"{out_dir}/resumed")
         end_resumed = train(spec, resumed, placement, resume_from=f"{out_dir}/full/checkpoint_000003")
-        same = [torch.equal(a, b) for m, n in ((end_full.ema.model, end_resumed.ema.model),
-                                                (end_full.task.discriminator, end_resumed.task.discriminator))
+        pairs = ((end_full.ema.model, end_resumed.ema.model),
+                 (end_full.task.adversary.discriminator, end_resumed.task.adversary.discriminator))
+        same = [torch.equal(a, b) for m, n in pairs
                 for a, b in zip(m.state_dict().values(), n.state_dict().values(), strict=True)]
         keep = ("step", "loss", "d_loss", "g_loss", "fid", "kid")
         record = {"full": [{k: h[k] for k in keep if k in h} for h in full.history],

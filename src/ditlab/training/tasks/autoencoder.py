@@ -20,7 +20,6 @@ from __future__ import annotations
 import logging
 import time
 from collections.abc import Callable
-from typing import Any
 
 import numpy as np
 import torch
@@ -29,8 +28,8 @@ from torch import nn
 
 from ditlab.config import EvaluationSpec, ExperimentSpec, from_dict
 from ditlab.data import load_dataset, to_uint8
-from ditlab.models.adversarial import PatchDiscriminator, adaptive_weight, discriminator_loss, generator_loss
 from ditlab.models.autoencoder import Autoencoder, autoencoder_from_config, build_autoencoder
+from ditlab.training.tasks.adversarial import ADVERSARIAL_KEYS, Adversary
 from ditlab.training.tasks.base import Batch, Task
 from ditlab.training.validation import validation_set
 
@@ -38,7 +37,7 @@ log = logging.getLogger(__name__)
 
 # Reported at every step, so every report window has the same keys before and after the
 # discriminator starts (zeros before).
-STEP_KEYS = ("loss", "rec_loss", "kl", "perceptual", "g_loss", "d_loss", "d_weight", "logits_real", "logits_fake")
+STEP_KEYS = ("loss", "rec_loss", "kl", "perceptual", *ADVERSARIAL_KEYS)
 
 
 class AutoencoderTask(Task):
@@ -51,47 +50,21 @@ class AutoencoderTask(Task):
         self.model = build_autoencoder(spec.autoencoder.name, input_size=spec.data.resolution,
                                        in_channels=spec.data.channels).to(device)
         self.forward_model: nn.Module = self.model
-        self.optimizer = self._adamw(self.model)
-        self.discriminator = self.disc_optimizer = None
-        if loss.adversarial_weight > 0:
-            self.discriminator = PatchDiscriminator(spec.data.channels, loss.discriminator_channels,
-                                                    loss.discriminator_layers).to(device)
-            self.disc_forward: nn.Module = self.discriminator
-            self.disc_optimizer = self._adamw(self.discriminator)
+        self.optimizer = torch.optim.AdamW(self.model.parameters(), lr=train.lr, betas=train.adam_betas,
+                                           weight_decay=train.weight_decay)
+        self.adversary = Adversary(self, spec.data.channels) if loss.adversarial_weight > 0 else None
         self.perceptual = perceptual_loss(loss.perceptual_weight, device)
-        self.steps_done = 0  # the loop's step, kept here for loss.discriminator_start (restored on resume)
         val = validation_set(spec.data, train.val_images)
         self.validation_images = None if val is None else val.x0
 
-    def _adamw(self, module: nn.Module) -> torch.optim.Optimizer:
-        t = self.spec.train
-        return torch.optim.AdamW(module.parameters(), lr=t.lr, betas=t.adam_betas, weight_decay=t.weight_decay)
-
-    # -- modules -----------------------------------------------------------------------------------
-
-    def optimizers(self) -> list[torch.optim.Optimizer]:
-        return [self.optimizer] + ([self.disc_optimizer] if self.disc_optimizer is not None else [])
-
-    def wrap(self, wrap_model) -> None:
-        self.forward_model = wrap_model(self.model)
-        if self.discriminator is not None:
-            self.disc_forward = wrap_model(self.discriminator)
-
-    def set_train_mode(self) -> None:
-        self.model.train()
-        if self.discriminator is not None:
-            self.discriminator.train()
-
     # -- one step ----------------------------------------------------------------------------------
-
-    def adversarial_active(self) -> bool:
-        return self.discriminator is not None and self.steps_done >= self.spec.loss.discriminator_start
 
     def step(self, batch: Batch, generator: torch.Generator) -> dict[str, float]:
         loss_spec, x = self.spec.loss, batch.images
         cfg = self.model.config
         noise = torch.randn((len(x), cfg.latent_channels, cfg.latent_size, cfg.latent_size), generator=generator)
         figures = dict.fromkeys(STEP_KEYS, 0.0)
+        adversarial = self.adversary is not None and self.adversary.active
         with self.autocast():
             recon, posterior = self.forward_model(x, noise.to(self.device))
             rec = reconstruction_loss(recon, x, loss_spec.reconstruction)
@@ -101,29 +74,15 @@ class AutoencoderTask(Task):
                 figures["perceptual"] = float(perceptual.detach())
             kl = posterior.kl().mean() / x[0].numel()
             loss = rec + loss_spec.kl_weight * kl
-            if self.adversarial_active():
-                g_loss = generator_loss(self.disc_forward(recon), loss_spec.discriminator_loss)
-                weight = (adaptive_weight(rec, g_loss, self.model.last_layer) if loss_spec.adaptive_weight
-                          else torch.tensor(1.0, device=self.device))
-                loss = loss + loss_spec.adversarial_weight * weight * g_loss
-                figures.update(g_loss=float(g_loss.detach()), d_weight=float(weight))
+            if adversarial:
+                loss = loss + self.adversary.generator_term(recon, rec, self.model.last_layer, figures)
         figures.update(loss=float(loss.detach()), rec_loss=float(rec.detach()), kl=float(kl.detach()))
         figures["grad_norm"] = self.optimize(loss, self.optimizer, self.model.parameters())
-        if self.adversarial_active():
-            figures.update(self.discriminator_step(x, recon.detach()))
-        self.steps_done += 1
+        if adversarial:
+            figures.update(self.adversary.update(x, recon))
+        if self.adversary is not None:
+            self.adversary.end_step()
         return figures
-
-    def discriminator_step(self, real: torch.Tensor, fake: torch.Tensor) -> dict[str, float]:
-        """One discriminator update on real and reconstructed images, in one forward pass (one
-        forward per backward keeps DistributedDataParallel's bookkeeping simple)."""
-        with self.autocast():
-            logits = self.disc_forward(torch.cat([real, fake]))
-            real_logits, fake_logits = logits.float().chunk(2)
-            d_loss = discriminator_loss(real_logits, fake_logits, self.spec.loss.discriminator_loss)
-        self.optimize(d_loss, self.disc_optimizer, self.discriminator.parameters())
-        return {"d_loss": float(d_loss.detach()), "logits_real": float(real_logits.detach().mean()),
-                "logits_fake": float(fake_logits.detach().mean())}
 
     # -- validation and checkpoint state -------------------------------------------------------------
 
@@ -139,19 +98,6 @@ class AutoencoderTask(Task):
         l1 = float((recon - self.validation_images).abs().mean())
         per_image = ((recon - self.validation_images) / 2).pow(2).flatten(1).mean(1)  # on [0, 1]
         return {"val_loss": l1, "val_psnr": float((10 * torch.log10(1.0 / per_image.clamp(min=1e-10))).mean())}
-
-    def extra_state(self) -> dict[str, Any]:
-        state: dict[str, Any] = {"steps_done": self.steps_done}
-        if self.discriminator is not None:
-            state.update(discriminator=self.discriminator.state_dict(),
-                         discriminator_optimizer=self.disc_optimizer.state_dict())
-        return state
-
-    def load_extra_state(self, state: dict[str, Any]) -> None:
-        self.steps_done = int(state.get("steps_done", 0))
-        if self.discriminator is not None and "discriminator" in state:
-            self.discriminator.load_state_dict(state["discriminator"])
-            self.disc_optimizer.load_state_dict(state["discriminator_optimizer"])
 
     # -- after training ----------------------------------------------------------------------------
 

@@ -21,6 +21,7 @@ from torch import nn
 
 from ditlab.config import EvaluationSpec, ExperimentSpec
 from ditlab.data import ImageDataset, load_dataset
+from ditlab.training.tasks.adversarial import Adversary
 
 
 @dataclass(frozen=True)
@@ -44,6 +45,7 @@ class Task(ABC):
     name: ClassVar[str]
     model: nn.Module
     optimizer: torch.optim.Optimizer
+    adversary: Adversary | None = None  # a discriminator and its optimizer (loss.adversarial_weight > 0)
 
     def __init__(self, spec: ExperimentSpec, num_classes: int, device: torch.device):
         self.spec, self.num_classes, self.device = spec, num_classes, device
@@ -66,11 +68,13 @@ class Task(ABC):
 
     def optimizers(self) -> list[torch.optim.Optimizer]:
         """Every optimizer; the loop sets the scheduled learning rate on each before a step."""
-        return [self.optimizer]
+        return [self.optimizer] + ([self.adversary.optimizer] if self.adversary else [])
 
     def wrap(self, wrap_model: Callable[[nn.Module], nn.Module]) -> None:
         """Distribute the trained modules (DDP under Ray Train). Called once, after any resume."""
         self.forward_model = wrap_model(self.model)
+        if self.adversary:
+            self.adversary.wrap(wrap_model)
 
     def model_config(self) -> dict[str, Any]:
         """What rebuilds `model` without the spec (stored in the bundle as "model_config")."""
@@ -78,6 +82,8 @@ class Task(ABC):
 
     def set_train_mode(self) -> None:
         self.model.train()
+        if self.adversary:
+            self.adversary.discriminator.train()
 
     # -- one step ----------------------------------------------------------------------------------
 
@@ -112,13 +118,14 @@ class Task(ABC):
         return {}
 
     def extra_state(self) -> dict[str, Any]:
-        """State beyond model, EMA and the first optimizer (a discriminator, a second optimizer),
+        """State beyond model, EMA and the first optimizer (the discriminator and its optimizer),
         stored in the bundle as "task_state"."""
-        return {}
+        return self.adversary.state_dict() if self.adversary else {}
 
     def load_extra_state(self, state: dict[str, Any]) -> None:
         """Restore `extra_state`; bundles written before a task had any extra state pass {}."""
-        return None
+        if self.adversary:
+            self.adversary.load_state_dict(state)
 
     def sample_quality(self, weights: nn.Module) -> dict[str, float]:
         """Figures on samples of `weights` at `train.eval_every` steps (generation: FID and KID).

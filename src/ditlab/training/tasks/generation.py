@@ -35,13 +35,10 @@ from ditlab.builders import build_diffusion, build_dit
 from ditlab.config import EvaluationSpec, ExperimentSpec
 from ditlab.data import to_uint8
 from ditlab.diffusion import training_losses
-from ditlab.models.adversarial import PatchDiscriminator, adaptive_weight, discriminator_loss, generator_loss
 from ditlab.training.sample_quality import SampleQuality
+from ditlab.training.tasks.adversarial import ADVERSARIAL_KEYS, Adversary
 from ditlab.training.tasks.base import Batch, Task
 from ditlab.training.validation import validation_loss, validation_set
-
-# Reported at every step with a discriminator, so report windows keep their keys across the start.
-ADVERSARIAL_KEYS = ("g_loss", "d_loss", "d_weight", "logits_real", "logits_fake")
 
 
 class GenerationTask(Task):
@@ -68,14 +65,7 @@ class GenerationTask(Task):
 
             decode = LatentDecoder(spec, self.latent) if self.latent else None
             self.sample_scorer = SampleQuality(spec, self.diffusion, device, decode)
-        self.discriminator = self.disc_optimizer = None
-        if loss.adversarial_weight > 0:
-            self.discriminator = PatchDiscriminator(self.model.config.in_channels, loss.discriminator_channels,
-                                                    loss.discriminator_layers).to(device)
-            self.disc_forward: nn.Module = self.discriminator
-            self.disc_optimizer = torch.optim.AdamW(self.discriminator.parameters(), lr=train.lr,
-                                                    betas=train.adam_betas, weight_decay=train.weight_decay)
-            self.steps_done = 0  # the loop's step, for loss.discriminator_start (kept in task_state)
+        self.adversary = Adversary(self, self.model.config.in_channels) if loss.adversarial_weight > 0 else None
 
     # -- latent diffusion (latent.autoencoder) ------------------------------------------------------
 
@@ -110,25 +100,7 @@ class GenerationTask(Task):
                              f"{self.latent['autoencoder_sha256'][:16]}..., the checkpoint was trained on latents "
                              f"of {recorded['autoencoder_sha256'][:16]}...")
 
-    # -- modules -----------------------------------------------------------------------------------
-
-    def optimizers(self) -> list[torch.optim.Optimizer]:
-        return [self.optimizer] + ([self.disc_optimizer] if self.disc_optimizer is not None else [])
-
-    def wrap(self, wrap_model) -> None:
-        self.forward_model = wrap_model(self.model)
-        if self.discriminator is not None:
-            self.disc_forward = wrap_model(self.discriminator)
-
-    def set_train_mode(self) -> None:
-        self.model.train()
-        if self.discriminator is not None:
-            self.discriminator.train()
-
     # -- one step ----------------------------------------------------------------------------------
-
-    def adversarial_active(self) -> bool:
-        return self.discriminator is not None and self.steps_done >= self.spec.loss.discriminator_start
 
     def step(self, batch: Batch, generator: torch.Generator) -> dict[str, float]:
         # Drawn on the CPU from the step's generator (same order as before the Task seam), then moved.
@@ -137,7 +109,7 @@ class GenerationTask(Task):
         noise = torch.randn(batch.images.shape, generator=generator)
         drop = torch.rand(n, generator=generator) < self.spec.model.class_dropout_prob
         t, noise, drop = (v.to(self.device) for v in (t, noise, drop))
-        if self.discriminator is None:
+        if self.adversary is None:
             with self.autocast():
                 terms = training_losses(self.forward_model, self.diffusion, batch.images, t, batch.labels, noise, drop)
             grad_norm = self.optimize(terms["loss"].mean(), self.optimizer, self.model.parameters())
@@ -147,7 +119,7 @@ class GenerationTask(Task):
     def adversarial_step(self, batch: Batch, t: torch.Tensor, noise: torch.Tensor,
                          drop: torch.Tensor) -> dict[str, float]:
         """The diffusion loss plus the adversarial term on x0_hat, then a discriminator update."""
-        loss_spec, active = self.spec.loss, self.adversarial_active()
+        active = self.adversary.active
         outputs: list[torch.Tensor] = []
 
         def recorded(*args):  # training_losses' forward pass, its output kept for x0_hat
@@ -163,28 +135,15 @@ class GenerationTask(Task):
                 x_t = self.diffusion.q_sample(batch.images, t, noise)
                 channels = batch.images.shape[1]
                 x0_hat, _ = self.diffusion.to_x0_eps(outputs[0][:, :channels].float(), x_t, t)
-                g_loss = generator_loss(self.disc_forward(x0_hat), loss_spec.discriminator_loss)
-                lam = (adaptive_weight(loss, g_loss, self.model.final_layer.linear.weight)
-                       if loss_spec.adaptive_weight else torch.tensor(1.0, device=self.device))
-                total = loss + loss_spec.adversarial_weight * lam * g_loss
-                figures.update(g_loss=float(g_loss.detach()), d_weight=loss_spec.adversarial_weight * float(lam))
+                # The DiT's output head plays the part of a decoder's last layer for the adaptive weight.
+                total = loss + self.adversary.generator_term(x0_hat, loss, self.model.final_layer.linear.weight,
+                                                             figures)
         figures.update({k: float(v.detach().mean()) for k, v in terms.items()})
         figures["grad_norm"] = self.optimize(total, self.optimizer, self.model.parameters())
         if active:
-            figures.update(self.discriminator_step(batch.images, x0_hat.detach()))
-        self.steps_done += 1
+            figures.update(self.adversary.update(batch.images, x0_hat))
+        self.adversary.end_step()
         return figures
-
-    def discriminator_step(self, real: torch.Tensor, fake: torch.Tensor) -> dict[str, float]:
-        """One discriminator update on real images and x0_hat, in one forward pass (one forward per
-        backward, as DistributedDataParallel expects)."""
-        with self.autocast():
-            logits = self.disc_forward(torch.cat([real, fake]))
-            real_logits, fake_logits = logits.float().chunk(2)
-            d_loss = discriminator_loss(real_logits, fake_logits, self.spec.loss.discriminator_loss)
-        self.optimize(d_loss, self.disc_optimizer, self.discriminator.parameters())
-        return {"d_loss": float(d_loss.detach()), "logits_real": float(real_logits.detach().mean()),
-                "logits_fake": float(fake_logits.detach().mean())}
 
     # -- validation, sample quality and checkpoint state ---------------------------------------------
 
@@ -201,18 +160,12 @@ class GenerationTask(Task):
         return self.sample_scorer(weights) if self.sample_scorer is not None else {}
 
     def extra_state(self) -> dict[str, Any]:
-        state: dict[str, Any] = {} if self.latent is None else {"latent": dict(self.latent)}
-        if self.discriminator is None:
-            return state
-        return {**state, "steps_done": self.steps_done, "discriminator": self.discriminator.state_dict(),
-                "discriminator_optimizer": self.disc_optimizer.state_dict()}
+        """The discriminator's state (base class) and, on latents, the autoencoder's record."""
+        return {**super().extra_state(), **({"latent": dict(self.latent)} if self.latent else {})}
 
     def load_extra_state(self, state: dict[str, Any]) -> None:
         self.check_latent_record(state)
-        if self.discriminator is not None and "discriminator" in state:
-            self.steps_done = int(state["steps_done"])
-            self.discriminator.load_state_dict(state["discriminator"])
-            self.disc_optimizer.load_state_dict(state["discriminator_optimizer"])
+        super().load_extra_state(state)
 
     # -- after training ----------------------------------------------------------------------------
 
