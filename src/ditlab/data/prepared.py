@@ -111,5 +111,8 @@ def load_prepared(data_spec, split: str):
     splits = ("train", "test") if split == "all" else (split,)
     images = np.concatenate([np.load(folder / f"{s}_images.npy", allow_pickle=False) for s in splits])
     labels = np.concatenate([np.load(folder / f"{s}_labels.npy", allow_pickle=False) for s in splits])
-    x = torch.from_numpy(images).permute(0, 3, 1, 2).float() / 127.5 - 1.0
-    return x.contiguous(), labels, int(manifest["num_classes"])
+    # Transposed and converted in numpy: with one channel, a permuted tensor is both contiguous and
+    # channels-last, torch's conversions keep the channels-last strides, convolutions then run
+    # channels-last and DDP warns about gradient strides on 1x1 convolutions.
+    x = torch.from_numpy(np.ascontiguousarray(images.transpose(0, 3, 1, 2), dtype=np.float32)) / 127.5 - 1.0
+    return x, labels, int(manifest["num_classes"])
