@@ -117,3 +117,16 @@ def test_data_prepare_needs_no_autoencoder(tmp_path):
     assert cli.main(["data", "prepare", str(spec), "--set", "data.resolution=8", "--set",
                      f"latent.autoencoder={tmp_path / 'not-yet'}", "--out", str(tmp_path / "data")]) == 0
     assert (tmp_path / "data" / "manifest.json").is_file()
+
+
+def test_a_changed_loss_or_autoencoder_is_another_experiment_for_the_run_folder(tmp_path):
+    """`ditlab run --name` resumes only a run of the same spec: the adversarial weight, the
+    autoencoder preset and a latent spec's autoencoder are part of what a run trained."""
+    from ditlab.orchestration.train import spec_changes
+
+    base = load(AE_SPEC).to_dict()
+    assert spec_changes(base, load(AE_SPEC, ["loss.adversarial_weight=0"]).to_dict()) == ["loss.adversarial_weight"]
+    assert spec_changes(base, load(AE_SPEC, ["autoencoder.name=KL-S/f4c4"]).to_dict()) == ["autoencoder.name"]
+    latent = load(LATENT_SPEC).to_dict()
+    other = load(LATENT_SPEC, ["latent.autoencoder=runs/other"]).to_dict()
+    assert spec_changes(latent, other) == ["latent.autoencoder"]

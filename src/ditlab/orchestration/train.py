@@ -84,7 +84,8 @@ def open_tracker(spec: ExperimentSpec, run_dir: Path) -> Tracker:
 
 
 # Sections whose change makes a run folder's checkpoints belong to another experiment.
-TRAINING_SECTIONS = ("task", "seed", "data", "model", "diffusion", "train", "restoration")
+TRAINING_SECTIONS = ("task", "seed", "data", "model", "diffusion", "loss", "autoencoder", "latent", "train",
+                     "restoration")
 
 
 class RunFolderError(ValueError):
