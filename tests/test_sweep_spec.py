@@ -105,6 +105,7 @@ def test_bad_space_is_an_error_naming_the_field(tmp_path, space, message):
     ({"num_samples": 0}, "num_samples"),
     ({"metrik": "val_loss"}, "metrik: unknown key"),
     ({"set": {"train.val_images": 0}}, "metric val_loss needs train.val_images > 0"),
+    ({"metric": "fid"}, "metric fid needs train.eval_every in the base"),
     ({"base": "missing.yaml"}, "base: experiment spec 'missing.yaml' not found"),
 ])
 def test_bad_sweep_settings(tmp_path, fields, message):

@@ -263,8 +263,13 @@ def check_space(sweep: Sweep) -> None:
 def check_scheduler(sweep: Sweep) -> None:
     """Settings that only make sense against the base experiment."""
     base, scheduler = sweep.base_spec, sweep.spec.scheduler
-    if base.train.val_images == 0 and sweep.spec.metric == "val_loss":
-        raise SpecError(f"{sweep.source}: metric val_loss needs train.val_images > 0 in the base")
+    metric = sweep.spec.metric
+    # Figures a trial reports only when the base asks for them: without them Tune gets nothing to judge.
+    if base.train.val_images == 0 and metric.startswith("val_"):
+        raise SpecError(f"{sweep.source}: metric {metric} needs train.val_images > 0 in the base")
+    if metric in ("fid", "kid") and base.train.eval_every is None:
+        raise SpecError(f"{sweep.source}: metric {metric} needs train.eval_every in the base (FID and KID "
+                        "during training)")
     if isinstance(scheduler, PbtSettings):
         workers = {sweep.trial_spec({k: v}, "").resources.num_workers
                    for k, d in sweep.spec.space.items() for v in d.extremes()} | {base.resources.num_workers}
