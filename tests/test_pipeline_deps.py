@@ -64,3 +64,25 @@ def test_the_closure_follows_lazy_imports():
     closure = source_closure("ditlab.cli.evaluate")
     assert SRC / "ditlab" / "orchestration" / "evaluate.py" in closure  # imported inside cmd_evaluate
     assert SRC / "ditlab" / "orchestration" / "jobs.py" not in closure  # another command's code
+
+
+def _has_key(raw, dotted: str) -> bool:
+    for part in dotted.split("."):
+        if not isinstance(raw, dict) or part not in raw:
+            return False
+        raw = raw[part]
+    return True
+
+
+@pytest.mark.parametrize("pipeline, stage", sorted(STAGES), ids=[f"{p.parent.relative_to(ROOT)}:{s}".lstrip(".:")
+                                                                for p, s in sorted(STAGES)])
+def test_every_param_a_stage_lists_is_spelled_out_in_its_params_file(pipeline, stage):
+    """DVC fails a stage whose listed param is absent from its file, and only after the stages before
+    it ran (found running pipelines/latent: `loss`, then `evaluation.seed`). test_dvc checks the root
+    pipeline under DVC itself; this reads every pipeline's files."""
+    for entry in STAGES[pipeline, stage].get("params") or []:
+        files = entry if isinstance(entry, dict) else {"params.yaml": [entry]}
+        for name, keys in files.items():
+            raw = yaml.safe_load((pipeline.parent / name).read_text())
+            missing = [k for k in keys if not _has_key(raw, k)]
+            assert not missing, f"{pipeline.relative_to(ROOT)} stage {stage!r}: {missing} not in {name}"
