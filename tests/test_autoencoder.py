@@ -2,22 +2,19 @@
 the discriminator active (one process and two DDP ranks), refuses bad specs before Ray starts, and
 its checkpoints are scored on reconstructions of the test split."""
 
-import json
-import os
 
 import numpy as np
 import pytest
 import torch
-import torch.distributed as dist
-import torch.multiprocessing as mp
 
 from ditlab import cli
 from ditlab.config import SpecError, load
-from ditlab.training import LocalReporter, Placement, train
+from ditlab.training import LocalReporter, train
 from ditlab.training.checkpoint import load_bundle
 from ditlab.training.tasks import AutoencoderTask
 
 from conftest import ROOT, run_cli_json
+from ddp import run_then_resume_on_two_ranks, same_parameters
 
 SPEC = ROOT / "experiments" / "autoencoder.yaml"
 # The shipped spec at test size: 8px digits, the narrowest preset, the discriminator from step 2.
@@ -29,10 +26,6 @@ TINY = ["autoencoder.name=KL-N/f2c2", "data.resolution=8", "train.steps=6", "tra
 
 def tiny(*overrides: str):
     return load(SPEC, ["resources.num_workers=1", *TINY, *overrides])
-
-
-def same_parameters(a: torch.nn.Module, b: torch.nn.Module) -> bool:
-    return all(torch.equal(x, y) for x, y in zip(a.parameters(), b.parameters(), strict=True))
 
 
 def test_resume_is_exact_with_the_discriminator_active(tmp_path):
@@ -61,35 +54,19 @@ def test_no_discriminator_without_an_adversarial_weight():
     assert load(None).loss.adversarial_weight == 0  # generation's
 
 
-def _ddp_rank(rank: int, init_file: str, out_dir: str) -> None:
-    torch.set_num_threads(1)
-    dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=2)
-    try:
-        spec = load(SPEC, [*TINY, "resources.num_workers=2"])
-        placement = Placement(rank=rank, world_size=2,
-                              wrap_model=lambda m: torch.nn.parallel.DistributedDataParallel(m))
-        full = LocalReporter(f"{out_dir}/full")
-        end_full = train(spec, full, placement)
-        dist.barrier()
-        resumed = LocalReporter(f"{out_dir}/resumed")
-        end = train(spec, resumed, placement, resume_from=f"{out_dir}/full/checkpoint_000003/checkpoint.pt")
-        record = {"full": [h["loss"] for h in full.history], "resumed": [h["loss"] for h in resumed.history],
-                  "same": same_parameters(end.ema.model, end_full.ema.model)
-                  and same_parameters(end.task.adversary.discriminator, end_full.task.adversary.discriminator),
-                  "discriminator": [float(p.sum()) for p in end.task.adversary.discriminator.parameters()]}
-        with open(f"{out_dir}/rank{rank}.json", "w") as f:
-            json.dump(record, f)
-    finally:
-        dist.destroy_process_group()
+def _autoencoder_ddp_record(rank, spec, full, end_full, resumed, end_resumed) -> dict:
+    return {"full": [h["loss"] for h in full.history], "resumed": [h["loss"] for h in resumed.history],
+            "same": same_parameters(end_resumed.ema.model, end_full.ema.model)
+            and same_parameters(end_resumed.task.adversary.discriminator, end_full.task.adversary.discriminator),
+            "discriminator": [float(p.sum()) for p in end_resumed.task.adversary.discriminator.parameters()]}
 
 
 def test_two_ddp_ranks_resume_exactly_and_share_one_discriminator(tmp_path):
     """Both modules under DistributedDataParallel, as Ray Train runs them: the adaptive weight's
     gradients and the discriminator's single forward per backward work with gloo, the ranks end
     with the same discriminator, and resume is exact."""
-    os.environ.setdefault("OMP_NUM_THREADS", "1")
-    mp.spawn(_ddp_rank, args=(str(tmp_path / "init"), str(tmp_path)), nprocs=2, join=True)
-    ranks = [json.loads((tmp_path / f"rank{r}.json").read_text()) for r in (0, 1)]
+    spec = load(SPEC, [*TINY, "resources.num_workers=2"])
+    ranks = run_then_resume_on_two_ranks(spec, tmp_path, _autoencoder_ddp_record)
     for record in ranks:
         assert record["resumed"] == record["full"][3:] and record["same"]
     assert ranks[0]["discriminator"] == ranks[1]["discriminator"]

@@ -3,20 +3,17 @@ training (train.eval_every): the term starts at loss.discriminator_start, weight
 discriminator, resume is exact with the discriminator active (one process and two DDP ranks), and
 every rank reports the same FID and KID."""
 
-import json
-import os
 
 import pytest
 import torch
-import torch.distributed as dist
-import torch.multiprocessing as mp
 
 from ditlab.config import SpecError, load
 from ditlab.data import load_dataset
-from ditlab.training import LocalReporter, Placement, train
+from ditlab.training import LocalReporter, train
 from ditlab.training.tasks import Batch, GenerationTask
 
 from conftest import ROOT
+from ddp import run_then_resume_on_two_ranks, same_parameters
 
 TINY = ROOT / "experiments" / "tiny.yaml"
 ADVERSARIAL = ("loss.adversarial_weight=0.5", "loss.discriminator_start=2")
@@ -56,37 +53,19 @@ def test_the_term_starts_at_discriminator_start_and_resume_is_exact(tmp_path):
         assert all(torch.equal(p, q) for p, q in zip(a.state_dict().values(), b.state_dict().values(), strict=True))
 
 
-def _ddp_rank(rank: int, init_file: str, out_dir: str) -> None:
-    """One of two gloo ranks, both networks DDP-wrapped: the full run, then a run resumed from rank
-    0's step-3 checkpoint."""
-    torch.set_num_threads(1)
-    dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=2)
-    try:
-        spec = load(TINY, ["train.log_every=1", "train.val_images=0", *ADVERSARIAL, *SAMPLE_EVAL])
-        placement = Placement(rank=rank, world_size=2,
-                              wrap_model=lambda m: torch.nn.parallel.DistributedDataParallel(m))
-        full = LocalReporter(f"{out_dir}/full")
-        end_full = train(spec, full, placement)
-        dist.barrier()
-        resumed = LocalReporter(f"{out_dir}/resumed")
-        end_resumed = train(spec, resumed, placement, resume_from=f"{out_dir}/full/checkpoint_000003")
-        pairs = ((end_full.ema.model, end_resumed.ema.model),
-                 (end_full.task.adversary.discriminator, end_resumed.task.adversary.discriminator))
-        same = [torch.equal(a, b) for m, n in pairs
-                for a, b in zip(m.state_dict().values(), n.state_dict().values(), strict=True)]
-        keep = ("step", "loss", "d_loss", "g_loss", "fid", "kid")
-        record = {"full": [{k: h[k] for k in keep if k in h} for h in full.history],
-                  "resumed": [{k: h[k] for k in keep if k in h} for h in resumed.history], "same": all(same)}
-        with open(f"{out_dir}/rank{rank}.json", "w") as f:
-            json.dump(record, f)
-    finally:
-        dist.destroy_process_group()
+def _adversarial_ddp_record(rank, spec, full, end_full, resumed, end_resumed) -> dict:
+    keep = ("step", "loss", "d_loss", "g_loss", "fid", "kid")
+    return {"full": [{k: h[k] for k in keep if k in h} for h in full.history],
+            "resumed": [{k: h[k] for k in keep if k in h} for h in resumed.history],
+            "same": same_parameters(end_full.ema.model, end_resumed.ema.model)
+            and same_parameters(end_full.task.adversary.discriminator, end_resumed.task.adversary.discriminator)}
 
 
 def test_two_ddp_ranks_resume_exactly_and_report_the_same_sample_quality(tmp_path):
-    os.environ.setdefault("OMP_NUM_THREADS", "1")
-    mp.spawn(_ddp_rank, args=(str(tmp_path / "init"), str(tmp_path)), nprocs=2, join=True)
-    ranks = [json.loads((tmp_path / f"rank{r}.json").read_text()) for r in (0, 1)]
+    """Two gloo ranks, both networks DDP-wrapped: the full run, then a run resumed from rank 0's
+    step-3 checkpoint."""
+    spec = load(TINY, ["train.log_every=1", "train.val_images=0", *ADVERSARIAL, *SAMPLE_EVAL])
+    ranks = run_then_resume_on_two_ranks(spec, tmp_path, _adversarial_ddp_record)
     assert ranks[0] == ranks[1]  # losses are averaged across ranks, figures broadcast from rank 0
     record = ranks[0]
     assert record["same"] and record["resumed"] == record["full"][3:]

@@ -2,22 +2,20 @@
 matches the spec, each rank trains on its own shard, and resume is exact with 2 DDP ranks."""
 
 import json
-import os
 import typing
 
 import pytest
 import torch
-import torch.distributed as dist
-import torch.multiprocessing as mp
 
 from ditlab import cli
 from ditlab.config import ExperimentSpec, load
 from ditlab.sampling import balanced_labels, generate, load_for_sampling
-from ditlab.training import LocalReporter, Placement, train
+from ditlab.training import LocalReporter, train
 from ditlab.training.loop import ShardSampler
 from ditlab.training.tasks import TASKS, GenerationTask, task_class
 
 from conftest import ROOT
+from ddp import run_then_resume_on_two_ranks, same_parameters
 
 TINY = ROOT / "experiments" / "tiny.yaml"
 LEGACY = ROOT / "tests" / "data" / "legacy_checkpoint"
@@ -72,30 +70,12 @@ def test_ranks_read_disjoint_shards_that_cover_the_dataset_each_epoch(num_images
     assert torch.equal(again.indices(steps + 1), samplers[0].indices(steps + 1))  # a function of the step
 
 
-def _ddp_rank(rank: int, init_file: str, out_dir: str) -> None:
-    """One of two gloo ranks: the full run, then a run resumed from rank 0's step-3 checkpoint."""
-    torch.set_num_threads(1)
-    dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=2)
-    try:
-        # Dropout draws from the global RNG: each rank must resume its own.
-        spec = load(TINY, ["train.log_every=1", "model.dropout=0.1"])
-        placement = Placement(rank=rank, world_size=2,
-                              wrap_model=lambda m: torch.nn.parallel.DistributedDataParallel(m))
-        full = LocalReporter(f"{out_dir}/full")
-        end_full = train(spec, full, placement)
-        dist.barrier()
-        resumed = LocalReporter(f"{out_dir}/resumed")
-        end_resumed = train(spec, resumed, placement, resume_from=f"{out_dir}/full/checkpoint_000003")
-        same = all(torch.equal(a, b) for a, b in zip(end_full.ema.model.parameters(),
-                                                      end_resumed.ema.model.parameters(), strict=True))
-        record = {"full": [h["loss"] for h in full.history if "loss" in h],
-                  "resumed": [h["loss"] for h in resumed.history if "loss" in h],
-                  "resumed_steps": [h["step"] for h in resumed.history if "loss" in h],
-                  "same_weights": same, "first_batch": full_first_batch(spec, rank)}
-        with open(f"{out_dir}/rank{rank}.json", "w") as f:
-            json.dump(record, f)
-    finally:
-        dist.destroy_process_group()
+def _tiny_ddp_record(rank, spec, full, end_full, resumed, end_resumed) -> dict:
+    return {"full": [h["loss"] for h in full.history if "loss" in h],
+            "resumed": [h["loss"] for h in resumed.history if "loss" in h],
+            "resumed_steps": [h["step"] for h in resumed.history if "loss" in h],
+            "same_weights": same_parameters(end_full.ema.model, end_resumed.ema.model),
+            "first_batch": full_first_batch(spec, rank)}
 
 
 def full_first_batch(spec, rank: int) -> list[int]:
@@ -107,9 +87,9 @@ def test_resume_is_exact_with_two_ddp_ranks(tmp_path):
     """Two real gloo ranks (no Ray): interrupted at the step-3 checkpoint and resumed, both ranks
     report the losses of the uninterrupted run for steps 4..6 and end with its EMA weights; the
     ranks trained on different images."""
-    os.environ.setdefault("OMP_NUM_THREADS", "1")
-    mp.spawn(_ddp_rank, args=(str(tmp_path / "init"), str(tmp_path)), nprocs=2, join=True)
-    ranks = [json.loads((tmp_path / f"rank{r}.json").read_text()) for r in (0, 1)]
+    # Dropout draws from the global RNG: each rank must resume its own.
+    spec = load(TINY, ["train.log_every=1", "model.dropout=0.1"])
+    ranks = run_then_resume_on_two_ranks(spec, tmp_path, _tiny_ddp_record)
     for record in ranks:
         assert record["resumed_steps"] == [4, 5, 6]
         assert record["resumed"] == record["full"][3:]
