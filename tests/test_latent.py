@@ -71,6 +71,11 @@ def test_a_latent_dit_trains_samples_pixels_and_records_its_autoencoder(tmp_path
     ev = spec.evaluation.model_copy(update={"metrics": ("classifier_score", "conditional_accuracy")})
     report = GenerationTask.evaluate_checkpoint(bundle, "latent", ev)
     assert report.samples.shape == (20, 8, 8, 3) and 0 <= report.figures["conditional_accuracy"] <= 1
+    # Against another reference (--real), at the data's resolution, not the latents' 4x4.
+    from ditlab.orchestration.evaluate import evaluate_checkpoint
+
+    other = evaluate_checkpoint(str(tmp_path / "run" / "checkpoint_000003"), "digits:test", ev, progress=False)
+    assert "8px" in other.notes["reference"] and "conditional_accuracy" in other.figures
 
     shutil.copy(autoencoders / "checkpoint_000001" / "checkpoint.pt", ae / "checkpoint.pt")  # another autoencoder
     shutil.copy(autoencoders / "checkpoint_000001" / "checkpoint.pt.sha256", ae / "checkpoint.pt.sha256")

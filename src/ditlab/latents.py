@@ -29,8 +29,9 @@ import torch
 from ditlab.atomic import file_digest, write_json
 from ditlab.config import ExperimentSpec
 from ditlab.data import ImageDataset, load_dataset
-from ditlab.models.autoencoder import Autoencoder, autoencoder_from_config
+from ditlab.models.autoencoder import Autoencoder
 from ditlab.training.checkpoint import CheckpointError, load_bundle, resolve_bundle_path
+from ditlab.training.tasks.autoencoder import load_autoencoder
 
 SPLITS = ("train", "test")
 
@@ -61,27 +62,25 @@ def open_autoencoder(spec: ExperimentSpec) -> LatentAutoencoder:
         bundle = load_bundle(path)
     except CheckpointError as err:
         raise LatentError(f"latent.autoencoder: {err}") from None
-    config, task = bundle["model_config"], bundle["spec"].get("task", "generation")
-    if task != "autoencoder" or config.get("kind") != "autoencoder":
-        raise LatentError(f"latent.autoencoder: {source!r} is not an autoencoder checkpoint (task {task!r})")
-    model = autoencoder_from_config(config)
-    weights = bundle["spec"].get("train", {}).get("val_weights", "ema")
-    model.load_state_dict(bundle["ema"]["model"] if weights == "ema" else bundle["model"])
-    data = spec.data
+    try:
+        model = load_autoencoder(bundle, source)
+    except ValueError as err:
+        raise LatentError(f"latent.autoencoder: {err}") from None
+    config, data = bundle["model_config"], spec.data
     if config["in_channels"] != data.channels or config["input_size"] != data.resolution:
         raise LatentError(f"latent.autoencoder: {source!r} encodes {config['input_size']}px images with "
                           f"{config['in_channels']} channels; data is {data.resolution}px with {data.channels}")
     if spec.latent.channels is not None and spec.latent.channels != config["latent_channels"]:
         raise LatentError(f"latent.channels: {spec.latent.channels} does not match the "
                           f"{config['latent_channels']} latent channels of {source!r}")
-    return LatentAutoencoder(path, file_digest(path), model.eval())
+    return LatentAutoencoder(path, file_digest(path), model)
 
 
-def dataset_digest(spec: ExperimentSpec) -> str:
+def dataset_digest(splits: dict[str, ImageDataset]) -> str:
     """SHA-256 of the dataset as training loads it: both splits' uint8 images and labels."""
     h = hashlib.sha256()
     for split in SPLITS:
-        data = load_dataset(spec.data, split)
+        data = splits[split]
         h.update(data.to_uint8().tobytes())
         h.update(data.labels.numpy().astype(np.int64).tobytes())
     return h.hexdigest()
@@ -98,15 +97,14 @@ def encode_split(model: Autoencoder, images: torch.Tensor, batch_size: int = 256
 
 def ensure_latent_cache(spec: ExperimentSpec) -> tuple[Path, dict, bool]:
     """(cache folder, its meta, whether it was reused). Built into a temp folder, then renamed."""
-    autoencoder, data_sha256 = open_autoencoder(spec), dataset_digest(spec)
+    datasets = {split: load_dataset(spec.data, split) for split in SPLITS}
+    autoencoder, data_sha256 = open_autoencoder(spec), dataset_digest(datasets)
     folder = cache_dir(spec, autoencoder, data_sha256)
     if (folder / "meta.json").is_file() and (folder / "latents.pt").is_file():
         return folder, json.loads((folder / "meta.json").read_text()), True
-    splits, num_classes = {}, None
-    for split in SPLITS:
-        data = load_dataset(spec.data, split)
-        splits[split] = {"latents": encode_split(autoencoder.model, data.images), "labels": data.labels}
-        num_classes = data.num_classes
+    splits = {split: {"latents": encode_split(autoencoder.model, data.images), "labels": data.labels}
+              for split, data in datasets.items()}
+    num_classes = datasets["train"].num_classes
     meta = {
         "autoencoder": str(autoencoder.path), "autoencoder_sha256": autoencoder.sha256,
         "dataset_sha256": data_sha256, "data": spec.data.model_dump(mode="json"),

@@ -27,7 +27,8 @@ def evaluate_checkpoint(checkpoint: str, real, ev: EvaluationSpec | None, progre
     bundle = load_bundle(checkpoint)
     spec = from_dict(bundle["spec"], f"spec stored in {checkpoint}")
     split = ev.reference_split if ev else spec.evaluation.reference_split
-    reference = None if real is None else reference_for(real, int(bundle["model_config"]["input_size"]), split)
+    # At the data's resolution: a latent model's input_size is that of its latents.
+    reference = None if real is None else reference_for(real, spec.data.resolution, split)
     return task_class(spec.task).evaluate_checkpoint(bundle, str(checkpoint), ev, progress=progress,
                                                      reference=reference)
 

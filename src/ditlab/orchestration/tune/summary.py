@@ -15,6 +15,7 @@ from ditlab.evaluation.plots import save_trial_curves
 from ditlab.orchestration.tracking import Tracker
 from ditlab.orchestration.tune.space import expected_trials
 from ditlab.orchestration.tune.trial_runs import ENDED_STATES, TrialRuns, error_summary
+from ditlab.orchestration.tune.trials import TRAIN_DIR
 from ditlab.sweep import Sweep, best_spec_yaml
 from ditlab.training.checkpoint import checkpoint_dirs, load_bundle
 from ditlab.training.tasks import task_class
@@ -128,9 +129,9 @@ def evaluate_best(sweep_dir: Path, best: dict[str, Any], parent: Tracker) -> dic
     """The best trial's last checkpoint, evaluated as its task evaluates checkpoints (`ditlab
     evaluate` would give the same figures); logged on the parent run as best_<figure>. The trials
     themselves report only the cheap figure their scheduler compares."""
-    folders = checkpoint_dirs(sweep_dir / "train" / best["trial_id"])
+    folders = checkpoint_dirs(sweep_dir / TRAIN_DIR / best["trial_id"])
     if not folders:  # PBT keeps its checkpoints in Tune's folders; a trial may also have none yet
-        return {"skipped": f"no checkpoint of trial {best['trial_id']} under {sweep_dir / 'train'}"}
+        return {"skipped": f"no checkpoint of trial {best['trial_id']} under {sweep_dir / TRAIN_DIR}"}
     bundle = load_bundle(folders[-1])
     spec = from_dict(bundle["spec"], f"spec stored in {folders[-1]}")
     report = task_class(spec.task).evaluate_checkpoint(bundle, str(folders[-1]))

@@ -71,11 +71,14 @@ def pbt_trial(config: dict[str, Any], sweep: Sweep) -> None:
         train(spec, TuneCheckpointReporter(sweep.spec.metric), Placement(), resume_from=resume_dir)
 
 
+TRAIN_DIR = "train"  # <sweep dir>/train/<trial id>/checkpoint_*: each ASHA trial's Train run
+
+
 def make_trainable(sweep: Sweep, sweep_dir: Path):
     if isinstance(sweep.spec.scheduler, PbtSettings):
         fn = tune.with_parameters(pbt_trial, sweep=sweep)
         return tune.with_resources(fn, {"cpu": sweep.base_spec.resources.cpus_per_worker})
-    fn = tune.with_parameters(train_trial, sweep=sweep, train_storage=str(sweep_dir / "train"))
+    fn = tune.with_parameters(train_trial, sweep=sweep, train_storage=str(sweep_dir / TRAIN_DIR))
     return tune.with_resources(fn, {"cpu": sweep.spec.resources.driver_cpus})
 
 

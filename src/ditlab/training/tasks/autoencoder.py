@@ -28,6 +28,7 @@ from torch import nn
 
 from ditlab.config import EvaluationSpec, ExperimentSpec, from_dict
 from ditlab.data import load_dataset, to_uint8
+from ditlab.evaluation.reconstruction import lpips_unavailable_reason
 from ditlab.models.autoencoder import Autoencoder, autoencoder_from_config, build_autoencoder
 from ditlab.training.tasks.adversarial import ADVERSARIAL_KEYS, Adversary
 from ditlab.training.tasks.base import Batch, Task
@@ -134,7 +135,7 @@ class AutoencoderTask(Task):
                                           f"{model.config.latent_channels}x{model.config.latent_size}"
                                           f"x{model.config.latent_size} latents")
         if spec.loss.perceptual_weight > 0:
-            reason = _lpips_reason()
+            reason = lpips_unavailable_reason()
             if reason:
                 report.notes["perceptual_loss"] = f"skipped in training: {reason}"
         pairs = np.stack([originals[:50], recon[:50]], axis=1).reshape(-1, *recon.shape[1:])
@@ -170,17 +171,11 @@ def load_autoencoder(bundle: dict, source: str) -> Autoencoder:
     config = bundle.get("model_config", {})
     if bundle.get("spec", {}).get("task") != "autoencoder" or config.get("kind") != "autoencoder":
         task = bundle.get("spec", {}).get("task", "unknown")
-        raise ValueError(f"{source}: not an autoencoder checkpoint (task {task!r})")
+        raise ValueError(f"{str(source)!r} is not an autoencoder checkpoint (task {task!r})")
     model = autoencoder_from_config(config)
     weights = bundle["spec"].get("train", {}).get("val_weights", "ema")
     model.load_state_dict(bundle["ema"]["model"] if weights == "ema" else bundle["model"])
     return model.eval()
-
-
-def _lpips_reason() -> str | None:
-    from ditlab.evaluation.reconstruction import lpips_unavailable_reason
-
-    return lpips_unavailable_reason()
 
 
 def perceptual_loss(weight: float, device: torch.device) -> Callable[[torch.Tensor, torch.Tensor], torch.Tensor] | None:
@@ -188,7 +183,7 @@ def perceptual_loss(weight: float, device: torch.device) -> Callable[[torch.Tens
     note in the log (the evaluation report repeats it). Never downloads."""
     if weight <= 0:
         return None
-    reason = _lpips_reason()
+    reason = lpips_unavailable_reason()
     if reason:
         log.warning("loss.perceptual_weight=%s: perceptual loss skipped: %s", weight, reason)
         return None
