@@ -161,6 +161,7 @@ def make_bundle(state: TrainState) -> dict:
 
 def train_step(state: TrainState, placement: Placement) -> dict[str, float]:
     """One optimizer step of the task on this rank's share of the global batch."""
+    state.task.before_step(state.step, state.ema)
     indices = state.sampler.indices(state.step)
     images, labels = state.dataset.batch(indices)
     batch = Batch(images.to(placement.device), labels.to(placement.device), indices)

@@ -21,6 +21,7 @@ from torch import nn
 
 from ditlab.config import EvaluationSpec, ExperimentSpec
 from ditlab.data import ImageDataset, load_dataset
+from ditlab.training.ema import EMA
 from ditlab.training.tasks.adversarial import Adversary
 
 
@@ -86,6 +87,12 @@ class Task(ABC):
             self.adversary.discriminator.train()
 
     # -- one step ----------------------------------------------------------------------------------
+
+    def before_step(self, step: int, ema: EMA) -> None:
+        """Called before every optimization step with the number of steps done so far and the loop's
+        EMA: a task that changes phase at a step (a distillation round) does it here, so a run
+        resumed from a checkpoint at that step makes the same change."""
+        return None
 
     @abstractmethod
     def step(self, batch: Batch, generator: torch.Generator) -> dict[str, float]:
