@@ -6,11 +6,12 @@ default. The resolved spec is what gets stored in checkpoints and MLflow runs.
 
 from __future__ import annotations
 
+import re
 from pathlib import Path
 from typing import Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 
 class SpecError(ValueError):
@@ -18,10 +19,23 @@ class SpecError(ValueError):
 
 
 class _Section(BaseModel):
-    model_config = ConfigDict(extra="forbid", frozen=True)
+    # No inf or nan in any float field: `lr: .inf` is a typo, never a setting.
+    model_config = ConfigDict(extra="forbid", frozen=True, allow_inf_nan=False)
 
 
 DATASETS_ROOT = "data"  # where `ditlab data add` keeps named datasets
+
+# Names that become folder names (runs, sweeps, datasets): one path component of a safe charset, so
+# a name can neither leave its parent folder (`../x`) nor carry a newline into a listing.
+NAME_PATTERN = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,99}")
+NAME_RULE = "1 to 100 letters, digits, '.', '_' or '-', starting with a letter or digit"
+
+
+def check_name(name: str) -> str:
+    """`name` if it is a safe folder name, else a ValueError saying why."""
+    if not NAME_PATTERN.fullmatch(name):
+        raise ValueError(f"{name!r} is not a valid name ({NAME_RULE})")
+    return name
 
 
 class DataSpec(_Section):
@@ -35,6 +49,11 @@ class DataSpec(_Section):
     split_seed: int = 0
     prepared: str | None = Field(None, description="folder written by `ditlab data prepare` for this data "
                                                    "section; when set, images are read from it")
+
+    @field_validator("name")
+    @classmethod
+    def _safe_name(cls, name: str | None) -> str | None:
+        return None if name is None else check_name(name)
 
     @model_validator(mode="before")
     @classmethod
@@ -211,7 +230,7 @@ TASK_DEFAULTS: dict[str, dict[str, dict[str, Any]]] = {
 
 
 class ExperimentSpec(_Section):
-    name: str = "experiment"
+    name: str = Field("experiment", description="the default run folder's prefix (<name>-<time>)")
     task: TaskName = Field("generation", description="the kind of experiment: generation (class-conditional DiT), "
                                                      "autoencoder (KL encoder/decoder with an adversarial loss), "
                                                      "restoration (super-resolution, denoising)")
@@ -228,10 +247,15 @@ class ExperimentSpec(_Section):
     resources: ResourcesSpec = ResourcesSpec()
     tracking: TrackingSpec = TrackingSpec()
 
+    @field_validator("name")
+    @classmethod
+    def _safe_name(cls, name: str) -> str:
+        return check_name(name)
+
     @model_validator(mode="before")
     @classmethod
     def _task_defaults(cls, raw: Any) -> Any:
-        if not isinstance(raw, dict) or raw.get("task") not in TASK_DEFAULTS:
+        if not isinstance(raw, dict) or not isinstance(raw.get("task"), str) or raw["task"] not in TASK_DEFAULTS:
             return raw
         raw = dict(raw)
         for section, defaults in TASK_DEFAULTS[raw["task"]].items():
@@ -318,7 +342,34 @@ def apply_override(raw: dict[str, Any], assignment: str) -> None:
         if not isinstance(child, dict):
             raise SpecError(f"--set {assignment!r}: {'.'.join(parts[: i + 1])} is not a section")
         node = child
-    node[parts[-1]] = yaml.safe_load(text) if text.strip() else None
+    node[parts[-1]] = parse_yaml(text, f"--set {assignment!r}: value") if text.strip() else None
+
+
+def parse_yaml(text: str, source: str) -> Any:
+    """YAML text -> Python data; invalid YAML is a SpecError naming `source` (on one line)."""
+    try:
+        return yaml.safe_load(text)
+    except yaml.YAMLError as err:
+        mark, problem = getattr(err, "problem_mark", None), getattr(err, "problem", None)
+        where = f" (line {mark.line + 1}, column {mark.column + 1})" if mark else ""
+        raise SpecError(f"{source}: not valid YAML: {problem or ' '.join(str(err).split())}{where}") from None
+    except RecursionError:
+        raise SpecError(f"{source}: not valid YAML: nested too deeply") from None
+
+
+def read_yaml(path: str | Path, what: str = "spec file") -> Any:
+    """A YAML file's content; a missing, unreadable, non-UTF-8 or invalid file is a SpecError naming it."""
+    source, p = str(path), Path(path)
+    if not p.is_file():
+        raise SpecError(f"{source}: {what} not found")
+    try:
+        text = p.read_bytes().decode("utf-8")
+    except OSError as err:
+        raise SpecError(f"{source}: cannot read the {what}: {err.strerror}") from None
+    except UnicodeDecodeError as err:
+        raise SpecError(f"{source}: not UTF-8 text (byte 0x{err.object[err.start]:02x} at offset {err.start}); "
+                        "save it as UTF-8") from None
+    return parse_yaml(text, source)
 
 
 def _describe(error: ValidationError, source: str) -> str:
@@ -354,13 +405,7 @@ def load(path: str | Path | None, overrides: list[str] | tuple[str, ...] = (), m
     source = "defaults"
     if path is not None:
         source = str(path)
-        p = Path(path)
-        if not p.is_file():
-            raise SpecError(f"{source}: spec file not found")
-        try:
-            loaded = yaml.safe_load(p.read_text())
-        except yaml.YAMLError as err:
-            raise SpecError(f"{source}: not valid YAML: {err}".replace("\n", " ")) from None
+        loaded = read_yaml(path)
         if loaded is not None and not isinstance(loaded, dict):
             raise SpecError(f"{source}: top level must be a mapping of sections, got {type(loaded).__name__}")
         raw = loaded or {}

@@ -25,15 +25,15 @@ from pathlib import Path
 from typing import Annotated, Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, model_serializer, model_validator
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_serializer, model_validator
 
-from ditlab.config import ExperimentSpec, SpecError, apply_override, from_dict
+from ditlab.config import ExperimentSpec, SpecError, apply_override, check_name, from_dict, read_yaml
 
 KINDS = ("choice", "grid", "uniform", "loguniform", "randint")
 
 
 class _Strict(BaseModel):
-    model_config = ConfigDict(extra="forbid", frozen=True)
+    model_config = ConfigDict(extra="forbid", frozen=True, allow_inf_nan=False)
 
 
 class Distribution(_Strict):
@@ -164,6 +164,11 @@ class SweepSpec(_Strict):
                                                    "(e.g. an autoencoder's rFID), logged on the parent run as "
                                                    "best_<figure>")
 
+    @field_validator("name")
+    @classmethod
+    def _safe_name(cls, name: str) -> str:
+        return check_name(name)  # sweep folders are named after it
+
     @model_validator(mode="after")
     def _consistent(self) -> SweepSpec:
         if not self.space:
@@ -230,7 +235,7 @@ def _load_base(spec: SweepSpec, sweep_dir: Path, source: str, overrides: list[st
         path = (sweep_dir / spec.base).resolve()
         if not path.is_file():
             raise SpecError(f"{source}: base: experiment spec {spec.base!r} not found (looked at {path})")
-        raw = yaml.safe_load(path.read_text()) or {}
+        raw = read_yaml(path) or {}
         if not isinstance(raw, dict):
             raise SpecError(f"{source}: base: {path} is not a mapping of sections")
     else:
@@ -286,12 +291,7 @@ def load_sweep(path: str | Path, overrides: list[str] | tuple[str, ...] = ()) ->
     the sweep spec itself (sweep.num_samples=2), anything else the base experiment (train.steps=50)."""
     source = str(path)
     p = Path(path)
-    if not p.is_file():
-        raise SpecError(f"{source}: sweep spec not found")
-    try:
-        raw = yaml.safe_load(p.read_text()) or {}
-    except yaml.YAMLError as err:
-        raise SpecError(f"{source}: not valid YAML: {err}".replace("\n", " ")) from None
+    raw = read_yaml(p, "sweep spec") or {}
     if not isinstance(raw, dict):
         raise SpecError(f"{source}: top level must be a mapping")
     sweep_overrides = [o.removeprefix("sweep.") for o in overrides if o.startswith("sweep.")]
