@@ -578,10 +578,10 @@ def _features_constant(name: str) -> str:
 
 
 def test_image_bakes_in_the_inception_weights_ditlab_expects():
-    ENV_VAR, FID_HELPER_SHA1 = _features_constant("ENV_VAR"), _features_constant("FID_HELPER_SHA1")
+    ENV_VAR, FID_HELPER_SHA256 = _features_constant("ENV_VAR"), _features_constant("FID_HELPER_SHA256")
     text = (PLATFORM / "Dockerfile").read_text()
     assert re.search(rf"^ENV {ENV_VAR}=/", text, re.MULTILINE)
-    assert f"INCEPTION_SHA1={FID_HELPER_SHA1}" in text
+    assert f"INCEPTION_SHA256={FID_HELPER_SHA256}" in text
 
 
 def test_image_installs_the_tested_versions_and_copies_only_what_its_context_holds():

