@@ -70,5 +70,6 @@ def test_val_loss_is_deterministic_and_uses_the_chosen_weights():
 
 
 def test_a_diverging_run_stops_with_an_error():
+    # Each non-finite step is skipped (test_faults.py); train.max_bad_steps of them in a row stop the run.
     with pytest.raises(TrainingDiverged, match="training loss is (nan|inf) at step"):
-        train(tiny("train.lr=1e30"), LocalReporter())
+        train(tiny("train.lr=1e30", "train.max_bad_steps=2"), LocalReporter())

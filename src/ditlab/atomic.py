@@ -1,7 +1,8 @@
 """Atomic file writes: write to a temporary file beside the target, then rename over it.
 
 A crash or an error mid-write leaves the previous file (or no file) in place, never a torn one.
-Also the file checksum the integrity checks use."""
+With `fsync`, the file and then its folder are flushed to disk, so a power loss after the rename
+cannot bring back the old file or an empty one. Also the file checksum the integrity checks use."""
 
 from __future__ import annotations
 
@@ -24,13 +25,33 @@ def atomic_path(path: str | os.PathLike, fsync: bool = False) -> Iterator[Path]:
     try:
         yield Path(tmp)
         if fsync:
-            with open(tmp, "rb") as f:
-                os.fsync(f.fileno())
+            fsync_file(tmp)
         os.chmod(tmp, 0o644)  # mkstemp creates 0600; results are meant to be read by others
         os.replace(tmp, path)
+        if fsync:  # the rename itself is durable only once the folder's entry is on disk
+            fsync_file(path.parent)
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
         raise
+
+
+def fsync_file(path: str | os.PathLike) -> None:
+    """Flush a file's or a folder's data and metadata to disk (a folder: its entries)."""
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def fsync_tree(folder: str | os.PathLike) -> None:
+    """Flush every file under `folder`, every folder in it, and its parent's entry for it: a copy
+    made by someone else (Ray Train persisting a checkpoint) made durable."""
+    folder = Path(folder)
+    for path in sorted(folder.rglob("*"), key=lambda p: -len(p.parts)):  # files before their folders
+        fsync_file(path)
+    fsync_file(folder)
+    fsync_file(folder.parent)
 
 
 def write_json(path: str | os.PathLike, payload) -> Path:

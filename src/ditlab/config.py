@@ -94,6 +94,8 @@ class TrainSpec(_Section):
     weight_decay: float = Field(0.0, ge=0)
     adam_betas: tuple[float, float] = (0.9, 0.999)
     grad_clip: float | None = Field(1.0, gt=0)
+    max_bad_steps: int = Field(10, ge=1, description="non-finite loss or gradient steps in a row (each skipped and "
+                                                     "counted as train/skipped_steps) before the run stops")
     ema_decay: float = Field(0.999, ge=0, lt=1)
     ema_warmup: bool = True
     precision: Literal["fp32", "bf16"] = "fp32"

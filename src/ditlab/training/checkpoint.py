@@ -2,7 +2,10 @@
 the task) and the task's extra state. The same format for every task.
 
 Written atomically (temp file in the same folder, then rename), so a crash mid-write leaves the
-previous checkpoint intact. Loaded with `weights_only=True`: every field is a tensor or plain data.
+previous checkpoint intact; the bundle, its SHA-256 sidecar and their folder are fsynced. A bundle
+that fails its checksum later (storage damage, a bad copy) is refused by name; `corrupt_checkpoints`
+and `set_aside` let a resume fall back to the newest checkpoint that passes (`ditlab run
+--skip-corrupt-checkpoints`). Loaded with `weights_only=True`: every field is a tensor or plain data.
 """
 
 from __future__ import annotations
@@ -57,7 +60,7 @@ def save_bundle(path: str | Path, bundle: dict[str, Any]) -> Path:
     with atomic_path(path, fsync=True) as tmp:
         torch.save({"format": FORMAT, **bundle}, tmp)
         digest = file_digest(tmp)
-    with atomic_path(checksum_path(path)) as tmp:
+    with atomic_path(checksum_path(path), fsync=True) as tmp:
         tmp.write_text(f"{digest}  {Path(path).name}\n")
     return Path(path)
 
@@ -116,3 +119,26 @@ def load_bundle(path: str | Path) -> dict[str, Any]:
     if missing:
         raise CheckpointError(f"checkpoint {str(path)!r} lacks {', '.join(missing)}")
     return bundle
+
+
+def corrupt_checkpoints(run_dir: str | Path) -> list[tuple[Path, str]]:
+    """The run folder's checkpoint folders that fail their integrity check, with the reason."""
+    found = []
+    for folder in checkpoint_dirs(run_dir):
+        try:
+            verify_bundle(folder)
+        except CheckpointError as err:
+            found.append((folder, str(err)))
+    return found
+
+
+def set_aside(run_dir: str | Path, folders: list[Path], also: list[Path] = ()) -> Path:
+    """Move `folders` (and the files in `also`) into <run_dir>/corrupt/<n>/, kept for inspection
+    rather than deleted; returns that folder."""
+    root = Path(run_dir) / "corrupt"
+    dest = root / str(len(list(root.glob("*"))) if root.is_dir() else 0)
+    dest.mkdir(parents=True)
+    for path in [*folders, *also]:
+        path.rename(dest / path.name)
+    return dest
+

@@ -3,8 +3,15 @@
     setup -> (train_step -> maybe_validate -> report or maybe_checkpoint) until the last step
 
 What differs between kinds of experiment lives in a Task (training/tasks/); the loop owns the rest:
-the batch each rank draws, the learning-rate schedule, EMA, report windows, the NaN stop, checkpoint
-cadence and timing.
+the batch each rank draws, the learning-rate schedule, EMA, report windows, non-finite steps,
+checkpoint cadence and timing.
+
+A step whose loss or gradients are NaN or infinite (a bad batch, an overflow) is skipped, not fatal:
+every optimizer step of the task is guarded (`FiniteStepGuard`), and under DDP the ranks agree on
+the decision through an all-reduced flag (one rank stepping while another skips would split the
+weights). Skipped steps are counted (`skipped_steps` in the reports, from the first one on);
+`train.max_bad_steps` of them in a row stop the run with TrainingDiverged, before anything from the
+bad steps is checkpointed.
 
 Randomness is a function of the step: each rank's batch comes from a per-epoch permutation split
 across ranks (DistributedSampler's contract), and the noise, timesteps and dropout of step n come
@@ -30,6 +37,7 @@ from ditlab.config import ExperimentSpec
 from ditlab.data import ImageDataset
 from ditlab.training.checkpoint import BUNDLE_NAME, capture_rng_state, load_bundle, restore_rng_state, save_bundle
 from ditlab.training.ema import EMA
+from ditlab.training.faults import maybe_exit, poison_batch
 from ditlab.training.reporter import Reporter
 from ditlab.training.tasks import Batch, Task, task_class
 
@@ -46,7 +54,45 @@ class Placement:
 
 
 class TrainingDiverged(RuntimeError):
-    """The loss became NaN or infinite: every later step would be wasted compute."""
+    """`train.max_bad_steps` steps in a row had a NaN or infinite loss or gradient."""
+
+
+def all_ranks(flag: bool, device: torch.device) -> bool:
+    """Whether `flag` holds on every rank (a collective: every rank must call it)."""
+    if not (dist.is_available() and dist.is_initialized()):
+        return flag
+    failed = torch.tensor([0.0 if flag else 1.0], device=device)
+    dist.all_reduce(failed)
+    return failed.item() == 0
+
+
+class FiniteStepGuard:
+    """Skips an optimizer's step when any of its gradients is NaN or infinite on any rank.
+
+    `cover` wraps the `step` of each optimizer it has not seen yet (as torch's LR schedulers wrap
+    it), so the tasks keep calling `optimizer.step()` and a bad gradient never reaches the weights;
+    an optimizer a task creates later (a new phase) is covered at the next step."""
+
+    def __init__(self, device: torch.device):
+        self.device, self.skipped = device, 0
+        self._covered: set[int] = set()
+
+    def cover(self, optimizers: list[torch.optim.Optimizer]) -> None:
+        for optimizer in optimizers:
+            if id(optimizer) not in self._covered:
+                self._covered.add(id(optimizer))
+                optimizer.step = self._guarded(optimizer, optimizer.step)
+
+    def _guarded(self, optimizer: torch.optim.Optimizer, step: Callable) -> Callable:
+        def guarded_step(*args, **kwargs):
+            grads = [p.grad for group in optimizer.param_groups for p in group["params"] if p.grad is not None]
+            finite = bool(torch.stack([torch.isfinite(g).all() for g in grads]).all()) if grads else True
+            if all_ranks(finite, self.device):
+                return step(*args, **kwargs)
+            self.skipped += 1
+            return None
+
+        return guarded_step
 
 
 class ShardSampler:
@@ -86,7 +132,10 @@ class TrainState:
     ema: EMA
     dataset: ImageDataset
     sampler: ShardSampler
+    guard: FiniteStepGuard
     step: int = 0
+    skipped_steps: int = 0  # steps skipped for a non-finite loss or gradient, over the whole run
+    bad_streak: int = 0  # of them, how many in a row up to now
 
     @property
     def model(self) -> nn.Module:
@@ -138,11 +187,12 @@ def setup(spec: ExperimentSpec, placement: Placement, resume_from: str | None = 
     ema = EMA(task.model, spec.train.ema_decay, spec.train.ema_warmup)
     sampler = ShardSampler(len(dataset), spec.train.batch_size // placement.world_size, spec.seed,
                            placement.rank, placement.world_size)
-    state = TrainState(spec, task, ema, dataset, sampler)
+    state = TrainState(spec, task, ema, dataset, sampler, FiniteStepGuard(placement.device))
     if bundle is not None:
         ema.load_state_dict(bundle["ema"])
         restore_rng_state(bundle["rng"])
         state.step = int(bundle["step"])
+        state.skipped_steps = int(bundle.get("skipped_steps", 0))  # absent in older bundles
     return state
 
 
@@ -153,17 +203,21 @@ def make_bundle(state: TrainState) -> dict:
         "ema": state.ema.state_dict(),
         "optimizer": state.task.optimizer.state_dict(),
         "task_state": state.task.extra_state(),
+        "skipped_steps": state.skipped_steps,
         "rng": capture_rng_state(),
         "spec": state.spec.to_dict(),
         "model_config": state.task.model_config(),
     }
 
 
-def train_step(state: TrainState, placement: Placement) -> dict[str, float]:
-    """One optimizer step of the task on this rank's share of the global batch."""
+def train_step(state: TrainState, placement: Placement) -> dict[str, float] | None:
+    """One optimizer step of the task on this rank's share of the global batch; None when the step
+    was skipped for a non-finite loss or gradient (on any rank)."""
     state.task.before_step(state.step, state.ema)
+    state.guard.cover(state.task.optimizers())
     indices = state.sampler.indices(state.step)
     images, labels = state.dataset.batch(indices)
+    images = poison_batch(images, placement.rank, state.step + 1)
     batch = Batch(images.to(placement.device), labels.to(placement.device), indices)
     lr = lr_at(state.step, state.spec.train)
     for optimizer in state.task.optimizers():
@@ -173,12 +227,30 @@ def train_step(state: TrainState, placement: Placement) -> dict[str, float]:
     # Modules that draw from the global RNG (dropout) get it seeded by (seed, rank, step) too: a
     # checkpoint holds rank 0's RNG state only, so no other rank could resume its own.
     torch.manual_seed(global_seed(state.spec.seed, placement.rank, state.step))
+    skipped_before = state.guard.skipped
     metrics = state.task.step(batch, step_generator(state.spec.seed, placement.rank, state.step))
-    if not math.isfinite(metrics["loss"]):
-        raise TrainingDiverged(f"training loss is {metrics['loss']} at step {state.step + 1}")
-    state.ema.update(state.task.model)
     state.step += 1
-    return {**metrics, "lr": lr}
+    if all_ranks(math.isfinite(metrics["loss"]), placement.device) and state.guard.skipped == skipped_before:
+        state.ema.update(state.task.model)
+        state.bad_streak = 0
+        return {**metrics, "lr": lr}
+    state.skipped_steps += 1
+    state.bad_streak += 1
+    if state.bad_streak >= state.spec.train.max_bad_steps:
+        raise TrainingDiverged(f"training loss is {metrics['loss']} at step {state.step}: {state.bad_streak} steps "
+                               f"in a row had a NaN or infinite loss or gradient (train.max_bad_steps="
+                               f"{state.spec.train.max_bad_steps}); the last checkpoint holds the weights "
+                               "before them")
+    return None
+
+
+def window_means(window: list[dict[str, float]], device: torch.device) -> dict[str, float]:
+    """The report window's figures, averaged over its (not skipped) steps and the ranks. Every rank
+    skips the same steps, so every rank's window has the same keys (a window of skipped steps
+    only has none)."""
+    if not window:
+        return {}
+    return mean_across_ranks({k: float(np.mean([w[k] for w in window])) for k in window[0]}, device)
 
 
 def mean_across_ranks(values: dict[str, float], device: torch.device) -> dict[str, float]:
@@ -236,6 +308,20 @@ def is_report_step(state: TrainState) -> bool:
             or state.step == train.steps or is_validation_step(state) or is_sample_eval_step(state))
 
 
+def report(state: TrainState, placement: Placement, reporter: Reporter, window: list[dict[str, float]],
+           images_per_sec: float) -> None:
+    """The window's figures (and validation, sample quality, a checkpoint when due) to the reporter."""
+    metrics = window_means(window, placement.device)
+    metrics.update(step=state.step, images_per_sec=images_per_sec,
+                   epoch=state.step * state.spec.train.batch_size / len(state.dataset))
+    if state.skipped_steps:  # reported from the first skipped step on
+        metrics["skipped_steps"] = state.skipped_steps
+    metrics.update(maybe_validate(state))  # after the clock: not counted as training time
+    metrics.update(maybe_score_samples(state))
+    if not maybe_checkpoint(state, placement, reporter, metrics, force=state.step == state.spec.train.steps):
+        reporter.report(metrics, None)
+
+
 def train(spec: ExperimentSpec, reporter: Reporter, placement: Placement | None = None,
           resume_from: str | None = None) -> TrainState:
     """Run (or continue) training to `spec.train.steps`, reporting every `log_every` steps (the
@@ -247,19 +333,13 @@ def train(spec: ExperimentSpec, reporter: Reporter, placement: Placement | None 
     window: list[dict[str, float]] = []
     tic, images = time.perf_counter(), 0
     while state.step < spec.train.steps:
-        window.append(train_step(state, placement))
+        if (figures := train_step(state, placement)) is not None:
+            window.append(figures)
         images += spec.train.batch_size
-        if not is_report_step(state):
-            continue
-        metrics = mean_across_ranks({k: float(np.mean([w[k] for w in window])) for k in window[0]}, placement.device)
-        elapsed = time.perf_counter() - tic
-        metrics.update(step=state.step, images_per_sec=images / max(elapsed, 1e-9),
-                       epoch=state.step * spec.train.batch_size / len(state.dataset))
-        metrics.update(maybe_validate(state))  # after the clock: not counted as training time
-        metrics.update(maybe_score_samples(state))
-        window, tic, images = [], time.perf_counter(), 0
-        if not maybe_checkpoint(state, placement, reporter, metrics, force=state.step == spec.train.steps):
-            reporter.report(metrics, None)
+        if is_report_step(state):
+            report(state, placement, reporter, window, images / max(time.perf_counter() - tic, 1e-9))
+            window, tic, images = [], time.perf_counter(), 0
+        maybe_exit(placement.rank, state.step)  # fault injection (training/faults.py): off in real runs
     if spec.train.steps == 0:  # an untrained baseline still gets a checkpoint to sample from
         maybe_checkpoint(state, placement, reporter, {"step": 0}, force=True)
     return state
