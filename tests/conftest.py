@@ -89,10 +89,11 @@ class ServerURI(str):
 
 
 @contextlib.contextmanager
-def mlflow_web(command: str, root: Path, *extra: str) -> Iterator[str]:
-    """`mlflow server` or `mlflow ui` on 127.0.0.1 over the SQLite store and artifact folder in
-    `root`, answering /health; yields its URL, then stops its process group."""
-    port = free_port()
+def mlflow_web(command: str, root: Path, *extra: str, port: int | None = None) -> Iterator[str]:
+    """`mlflow server` or `mlflow ui` on 127.0.0.1 (on `port`, default a free one) over the SQLite
+    store and artifact folder in `root`, answering /health; yields its URL, then stops its process
+    group."""
+    port = port or free_port()
     cmd = [sys.executable, "-m", "mlflow", command, "--host", "127.0.0.1", "--port", str(port),
            "--backend-store-uri", f"sqlite:///{root / 'mlflow.db'}", "--artifacts-destination", str(root / "artifacts"),
            *extra]

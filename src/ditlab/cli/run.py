@@ -15,6 +15,9 @@ def register(sub, shared) -> None:
         p.add_argument("--name", help="run name; rerunning with the same name resumes from its last checkpoint")
         p.add_argument("--restart-if-changed", action="store_true",
                        help="if the run folder --name holds a run of another spec, start it over (default: error)")
+        p.add_argument("--skip-corrupt-checkpoints", action="store_true",
+                       help="resume from the newest checkpoint that passes its integrity check, setting corrupt "
+                            "ones aside in <run>/corrupt/ (default: a corrupt checkpoint is an error)")
         p.add_argument("--export", metavar="DIR", help="also copy metrics.json, history.json and loss_curve.png "
                                                        "to DIR")
         p.set_defaults(handler=cmd_run)
@@ -25,15 +28,16 @@ def cmd_run(args) -> int:
     if spec is None:  # --dry-run
         return 0
     preflight_or_bad_input(spec)
-    from ditlab.orchestration.train import RunFolderError, run_experiment  # heavy imports only when needed
+    from ditlab.orchestration.tracking import TrackingUnavailable  # heavy imports only when needed
+    from ditlab.orchestration.train import RunFolderError, run_experiment
 
     try:
         with stdout_for(args):
             summary = run_experiment(spec, address=args.address, storage_path=args.storage,
                                      run_name=args.name, progress=not args.no_progress,
                                      evaluate=args.command == "run", restart_if_changed=args.restart_if_changed,
-                                     export_dir=args.export)
-    except RunFolderError as err:
+                                     export_dir=args.export, skip_corrupt_checkpoints=args.skip_corrupt_checkpoints)
+    except (RunFolderError, TrackingUnavailable) as err:
         raise BadInput(str(err)) from None
     emit(args, summary, summary_text(summary))
     return 0

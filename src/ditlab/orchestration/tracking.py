@@ -44,6 +44,7 @@ RENAMED = {
 }
 # The training loop's reports (loss terms, optimizer, throughput) and the run's last training loss.
 TRAIN_KEYS = frozenset({"loss", "mse", "vb", "lr", "grad_norm", "images_per_sec", "epoch", "final_loss",
+                        "skipped_steps",  # steps skipped for a non-finite loss or gradient (training/loop.py)
                         # the adversarial terms (loss.adversarial_weight): generator, discriminator, weight
                         "g_loss", "d_loss", "d_weight", "logits_real", "logits_fake",
                         # the autoencoder's other terms
@@ -104,6 +105,31 @@ def tracking_uri() -> str:
     workers and subprocesses with another cwd write to the same store)."""
     uri = os.environ.get("MLFLOW_TRACKING_URI")
     return uri or f"sqlite:///{Path.cwd() / 'mlflow.db'}"
+
+
+class TrackingUnavailable(RuntimeError):
+    """The tracking server does not answer."""
+
+
+def check_server(uri: str | None = None, timeout: float = 5.0) -> None:
+    """Fail now, naming the server, when an http(s) tracking URI does not answer /health: MLflow's
+    own client would retry each call for minutes before saying so. Other stores pass."""
+    import urllib.error
+    import urllib.request
+
+    uri = uri or tracking_uri()
+    if not uri.startswith(("http://", "https://")):
+        return
+    try:
+        with urllib.request.urlopen(f"{uri.rstrip('/')}/health", timeout=timeout):
+            return
+    except urllib.error.HTTPError:
+        return  # it answers (a server without /health, or one behind authentication)
+    except (urllib.error.URLError, OSError) as err:
+        reason = getattr(err, "reason", err)
+        raise TrackingUnavailable(f"MLflow tracking server {uri} ($MLFLOW_TRACKING_URI) does not answer "
+                                  f"({reason}): start it, or unset MLFLOW_TRACKING_URI to track in ./mlflow.db"
+                                  ) from None
 
 
 def artifact_location(uri: str, experiment: str) -> str | None:
@@ -264,6 +290,11 @@ class Tracker:
         run = client.get_run(run_id)
         client.update_run(run_id, status="RUNNING")
         return cls(client, run_id, run.info.experiment_id, uri, run.data.tags.get("ditlab.kind", "train"))
+
+    def last_step(self) -> int:
+        """The highest step of any training or validation metric this run has (0: none yet)."""
+        keys = [k for k in self.client.get_run(self.run_id).data.metrics if k.startswith(("train/", "val/"))]
+        return max((m.step for k in keys for m in self.client.get_metric_history(self.run_id, k)), default=0)
 
     def log_params(self, params: dict[str, Any]) -> None:
         from mlflow.entities import Param

@@ -18,16 +18,16 @@ import yaml
 from ray.train import UserCallback
 from ray.util.queue import Queue
 
-from ditlab.atomic import atomic_path, write_json
+from ditlab.atomic import atomic_path, fsync_tree, write_json
 from ditlab.config import ExperimentSpec, SpecError, flatten, from_dict
 from ditlab.evaluation.plots import save_loss_curve, save_sample_grid
 from ditlab.evaluation.suite import Report
 from ditlab.orchestration.ray_session import ensure_ray
 from ditlab.orchestration.records import open_recorded_run
-from ditlab.orchestration.tracking import Tracker, mlflow_metric_name
+from ditlab.orchestration.tracking import Tracker, check_server, mlflow_metric_name
 from ditlab.orchestration.trainer import build_trainer
 from ditlab.orchestration.versioning import run_tags
-from ditlab.training.checkpoint import BUNDLE_NAME, CheckpointError, checkpoint_dirs, load_bundle, verify_bundle
+from ditlab.training.checkpoint import BUNDLE_NAME, checkpoint_dirs, corrupt_checkpoints, load_bundle, set_aside
 from ditlab.training.tasks import task_class
 
 
@@ -38,18 +38,29 @@ class MetricsRelay(UserCallback):
         self.queue = queue
 
     def after_report(self, run_context, metrics, checkpoint) -> None:
+        if checkpoint is not None and Path(checkpoint.path).is_dir():  # Ray Train's copy, on a filesystem we see
+            fsync_tree(checkpoint.path)
         self.queue.put(dict(metrics[0]))
 
 
 @dataclass
 class MetricsConsumer:
-    """Driver thread: reads relayed metrics, logs them to MLflow and drives the progress bar."""
+    """Driver thread: reads relayed metrics, logs them to MLflow and drives the progress bar.
+
+    Each step reaches MLflow once: after a restart from a checkpoint (a crashed worker, or this
+    command rerun after the driver died) the workers report the steps since that checkpoint again,
+    and reports at or below `last_step` (the MLflow run's highest step so far) are dropped. Reports
+    MLflow refuses (its server down for longer than its client retries) are kept and sent with the
+    next ones; `stop` tries them once more for up to `flush_seconds`."""
 
     queue: Queue
     tracker: Tracker
     total_steps: int
     progress: bool
+    last_step: int = 0
+    flush_seconds: float = 300
     history: list[dict] = field(default_factory=list)
+    pending: list[dict] = field(default_factory=list)
 
     def __post_init__(self):
         self._thread = threading.Thread(target=self._consume, daemon=True)
@@ -61,6 +72,26 @@ class MetricsConsumer:
     def stop(self) -> None:
         self.queue.put(None)
         self._thread.join(timeout=60)
+        deadline = time.monotonic() + self.flush_seconds
+        while self.pending and not self._flush() and time.monotonic() < deadline:
+            time.sleep(2)
+        if self.pending:
+            raise RuntimeError(f"the MLflow tracking server took none of {len(self.pending)} reports in "
+                               f"{self.flush_seconds:.0f} s (steps {self.pending[0]['step']:.0f} to "
+                               f"{self.pending[-1]['step']:.0f}); the checkpoints are in the run folder")
+
+    def _flush(self) -> bool:
+        """Send the pending reports in step order; False (keeping the rest) when MLflow refuses."""
+        while self.pending:
+            item = self.pending[0]
+            try:
+                self.tracker.log_metrics({k: v for k, v in item.items() if k != "step"}, int(item["step"]))
+            except Exception as err:  # MLflow raises several types for an unreachable server
+                print(f"ditlab: warning: MLflow did not take step {int(item['step'])} ({type(err).__name__}); "
+                      f"{len(self.pending)} reports kept to send later", file=sys.stderr)
+                return False
+            self.pending.pop(0)
+        return True
 
     def _consume(self) -> None:
         from tqdm.auto import tqdm
@@ -68,8 +99,12 @@ class MetricsConsumer:
         bar = tqdm(total=self.total_steps, desc="training", unit="step", disable=not self.progress)
         while (item := self.queue.get()) is not None:
             step = int(item["step"])
+            if step <= self.last_step:  # a replay of a step logged before a restart
+                continue
+            self.last_step = step
             self.history.append(item)
-            self.tracker.log_metrics({k: v for k, v in item.items() if k != "step"}, step)
+            self.pending.append(item)
+            self._flush()
             bar.update(max(step - bar.n, 0))
             bar.set_postfix(loss=f"{item.get('loss', float('nan')):.4f}", img_s=f"{item.get('images_per_sec', 0):.0f}")
         bar.close()
@@ -104,10 +139,14 @@ def spec_changes(old: dict, new: dict) -> list[str]:
     return sorted(k for k in old_flat.keys() | new_flat.keys() if old_flat.get(k) != new_flat.get(k))
 
 
-def prepare_run_dir(spec: ExperimentSpec, run_dir: Path, restart_if_changed: bool) -> None:
+def prepare_run_dir(spec: ExperimentSpec, run_dir: Path, restart_if_changed: bool,
+                    skip_corrupt: bool = False) -> bool:
     """Before training into an existing run folder: resume only a run of the same spec, and only
     from checkpoints that pass their integrity check. With `restart_if_changed` (the DVC train
-    stage, whose run folder persists between `dvc repro`s) a changed spec starts the run over."""
+    stage, whose run folder persists between `dvc repro`s) a changed spec starts the run over.
+    A corrupt checkpoint is an error naming it, unless `skip_corrupt`: then it is set aside (with
+    Ray Train's record of the run's checkpoints, which names it) in <run>/corrupt/, a warning line
+    says so, and True is returned: the workers resume from the newest checkpoint left."""
     saved = run_dir / "spec.yaml"
     if saved.is_file():
         changed = spec_changes(yaml.safe_load(saved.read_text()) or {}, spec.to_dict())
@@ -123,24 +162,33 @@ def prepare_run_dir(spec: ExperimentSpec, run_dir: Path, restart_if_changed: boo
     if snapshot.is_file() and not folders:
         raise RunFolderError(f"run folder {str(run_dir)!r} records checkpoints but holds none (a missing cache? "
                              "try `dvc checkout` or `dvc pull`); delete the folder to start over")
-    for folder in folders:
-        try:
-            verify_bundle(folder)
-        except CheckpointError as err:
-            raise RunFolderError(str(err)) from None
+    corrupt = corrupt_checkpoints(run_dir) if folders else []
+    if not corrupt:
+        return False
+    good = [f for f in folders if f not in {c for c, _ in corrupt}]
+    fallback = f"resume from {good[-1].name}" if good else "start over"
+    if not skip_corrupt:
+        raise RunFolderError(f"{corrupt[-1][1]}; pass --skip-corrupt-checkpoints to set it aside and {fallback}")
+    moved = set_aside(run_dir, [c for c, _ in corrupt], [snapshot] if snapshot.is_file() else [])
+    for _, reason in corrupt:
+        print(f"ditlab: warning: {reason.split(';')[0]}: moved to {moved}; {fallback}", file=sys.stderr)
+    return True
 
 
 def run_experiment(spec: ExperimentSpec, *, address: str | None = None, storage_path: str | Path = "runs",
                    run_name: str | None = None, progress: bool = True, evaluate: bool = True,
-                   restart_if_changed: bool = False, export_dir: str | Path | None = None) -> dict:
+                   restart_if_changed: bool = False, export_dir: str | Path | None = None,
+                   skip_corrupt_checkpoints: bool = False) -> dict:
     """Train, evaluate (unless `evaluate` is False), track. Returns the summary also written to
     <run dir>/result.json; `export_dir` gets a copy of the run's metrics, history and loss curve
-    (the DVC train stage's metrics and plots)."""
+    (the DVC train stage's metrics and plots). A tracking server that does not answer is an error
+    before anything starts; a corrupt checkpoint one too, unless `skip_corrupt_checkpoints`."""
     run_name = run_name or f"{spec.name}-{time.strftime('%Y%m%d-%H%M%S')}"
     storage = Path(storage_path).resolve()
     run_dir = storage / run_name
-    if run_dir.is_dir():
-        prepare_run_dir(spec, run_dir, restart_if_changed)
+    check_server()
+    set_aside_corrupt = run_dir.is_dir() and prepare_run_dir(spec, run_dir, restart_if_changed,
+                                                             skip_corrupt_checkpoints)
     run_dir.mkdir(parents=True, exist_ok=True)
     with atomic_path(run_dir / "spec.yaml") as tmp:
         tmp.write_text(spec.to_yaml())
@@ -151,7 +199,8 @@ def run_experiment(spec: ExperimentSpec, *, address: str | None = None, storage_
     tracker.set_tags(run_tags(spec.data))
     try:
         if trained is None:
-            checkpoint, history, timings = fit(spec, run_name, storage, tracker, progress)
+            checkpoint, history, timings = fit(spec, run_name, storage, tracker, progress,
+                                               resume_folder=run_dir if set_aside_corrupt else None)
         else:  # nothing left to train: no workers to start
             print(f"{run_dir} is already trained to step {spec.train.steps}: using {trained.name}", file=sys.stderr)
             checkpoint, history, timings = trained, [], {}
@@ -168,15 +217,18 @@ def run_experiment(spec: ExperimentSpec, *, address: str | None = None, storage_
     return summary
 
 
-def fit(spec: ExperimentSpec, run_name: str, storage: Path, tracker: Tracker,
-        progress: bool) -> tuple[Path, list[dict], dict[str, float]]:
-    """Train under Ray Train (resuming the run's latest checkpoint, if any), with rank 0's reports
-    logged to MLflow and shown on the progress bar. (final checkpoint folder, reports, timings)"""
+def fit(spec: ExperimentSpec, run_name: str, storage: Path, tracker: Tracker, progress: bool,
+        resume_folder: Path | None = None) -> tuple[Path, list[dict], dict[str, float]]:
+    """Train under Ray Train (resuming the run's latest checkpoint, if any; with `resume_folder`,
+    the newest checkpoint folder there, Ray Train's record having been set aside), with rank 0's
+    reports logged to MLflow (each step once) and shown on the progress bar.
+    (final checkpoint folder, reports, timings)"""
     queue = Queue()
-    consumer = MetricsConsumer(queue, tracker, spec.train.steps, progress).start()
+    consumer = MetricsConsumer(queue, tracker, spec.train.steps, progress, last_step=tracker.last_step()).start()
     started = time.perf_counter()
     try:
-        result = build_trainer(spec, name=run_name, storage=storage, callbacks=[MetricsRelay(queue)]).fit()
+        result = build_trainer(spec, name=run_name, storage=storage, callbacks=[MetricsRelay(queue)],
+                               resume_folder=resume_folder).fit()
     finally:
         consumer.stop()
     return Path(result.checkpoint.path), consumer.history, {"train_seconds": time.perf_counter() - started}
@@ -229,6 +281,8 @@ def finish_run(spec: ExperimentSpec, tracker: Tracker, run_dir: Path, checkpoint
                                 nrow=evaluation.grid_columns)
         tracker.log_artifact(grid, "figures")
         tracker.log_image(grid, "samples", spec.train.steps)  # the dashboard's image chart (eval/samples)
+    for name, write in evaluation.plots.items():
+        tracker.log_artifact(write(run_dir / f"{name}.png"), "figures")
     write_json(run_dir / "metrics.json", metrics)
     tracker.log_artifact(run_dir / "metrics.json")
     return {

@@ -4,6 +4,7 @@ worker runs the same loop (training/loop.py); the spec names the task."""
 
 from __future__ import annotations
 
+import os
 from contextlib import nullcontext
 from pathlib import Path
 
@@ -15,6 +16,8 @@ from ray.train.torch import TorchTrainer
 
 from ditlab.config import ExperimentSpec, from_dict
 from ditlab.orchestration.console import quiet_train_worker, train_log_level
+from ditlab.training.checkpoint import checkpoint_dirs
+from ditlab.training.faults import fault_environment
 from ditlab.training.loop import Placement, train
 
 
@@ -32,12 +35,16 @@ class RayReporter:
 def train_worker(config: dict) -> None:
     """Runs on each Ray Train worker: the loop, resumed from the run's latest checkpoint if any."""
     quiet_train_worker()  # a worker process of its own: the driver's console settings do not reach it
+    os.environ.update(config.get("faults", {}))  # fault-injection hooks (training/faults.py): tests only
     spec = from_dict(config["spec"], "spec sent to worker")
     torch.set_num_threads(max(1, int(spec.resources.cpus_per_worker)))
     ctx = ray.train.get_context()
     placement = Placement(rank=ctx.get_world_rank(), world_size=ctx.get_world_size(),
                           device=ray.train.torch.get_device(), wrap_model=ray.train.torch.prepare_model)
     checkpoint = ray.train.get_checkpoint()
+    if checkpoint is None and config.get("resume_folder") and checkpoint_dirs(config["resume_folder"]):
+        # Ray Train's record was set aside with a corrupt checkpoint: the newest one left.
+        checkpoint = Checkpoint.from_directory(str(checkpoint_dirs(config["resume_folder"])[-1]))
     with checkpoint.as_directory() if checkpoint else nullcontext(None) as resume_dir:
         train(spec, RayReporter(), placement, resume_from=resume_dir)
 
@@ -60,14 +67,16 @@ def worker_spec(spec: ExperimentSpec) -> dict:
 
 
 def build_trainer(spec: ExperimentSpec, *, name: str, storage: str | Path, callbacks: list,
-                  checkpoints_kept: int = 2) -> TorchTrainer:
+                  checkpoints_kept: int = 2, resume_folder: str | Path | None = None) -> TorchTrainer:
     """A TorchTrainer for `spec` as the Ray Train run `name` under `storage`: rerunning the same
-    name and storage resumes from its latest checkpoint. `callbacks` receive rank 0's reports."""
+    name and storage resumes from its latest checkpoint (or, when Ray Train has no record of one,
+    from the newest checkpoint folder in `resume_folder`). `callbacks` receive rank 0's reports."""
     res = spec.resources
     per_worker = {"CPU": res.cpus_per_worker, **({"GPU": 1} if res.use_gpu else {})}
     return TorchTrainer(
         train_worker,
-        train_loop_config={"spec": worker_spec(spec)},
+        train_loop_config={"spec": worker_spec(spec), "faults": fault_environment(),
+                           "resume_folder": str(resume_folder) if resume_folder else None},
         scaling_config=ScalingConfig(num_workers=res.num_workers, use_gpu=res.use_gpu,
                                      resources_per_worker=per_worker),
         run_config=RunConfig(

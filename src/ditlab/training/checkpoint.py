@@ -75,8 +75,7 @@ def verify_bundle(path: str | Path) -> Path:
         expected = record.read_text().split()[0]
         if file_digest(path) != expected:
             raise CheckpointError(f"checkpoint {str(path)!r} is corrupt: its SHA-256 does not match "
-                                  f"{record.name}; delete this checkpoint folder to fall back to an earlier one, "
-                                  "or restore it (e.g. `dvc checkout`)")
+                                  f"{record.name}; restore it (e.g. `dvc checkout`) or use an earlier checkpoint")
     return path
 
 

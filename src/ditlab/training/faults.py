@@ -7,6 +7,8 @@ crashed GPU worker or a bad batch would:
     DITLAB_FAULT_EXIT_AT_STEP=N     the process exits (os._exit, no cleanup) once step N is trained
                                     and reported: a worker crash
     DITLAB_FAULT_NAN_AT_STEPS=3,5-7 the batch of those steps is all NaN: a non-finite loss and gradient
+    DITLAB_FAULT_STEP_SECONDS=S     every step takes at least S seconds: a test that must act
+                                    mid-run (kill the driver, stop the tracking server) gets time to
     DITLAB_FAULT_RANK=R             the rank these faults hit (default 0)
     DITLAB_FAULT_MARKER=PATH        the exit fires only while PATH does not exist and creates it
                                     first, so a restarted worker group gets past step N
@@ -18,6 +20,7 @@ Under Ray Train the driver forwards every DITLAB_FAULT_* variable to the workers
 from __future__ import annotations
 
 import os
+import time
 from pathlib import Path
 
 import torch
@@ -63,3 +66,10 @@ def maybe_exit(rank: int, step: int) -> None:
             return
         Path(marker).touch()
     os._exit(EXIT_CODE)
+
+
+def pace() -> None:
+    """Sleep DITLAB_FAULT_STEP_SECONDS (every rank): steps slow enough to act on mid-run."""
+    seconds = float(os.environ.get(f"{PREFIX}STEP_SECONDS", "0"))
+    if seconds > 0:
+        time.sleep(seconds)

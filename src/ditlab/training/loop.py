@@ -37,7 +37,7 @@ from ditlab.config import ExperimentSpec
 from ditlab.data import ImageDataset
 from ditlab.training.checkpoint import BUNDLE_NAME, capture_rng_state, load_bundle, restore_rng_state, save_bundle
 from ditlab.training.ema import EMA
-from ditlab.training.faults import maybe_exit, poison_batch
+from ditlab.training.faults import maybe_exit, pace, poison_batch
 from ditlab.training.reporter import Reporter
 from ditlab.training.tasks import Batch, Task, task_class
 
@@ -340,6 +340,7 @@ def train(spec: ExperimentSpec, reporter: Reporter, placement: Placement | None 
             report(state, placement, reporter, window, images / max(time.perf_counter() - tic, 1e-9))
             window, tic, images = [], time.perf_counter(), 0
         maybe_exit(placement.rank, state.step)  # fault injection (training/faults.py): off in real runs
+        pace()
     if spec.train.steps == 0:  # an untrained baseline still gets a checkpoint to sample from
         maybe_checkpoint(state, placement, reporter, {"step": 0}, force=True)
     return state
