@@ -16,7 +16,7 @@ from ditlab.config import ExperimentSpec, from_dict
 from ditlab.data import to_uint8
 from ditlab.diffusion import GaussianDiffusion, get_sampler, guided_denoiser
 from ditlab.models import DiT, model_from_config
-from ditlab.training.checkpoint import load_bundle
+from ditlab.training.checkpoint import CheckpointError, load_bundle
 
 
 @dataclass
@@ -39,9 +39,7 @@ def from_bundle(bundle: dict, source: str, weights: str = "ema") -> LoadedCheckp
     if weights not in ("ema", "model"):
         raise ValueError(f"weights must be 'ema' or 'model', got {weights!r}")
     spec = from_dict(bundle["spec"], source=f"spec stored in {source}")
-    model = model_from_config(bundle["model_config"])
-    state = bundle["ema"]["model"] if weights == "ema" else bundle["model"]
-    model.load_state_dict(state)
+    model = _model_with_weights(bundle, source, weights)
     latent = bundle.get("task_state", {}).get("latent")
     decode = None
     if latent is not None:
@@ -49,6 +47,23 @@ def from_bundle(bundle: dict, source: str, weights: str = "ema") -> LoadedCheckp
 
         decode = LatentDecoder(spec, latent)
     return LoadedCheckpoint(model.eval(), build_diffusion(spec), spec, int(bundle["step"]), decode)
+
+
+def _model_with_weights(bundle: dict, source: str, weights: str) -> DiT:
+    """The DiT its model_config describes, holding the bundle's `weights`; a config DiT does not take
+    or weights of another shape are a CheckpointError naming `source` (on one line)."""
+    try:
+        model = model_from_config(bundle["model_config"])
+    except (TypeError, ValueError) as err:  # an unknown key, a value of the wrong type
+        raise CheckpointError(f"checkpoint {source!r}: its model_config does not describe a DiT ({err})") from None
+    state = bundle["ema"]["model"] if weights == "ema" else bundle["model"]
+    try:
+        model.load_state_dict(state)
+    except (RuntimeError, TypeError, AttributeError) as err:  # torch lists every mismatch, one per line
+        first = next((line.strip() for line in str(err).splitlines()[1:] if line.strip()), str(err))
+        raise CheckpointError(f"checkpoint {source!r}: its {weights} weights do not match its model_config "
+                              f"({first})") from None
+    return model
 
 
 def balanced_labels(num: int, num_classes: int) -> torch.Tensor:

@@ -51,11 +51,17 @@ def shared_parents() -> SimpleNamespace:
 
 class Parser(argparse.ArgumentParser):
     """No abbreviated flags: a typo such as `--storag` is an error, not a silent `--storage`.
-    Subcommand parsers are made with the same class."""
+    A usage error is one `ditlab: error:` line, as every other bad input. Subcommand parsers are made
+    with the same class."""
 
     def __init__(self, *args, **kwargs):
         kwargs.setdefault("allow_abbrev", False)
         super().__init__(*args, **kwargs)
+
+    def error(self, message: str):
+        command = self.prog.removeprefix("ditlab").strip()
+        self.exit(EXIT_BAD_INPUT, f"ditlab: error: {f'{command}: ' if command else ''}{message} "
+                                  f"(see {self.prog} --help)\n")
 
 
 def build_parser() -> argparse.ArgumentParser:

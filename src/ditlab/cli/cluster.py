@@ -5,7 +5,7 @@ from __future__ import annotations
 import sys
 import time
 
-from ditlab.cli.common import BadInput, emit
+from ditlab.cli.common import BadInput, emit, safe_name
 from ditlab.config import load
 
 ADDRESS_HELP = ("the head's dashboard, http://HEAD:8265 (default: $RAY_API_SERVER_ADDRESS, or $RAY_ADDRESS "
@@ -58,6 +58,7 @@ def env_assignments(items: list[str]) -> dict[str, str]:
 
 
 def cmd_submit(args) -> int:
+    safe_name("--name", args.name)  # the run folder on the cluster
     spec = load(args.spec, args.overrides)  # a bad spec fails here, before anything reaches the cluster
     extra_env = env_assignments(args.env)
     from ditlab.orchestration import jobs

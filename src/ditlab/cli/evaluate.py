@@ -5,7 +5,7 @@ from __future__ import annotations
 import time
 from pathlib import Path
 
-from ditlab.cli.common import BadInput, emit, stdout_for
+from ditlab.cli.common import BadInput, emit, stdout_for, writable_folder
 from ditlab.config import load
 
 
@@ -51,7 +51,12 @@ def cmd_evaluate(args) -> int:
         raise BadInput(f"--fake: {args.fake!r} does not exist")
     if args.protocol and args.spec:
         raise BadInput("--protocol and --spec: give one of them")
-    ev = protocol(args)
+    if args.out:
+        writable_folder("--out", args.out)
+    try:
+        ev = protocol(args)
+    except CheckpointError as err:  # --set alone reads the checkpoint's own settings
+        raise BadInput(str(err)) from None
     from ditlab.orchestration.evaluate import run_evaluation
 
     out = args.out or f"evaluations/{time.strftime('%Y%m%d-%H%M%S')}"

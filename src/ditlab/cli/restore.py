@@ -6,7 +6,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from ditlab.cli.common import BadInput, emit, progress_flag
+from ditlab.cli.common import BadInput, emit, fresh_output_folder, progress_flag
 
 MANIFEST = "restore.json"
 
@@ -91,6 +91,7 @@ def cmd_restore(args) -> int:
         raise BadInput(f"--steps: must be at least 1, got {args.steps}")
     if args.batch_size < 1:
         raise BadInput(f"--batch-size: must be at least 1, got {args.batch_size}")
+    fresh_output_folder("--out", args.out, MANIFEST)
     ckpt = load_restoration_checkpoint(args.checkpoint, args.weights)
     spec, ev = ckpt.spec, ckpt.spec.evaluation
     degradation = Degradation.from_spec(spec)

@@ -2,7 +2,8 @@
 
 from __future__ import annotations
 
-from ditlab.cli.common import BadInput, emit, load_spec, preflight_or_bad_input, stdout_for
+from ditlab.cli.common import (BadInput, emit, load_spec, preflight_or_bad_input, safe_name, stdout_for,
+                               writable_folder)
 
 
 def register(sub, shared) -> None:
@@ -23,7 +24,20 @@ def register(sub, shared) -> None:
         p.set_defaults(handler=cmd_run)
 
 
+def check_folders(args) -> None:
+    """--name is one folder inside --storage, which is a folder; a run folder that is a link is
+    refused (--restart-if-changed removes run folders)."""
+    safe_name("--name", args.name)
+    storage = writable_folder("--storage", args.storage)
+    if args.export:
+        writable_folder("--export", args.export)
+    if args.name and (storage / args.name).is_symlink():
+        raise BadInput(f"--name: {str(storage / args.name)!r} is a symbolic link; a run folder must be a folder "
+                       "inside --storage")
+
+
 def cmd_run(args) -> int:
+    check_folders(args)
     spec = load_spec(args)
     if spec is None:  # --dry-run
         return 0

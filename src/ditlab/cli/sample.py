@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from ditlab.cli.common import BadInput, emit
+from ditlab.cli.common import BadInput, emit, fresh_output_folder
 from ditlab.config import load
 
 
@@ -40,6 +40,17 @@ def parse_labels(text: str | None, num_classes: int) -> list[int] | None:
     return labels
 
 
+def check_flags(args) -> None:
+    """The flags that need no checkpoint, checked before anything loads or is written."""
+    if args.steps is not None and args.steps < 1:
+        raise BadInput(f"--steps: must be at least 1, got {args.steps}")
+    if args.num is not None and args.num < 1:
+        raise BadInput(f"--num: must be at least 1, got {args.num}")
+    if args.guidance is not None and not 0 <= args.guidance < float("inf"):
+        raise BadInput(f"--guidance: must be a finite number >= 0, got {args.guidance}")
+    fresh_output_folder("--out", args.out, "samples.json")
+
+
 def cmd_sample(args) -> int:
     import torch
 
@@ -47,6 +58,7 @@ def cmd_sample(args) -> int:
     from ditlab.sampling import balanced_labels, from_bundle, generate, save_pngs
     from ditlab.training.checkpoint import CheckpointError, load_bundle
 
+    check_flags(args)
     try:
         bundle = load_bundle(args.checkpoint)
     except CheckpointError as err:

@@ -4,7 +4,8 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from ditlab.cli.common import EXIT_INTERRUPTED, BadInput, emit, preflight_or_bad_input, print_spec, stdout_for
+from ditlab.cli.common import (EXIT_INTERRUPTED, BadInput, emit, preflight_or_bad_input, print_spec, safe_name,
+                               stdout_for, writable_folder)
 
 
 def register(sub, shared) -> None:
@@ -26,6 +27,8 @@ def register(sub, shared) -> None:
 def cmd_tune(args) -> int:
     from ditlab.sweep import load_sweep
 
+    safe_name("--name", args.name)
+    writable_folder("--storage", args.storage)
     sweep = load_sweep(args.sweep, args.overrides)  # every check that needs no Ray, before any trial
     if args.dry_run:
         from ditlab.orchestration.tune.space import expected_trials

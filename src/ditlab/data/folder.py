@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import warnings
 from pathlib import Path
 
 import numpy as np
@@ -29,18 +30,33 @@ def scan_image_folder(root: str | Path) -> tuple[list[Path], np.ndarray, list[st
     return files, np.asarray(labels, dtype=np.int64), classes
 
 
+def check_image_folder(root: str | Path) -> None:
+    """Every image of the folder decodes: the check made before Ray starts, so a corrupt file is one
+    error naming it rather than a failure inside each worker (costs one decode of every image)."""
+    files, _, _ = scan_image_folder(root)
+    for path in files:
+        decode_image(path, "L").close()
+
+
+def decode_image(path: Path, mode: str) -> Image.Image:
+    """The image at `path` decoded in `mode` ("L" or "RGB"); an unreadable file, or one larger than
+    PIL's pixel limit (a decompression bomb), is a ValueError naming it."""
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("error", Image.DecompressionBombWarning)  # PIL only warns below twice the limit
+            with Image.open(path) as img:
+                return img.convert(mode)
+    except Exception as err:  # PIL raises many types for bad files (OSError, SyntaxError, DecompressionBombError)
+        raise ValueError(f"cannot read image {str(path)!r}: {err}") from None
+
+
 def load_image(path: Path, resolution: int, channels: int) -> torch.Tensor:
     """One image -> float [C, R, R] in [-1, 1]: center crop to a square, then bicubic resize."""
-    try:
-        with Image.open(path) as img:
-            img = img.convert("L" if channels == 1 else "RGB")
-            w, h = img.size
-            side = min(w, h)
-            img = img.crop(((w - side) // 2, (h - side) // 2, (w - side) // 2 + side, (h - side) // 2 + side))
-            img = img.resize((resolution, resolution), Image.BICUBIC)
-            arr = np.asarray(img, dtype=np.uint8)
-    except OSError as err:
-        raise ValueError(f"cannot read image {str(path)!r}: {err}") from None
+    img = decode_image(path, "L" if channels == 1 else "RGB")
+    w, h = img.size
+    side = min(w, h)
+    img = img.crop(((w - side) // 2, (h - side) // 2, (w - side) // 2 + side, (h - side) // 2 + side))
+    arr = np.asarray(img.resize((resolution, resolution), Image.BICUBIC), dtype=np.uint8)
     x = torch.from_numpy(arr.copy()).float()
     x = x.unsqueeze(0) if channels == 1 else x.permute(2, 0, 1)
     return x / 127.5 - 1.0

@@ -21,6 +21,7 @@ MANIFEST = "manifest.json"
 FORMAT = "ditlab-prepared/1"
 # The fields of a data section that decide what the prepared arrays hold.
 DEFINING_FIELDS = ("source", "name", "path", "resolution", "channels", "test_fraction", "split_seed")
+ARRAY_FILES = tuple(f"{split}_{kind}.npy" for split in ("train", "test") for kind in ("images", "labels"))
 
 
 class PreparedDataError(ValueError):
@@ -79,9 +80,20 @@ def read_manifest(folder: str | Path) -> dict:
     if not path.is_file():
         raise PreparedDataError(f"data.prepared: {str(folder)!r} holds no {MANIFEST}; "
                                 "write it with `ditlab data prepare SPEC --out DIR`")
-    manifest = json.loads(path.read_text())
-    if manifest.get("format") != FORMAT:
+    try:
+        manifest = json.loads(path.read_bytes())
+    except ValueError as err:  # not JSON, or not UTF-8
+        raise PreparedDataError(f"data.prepared: {str(path)!r} is corrupt, not JSON ({err}); "
+                                "rerun `ditlab data prepare`") from None
+    if not isinstance(manifest, dict) or manifest.get("format") != FORMAT:
         raise PreparedDataError(f"data.prepared: {str(path)!r} is not a {FORMAT} manifest")
+    fields = {"data": dict, "num_classes": int, "counts": dict, "sha256": dict}
+    wrong = next((k for k, kind in fields.items() if not isinstance(manifest.get(k), kind)), None)
+    if wrong is None and set(manifest["sha256"]) != set(ARRAY_FILES):
+        wrong = "sha256"
+    if wrong is not None:
+        raise PreparedDataError(f"data.prepared: {str(path)!r} is corrupt: its {wrong!r} field is missing or "
+                                "malformed; rerun `ditlab data prepare`")
     return manifest
 
 

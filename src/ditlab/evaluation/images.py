@@ -10,6 +10,7 @@ Conversions are explicit and documented, never silent guesses:
 
 from __future__ import annotations
 
+import warnings
 from pathlib import Path
 
 import numpy as np
@@ -34,11 +35,15 @@ def list_images(folder: str | Path) -> list[Path]:
 
 
 def read_rgb(path: Path) -> np.ndarray:
+    """One image as uint8 [H, W, 3]; an unreadable file, or one larger than PIL's pixel limit (a
+    decompression bomb), is an ImageSetError naming it."""
     try:
-        with Image.open(path) as img:
-            img.load()
-            return np.asarray(img.convert("RGB"), dtype=np.uint8)
-    except (OSError, ValueError) as err:
+        with warnings.catch_warnings():
+            warnings.simplefilter("error", Image.DecompressionBombWarning)  # PIL only warns below twice the limit
+            with Image.open(path) as img:
+                img.load()
+                return np.asarray(img.convert("RGB"), dtype=np.uint8)
+    except Exception as err:  # PIL raises many types for bad files (OSError, SyntaxError, DecompressionBombError)
         raise ImageSetError(f"cannot read image {str(path)!r}: {err}") from None
 
 

@@ -22,10 +22,10 @@ def preflight(spec: ExperimentSpec, task_checks: bool = True) -> None:
         except PreparedDataError as err:
             raise PreflightError(str(err)) from None
     elif data.source == "folder":
-        from ditlab.data.folder import scan_image_folder
+        from ditlab.data.folder import check_image_folder
 
         try:
-            scan_image_folder(data.path)
+            check_image_folder(data.path)
         except (OSError, ValueError) as err:
             raise PreflightError(f"data.path: {err}") from None
     if not task_checks:

@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import hashlib
 import os
-import re
 import shutil
 import subprocess
 import sys
@@ -20,11 +19,10 @@ from pathlib import Path
 import yaml
 
 from ditlab.atomic import file_digest, write_json
-from ditlab.config import DATASETS_ROOT
+from ditlab.config import DATASETS_ROOT, check_name
 from ditlab.data.prepared import MANIFEST
 
 DATASET_FORMAT = "ditlab-dataset/1"
-NAME_PATTERN = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]*$")
 
 
 class VersioningError(ValueError):
@@ -110,6 +108,11 @@ def inspect_image_folder(src: str | Path) -> dict:
         files, labels, classes = scan_image_folder(src)
     except (FileNotFoundError, ValueError) as err:
         raise VersioningError(str(err)) from None
+    # Copied by value, a link would bring in whatever it points to, inside the folder or not.
+    link = next((p for p in [*(src / c for c in classes), *files] if p.is_symlink()), None)
+    if link is not None:
+        raise VersioningError(f"{str(link)!r} is a symbolic link; ditlab data add copies plain files and folders "
+                              "only (replace the link by a copy of what it points to)")
     sizes, modes, digest = set(), set(), hashlib.sha256()
     for f in files:
         try:
@@ -138,8 +141,10 @@ def add_dataset(src: str | Path, name: str, root: str | Path = DATASETS_ROOT, tr
     """Copy a validated image folder to <root>/<name> with a manifest, then `dvc add` it.
     Adding the same name again makes a new version of that dataset (the old folder is replaced only
     once the new one is complete)."""
-    if not NAME_PATTERN.match(name):
-        raise VersioningError(f"--name: {name!r} is not a dataset name (letters, digits, '.', '_', '-')")
+    try:
+        check_name(name)
+    except ValueError as err:
+        raise VersioningError(f"--name: {err}") from None
     src, root = Path(src), Path(root)
     dest = root / name
     if track and dvc_root(root if root.exists() else Path.cwd()) is None:
