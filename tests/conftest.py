@@ -151,8 +151,32 @@ def write_digits_folder(root: Path) -> None:
         Image.fromarray((image * 255 / 16).astype("uint8")).save(root / f"digit{label}" / f"{i:04d}.png")
 
 
-def run_cli_json(argv: list[str], cwd: Path, tracking_uri: str) -> dict:
-    """`ditlab ARGV --json` in-process from `cwd`; the one JSON line it must print on stdout."""
+# Secrets planted in the environment of the shared tiny run and of the submitted Ray Jobs
+# (test_jobs.py); test_security.py searches everything those runs wrote for the values. One of
+# each kind a user's shell holds: a tracking password, cloud keys, a token, a DITLAB_* secret.
+PLANTED_SECRETS = {name: f"planted-{name.lower()}-{os.urandom(8).hex()}" for name in (
+    "MLFLOW_TRACKING_PASSWORD", "AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "GITHUB_TOKEN", "DITLAB_API_KEY")}
+
+
+def planted_secrets_in(*sources) -> list[str]:
+    """`name: where` for each planted secret found in `sources`: folders (every file under them,
+    read as bytes: SQLite stores, artifacts, logs, JSON), files, or strings (e.g. a JSON dump)."""
+    found = []
+    for source in sources:
+        if isinstance(source, Path):
+            files = [source] if source.is_file() else [p for p in source.rglob("*")
+                                                       if p.is_file() and not p.is_symlink()]
+            blobs = ((str(p), p.read_bytes()) for p in files)
+        else:
+            blobs = [("text", str(source).encode())]
+        for where, blob in blobs:
+            found += [f"{name}: {where}" for name, value in PLANTED_SECRETS.items() if value.encode() in blob]
+    return found
+
+
+def run_cli_json(argv: list[str], cwd: Path, tracking_uri: str, env: dict[str, str] | None = None) -> dict:
+    """`ditlab ARGV --json` in-process from `cwd` (with `env` added to the environment); the one
+    JSON line it must print on stdout."""
     import contextlib
     import io
     import json
@@ -162,6 +186,8 @@ def run_cli_json(argv: list[str], cwd: Path, tracking_uri: str) -> dict:
     stdout = io.StringIO()
     with pytest.MonkeyPatch.context() as mp, contextlib.redirect_stdout(stdout):
         mp.setenv("MLFLOW_TRACKING_URI", tracking_uri)
+        for key, value in (env or {}).items():
+            mp.setenv(key, value)
         mp.chdir(cwd)
         code = cli.main(argv)
     assert code == 0, f"ditlab {' '.join(argv)} exited {code}"
@@ -180,4 +206,5 @@ def tiny_run(ray_session, mlflow_server, tmp_path_factory) -> dict:
     subprocess.run([*git, "init", "-q"], check=True)
     subprocess.run([*git, "add", "data"], check=True)
     subprocess.run([*git, "commit", "-qm", "data"], check=True)
-    return run_cli_json(TINY_RUN_ARGS, project, mlflow_server)
+    return run_cli_json(TINY_RUN_ARGS, project, mlflow_server,
+                        env={"MLFLOW_TRACKING_USERNAME": "ditlab", **PLANTED_SECRETS})

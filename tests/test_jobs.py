@@ -20,7 +20,7 @@ from ditlab import cli
 from ditlab.orchestration import jobs
 from ditlab.orchestration.tracking import git_commit
 
-from conftest import ROOT, free_port
+from conftest import PLANTED_SECRETS, ROOT, free_port, planted_secrets_in
 from ray_cluster import VENV_BIN, node_env
 
 TINY = "experiments/tiny.yaml"
@@ -130,8 +130,10 @@ def test_an_unreachable_cluster_is_one_line_naming_the_address(capsys):
 
 @pytest.fixture(scope="module")
 def client_env(ray_head, mlflow_server):
-    """A user's shell for the test head: its token, and the test MLflow server."""
-    return {**node_env(ray_head.token), "MLFLOW_TRACKING_URI": mlflow_server}
+    """A user's shell for the test head: its token, the test MLflow server (named with a user and
+    password, which the job must not get), and the secrets planted in every shell of the tests."""
+    with_login = mlflow_server.replace("http://", f"http://ditlab:{PLANTED_SECRETS['MLFLOW_TRACKING_PASSWORD']}@")
+    return {**node_env(ray_head.token), **PLANTED_SECRETS, "MLFLOW_TRACKING_URI": with_login}
 
 
 def find_run(mlflow_server: str, name: str):
@@ -259,6 +261,21 @@ def test_jobs_status_list_and_logs_show_the_job(followed_job, ray_head, client_e
     assert job_id in {j["job_id"] for j in json.loads(listed.stdout)}
     logs = ditlab("jobs", "logs", job_id, "--address", ray_head.dashboard, env=client_env)
     assert logs.returncode == 0 and "mlflow run:" in logs.stdout
+
+
+@pytest.mark.e2e
+def test_no_planted_secret_reaches_the_jobs_their_runs_or_the_cluster(followed_job, long_job, ray_head,
+                                                                      mlflow_server):
+    """The secrets in the submitting shell (conftest.PLANTED_SECRETS, and the password in its
+    MLFLOW_TRACKING_URI) appear nowhere: not in Ray's job info, not in any file on the head (job
+    folders, logs, runs), not in the MLflow store (params, tags, artifacts)."""
+    name, proc = followed_job
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    infos = [_dashboard_get(ray_head, f"/api/jobs/{json.loads(proc.stdout)['job_id']}"),
+             _dashboard_get(ray_head, f"/api/jobs/{long_job[1]}")]
+    env = infos[0]["runtime_env"]["env_vars"]
+    assert env["MLFLOW_TRACKING_URI"] == mlflow_server, "the URI goes without its user and password"
+    assert planted_secrets_in(json.dumps(infos), ray_head.temp_dir, mlflow_server.root) == []
 
 
 @pytest.mark.e2e

@@ -24,8 +24,9 @@ def register(sub, shared) -> None:
     submit.add_argument("--working-dir", default=".", help="folder shipped to the cluster as the job's working "
                                                            "directory; must hold the spec (default: .)")
     submit.add_argument("--env", action="append", default=[], metavar="KEY=VALUE",
-                        help="an environment variable for the job (repeatable); MLFLOW_TRACKING_URI and "
-                             "DITLAB_* variables are passed on already")
+                        help="an environment variable for the job (repeatable; no credentials: the cluster "
+                             "holds those). Passed on already: MLFLOW_TRACKING_URI (without user and password), "
+                             "MLFLOW_EXPERIMENT_NAME, DITLAB_INCEPTION_WEIGHTS, DITLAB_VERBOSE, DITLAB_TELEMETRY")
     submit.add_argument("--follow", action="store_true", help="stream the job's logs until it ends; "
                                                               "exit 0 if it succeeded, 1 otherwise")
     submit.set_defaults(handler=cmd_submit)

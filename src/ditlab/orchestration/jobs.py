@@ -12,6 +12,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import os
+import re
 import shlex
 import time
 from collections.abc import Iterator
@@ -20,6 +21,7 @@ from dataclasses import dataclass
 from functools import cache
 from pathlib import Path
 from typing import TextIO
+from urllib.parse import urlsplit, urlunsplit
 
 import aiohttp
 from ray.exceptions import AuthenticationError
@@ -31,9 +33,15 @@ EXCLUDES = [
     "/.venv", "venv/", ".git", "/.dvc/cache", "/.dvc/tmp", "/runs", "/mlruns", "/mlartifacts", "/mlflow.db",
     "/evaluations", "/samples", "/sweeps", "/cache", "__pycache__", "*.egg-info", ".pytest_cache", ".ruff_cache",
 ]
-# Variables of the submitting shell that the job gets too (credentials are left to the cluster).
-FORWARDED_ENV = ("MLFLOW_TRACKING_URI",)
-FORWARDED_PREFIX = "DITLAB_"
+# The only variables of the submitting shell that the job gets too: an explicit list, because
+# whatever the job gets is stored in Ray's job info, which anyone holding the dashboard's token
+# reads. Credentials are the cluster's own (MLFLOW_TRACKING_USERNAME/PASSWORD from a Kubernetes
+# Secret, k8s/README.md); a tracking URI goes without the user and password it may hold.
+FORWARDED_ENV = ("MLFLOW_TRACKING_URI", "MLFLOW_EXPERIMENT_NAME", "DITLAB_INCEPTION_WEIGHTS", "DITLAB_VERBOSE",
+                 "DITLAB_TELEMETRY")
+# What `--env` refuses: a name like these, or a value holding `scheme://user:password@`.
+SECRET_NAME = re.compile(r"PASSWORD|PASSWD|SECRET|TOKEN|CREDENTIAL|PRIVATE|(^|_)(API_)?KEY($|_)|ACCESS_KEY",
+                         re.IGNORECASE)
 TOKEN_PLACES = "RAY_AUTH_TOKEN, a file named by RAY_AUTH_TOKEN_PATH, or ~/.ray/auth_token"
 # On `jobs stop` Ray sends SIGTERM and, by default 3 s later, SIGKILL: too soon, under load, for the
 # driver to end its MLflow run (KILLED) and release its Train workers. The job supervisor reads
@@ -168,14 +176,37 @@ def build_submission(spec_path: str | Path, overrides: list[str], run_name: str,
     return Submission(shlex.join(command), runtime_env, run_name, metadata)
 
 
+def without_credentials(uri: str) -> str:
+    """`uri` without the user and password in its network location (the job logs in with the
+    cluster's MLFLOW_TRACKING_USERNAME/PASSWORD instead)."""
+    parts = urlsplit(uri)
+    if "@" not in parts.netloc:
+        return uri
+    return urlunsplit(parts._replace(netloc=parts.netloc.rpartition("@")[2]))
+
+
+def check_extra_env(extra: dict[str, str]) -> None:
+    """`--env` takes settings, not secrets: those would be readable in Ray's job info."""
+    from ditlab.redact import USERINFO
+
+    for key, value in extra.items():
+        if SECRET_NAME.search(key) or USERINFO.search(value):
+            raise ClusterError(f"--env {key}: looks like a credential, and a job's variables are readable by anyone "
+                               "with the cluster's dashboard: give the cluster its credentials instead (a "
+                               "Kubernetes Secret, k8s/README.md; or the environment of its `ray start`)")
+
+
 def job_env(root: Path, extra: dict[str, str] | None = None) -> dict[str, str]:
-    """The job's environment variables: the stop grace period, the tracking URI, every DITLAB_*
-    variable of this shell, the git commit being submitted (the shipped folder has no .git), then
-    `extra`."""
+    """The job's environment variables: the stop grace period, the variables of this shell named
+    in FORWARDED_ENV (the tracking URI without credentials), the git commit being submitted (the
+    shipped folder has no .git), then `extra` (`--env`, refused if it looks like a credential)."""
     from ditlab.orchestration.tracking import git_commit, git_dirty  # imports mlflow: only when submitting
 
+    check_extra_env(extra or {})
     env = dict(STOP_GRACE)
-    env.update((k, v) for k, v in os.environ.items() if k in FORWARDED_ENV or k.startswith(FORWARDED_PREFIX))
+    env.update((k, os.environ[k]) for k in FORWARDED_ENV if k in os.environ)
+    if "MLFLOW_TRACKING_URI" in env:
+        env["MLFLOW_TRACKING_URI"] = without_credentials(env["MLFLOW_TRACKING_URI"])
     commit = git_commit(root)
     if commit:
         env["DITLAB_GIT_COMMIT"] = commit

@@ -1,4 +1,6 @@
-"""Starting or joining Ray. A local instance keeps Ray's token authentication on (its default)."""
+"""Starting or joining Ray. A local instance always runs with Ray's token authentication on, even
+when the shell has RAY_AUTH_MODE set otherwise: anyone who can reach an unauthenticated instance's
+ports can run code as the user."""
 
 from __future__ import annotations
 
@@ -27,6 +29,18 @@ def ensure_ray(address: str | None = None, num_cpus: int | None = None) -> None:
     else:
         # Cloud-preemption polling means nothing on a local instance and logs an error at start.
         os.environ.setdefault("RAY_TRAIN_ENABLE_PREEMPTION_WATCHER", "0")
+        force_token_auth()
         # The dashboard (on loopback only) also serves the state API that Ray Train's placement
         # group cleaner polls; without it the cleaner logs a warning every few seconds.
         ray.init(address="local", num_cpus=num_cpus, include_dashboard=True, dashboard_host="127.0.0.1", **kwargs)
+
+
+def force_token_auth() -> None:
+    """Token authentication on for the instance this process starts (and its workers), whatever
+    RAY_AUTH_MODE it inherited; Ray makes and keeps the token in ~/.ray/auth_token."""
+    if os.environ.get("RAY_AUTH_MODE") == "token":
+        return
+    os.environ["RAY_AUTH_MODE"] = "token"
+    from ray._raylet import Config
+
+    Config.initialize("")  # Ray caches its config on first use: make this process see token mode too

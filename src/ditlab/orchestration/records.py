@@ -13,6 +13,7 @@ from pathlib import Path
 
 from ditlab.atomic import write_json
 from ditlab.orchestration.tracking import Tracker, tracking_uri
+from ditlab.redact import redact_uri
 
 RECORD = "tracking.json"
 
@@ -23,7 +24,8 @@ def recorded_run_id(folder: str | Path) -> str | None:
     if not record.is_file():
         return None
     saved = json.loads(record.read_text())
-    return saved["run_id"] if saved.get("tracking_uri") == tracking_uri() else None
+    # Compared redacted: records hold no password (and older ones, written before, match as well).
+    return saved["run_id"] if redact_uri(saved.get("tracking_uri", "")) == redact_uri(tracking_uri()) else None
 
 
 def open_recorded_run(folder: str | Path, create: Callable[[], Tracker]) -> tuple[Tracker, bool]:

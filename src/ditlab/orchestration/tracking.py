@@ -26,6 +26,7 @@ import mlflow
 from mlflow.tracking import MlflowClient
 
 from ditlab.config import ExperimentSpec, flatten
+from ditlab.redact import redact_uri
 
 # Without this tag MLflow 3.x opens an experiment in its GenAI view; with it, the runs table.
 EXPERIMENT_KIND_TAG = {"mlflow.experimentKind": "custom_model_development"}
@@ -127,8 +128,8 @@ def check_server(uri: str | None = None, timeout: float = 5.0) -> None:
         return  # it answers (a server without /health, or one behind authentication)
     except (urllib.error.URLError, OSError) as err:
         reason = getattr(err, "reason", err)
-        raise TrackingUnavailable(f"MLflow tracking server {uri} ($MLFLOW_TRACKING_URI) does not answer "
-                                  f"({reason}): start it, or unset MLFLOW_TRACKING_URI to track in ./mlflow.db"
+        raise TrackingUnavailable(f"MLflow tracking server {redact_uri(uri)} ($MLFLOW_TRACKING_URI) does not "
+                                  f"answer ({reason}): start it, or unset MLFLOW_TRACKING_URI to track in ./mlflow.db"
                                   ) from None
 
 
@@ -193,7 +194,7 @@ def source_tags(kind: str) -> dict[str, str]:
         tags["ditlab.git_dirty"] = str(git_dirty())
         remote = git_remote()
         if remote:
-            tags["mlflow.source.git.repoURL"] = remote
+            tags["mlflow.source.git.repoURL"] = redact_uri(remote)  # an https remote may hold a token
     elif os.environ.get("DITLAB_GIT_COMMIT"):  # a Ray Job's unpacked folder: `ditlab submit` recorded it
         tags["mlflow.source.git.commit"] = os.environ["DITLAB_GIT_COMMIT"]
         tags["ditlab.git_dirty"] = os.environ.get("DITLAB_GIT_DIRTY", "None")
@@ -248,7 +249,8 @@ class Tracker:
     """One MLflow run."""
 
     def __init__(self, client: MlflowClient, run_id: str, experiment_id: str, uri: str, kind: str = "train"):
-        self.client, self.run_id, self.experiment_id, self.uri = client, run_id, experiment_id, uri
+        self.client, self.run_id, self.experiment_id = client, run_id, experiment_id
+        self.uri = redact_uri(uri)  # what is shown and stored; the client connects with the full URI
         self.kind = kind  # the run's ditlab.kind: train, evaluation, sweep or trial (names its metrics)
 
     @classmethod
