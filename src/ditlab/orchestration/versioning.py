@@ -14,6 +14,7 @@ import shutil
 import subprocess
 import sys
 import tempfile
+import warnings
 from pathlib import Path
 
 import yaml
@@ -116,12 +117,14 @@ def inspect_image_folder(src: str | Path) -> dict:
     sizes, modes, digest = set(), set(), hashlib.sha256()
     for f in files:
         try:
-            with Image.open(f) as img:
-                img.verify()
-            with Image.open(f) as img:
-                sizes.add(img.size)
-                modes.add(img.mode)
-        except Exception as err:  # PIL raises several types for bad files
+            with warnings.catch_warnings():
+                warnings.simplefilter("error", Image.DecompressionBombWarning)  # PIL only warns below twice its limit
+                with Image.open(f) as img:
+                    img.verify()
+                with Image.open(f) as img:
+                    sizes.add(img.size)
+                    modes.add(img.mode)
+        except Exception as err:  # PIL raises several types for bad files (DecompressionBombError among them)
             raise VersioningError(f"cannot read image {str(f)!r}: {err}") from None
         rel = f.relative_to(src).as_posix()
         digest.update(f"{rel}\0{file_digest(f)}\n".encode())
