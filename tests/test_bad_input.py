@@ -92,6 +92,10 @@ def test_a_spec_file_that_is_not_utf8_is_named(command, workdir, capsys, no_ray)
     assert tree(workdir) == before
 
 
+def test_a_line_break_in_a_file_name_stays_on_the_one_error_line(workdir, capsys):
+    assert refused(["run", "a\nb\x1b[31m.yaml"], capsys) == "ditlab: error: a\\nb\\x1b[31m.yaml: spec file not found"
+
+
 def test_invalid_yaml_in_set_names_the_assignment(workdir, capsys, no_ray):
     line = refused(["run", TINY, "--set", "train.steps=[1"], capsys)
     assert "--set 'train.steps=[1': value: not valid YAML" in line and "line 1, column 3" in line

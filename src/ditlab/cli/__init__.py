@@ -60,8 +60,14 @@ class Parser(argparse.ArgumentParser):
 
     def error(self, message: str):
         command = self.prog.removeprefix("ditlab").strip()
-        self.exit(EXIT_BAD_INPUT, f"ditlab: error: {f'{command}: ' if command else ''}{message} "
-                                  f"(see {self.prog} --help)\n")
+        self.exit(EXIT_BAD_INPUT, error_line(f"{f'{command}: ' if command else ''}{message} (see {self.prog} --help)"))
+
+
+def error_line(message: str) -> str:
+    """The one line a refusal prints: control characters inside a value it quotes (a line break in a
+    file name, an escape sequence) are shown escaped, as \\n or \\x1b."""
+    shown = "".join(c if c.isprintable() else ascii(c)[1:-1] for c in message)
+    return f"ditlab: error: {shown}\n"
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -79,7 +85,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         return args.handler(args)
     except (SpecError, BadInput) as err:
-        print(f"ditlab: error: {err}", file=sys.stderr)
+        sys.stderr.write(error_line(str(err)))
         return EXIT_BAD_INPUT
 
 
