@@ -41,7 +41,10 @@ def load_restoration_checkpoint(path: str, weights: str):
     if task != "restoration":
         raise BadInput(f"checkpoint {str(bundle_path)!r} is a `task: {task}` checkpoint; ditlab restore needs a "
                        "`task: restoration` one (see experiments/sr-x2.yaml, experiments/denoise.yaml)")
-    return from_bundle(bundle, str(bundle_path), weights)
+    try:
+        return from_bundle(bundle, str(bundle_path), weights)
+    except CheckpointError as err:  # a model_config that does not fit its weights
+        raise BadInput(str(err)) from None
 
 
 def read_inputs(folder: str, size: int, channels: int, describe: str):
