@@ -168,6 +168,34 @@ class RestorationSpec(_Section):
                                               "clean image (SRDiff, Li et al. 2022): the identity comes for free")
 
 
+class DistillationSpec(_Section):
+    """`task: distillation`: a generation checkpoint (the teacher) distilled into a student that
+    samples in a few steps (training/tasks/distillation.py). Progressive distillation (Salimans & Ho
+    2022): each round the student learns to cover two of its teacher's DDIM steps in one, and then
+    becomes the next round's teacher; the first round's teacher samples with classifier-free guidance,
+    which the student learns in one forward pass (Meng et al. 2023, at one fixed scale)."""
+
+    teacher: str | None = Field(None, description="checkpoint of a `task: generation` run: a checkpoint.pt, "
+                                                  "its folder, or a run folder (its latest checkpoint)")
+    method: Literal["progressive"] = Field("progressive", description="progressive distillation; consistency "
+                                                                      "distillation is not implemented")
+    teacher_steps: int = Field(16, ge=2, description="DDIM steps (trailing spacing) of the guided teacher that the "
+                                                     "first round imitates")
+    rounds: int = Field(2, ge=1, description="halvings of the step count: the student samples in "
+                                             "teacher_steps / 2**rounds steps; train.steps is split evenly "
+                                             "over the rounds")
+    guidance: float | None = Field(None, ge=0, description="classifier-free guidance scale distilled into the "
+                                                           "student; default: the teacher's evaluation.guidance")
+    compare_teacher_steps: tuple[int, ...] = Field((), description="the final evaluation also samples the teacher "
+                                                                  "at these step counts (its own sampler, the "
+                                                                  "distilled guidance), beside every round's student")
+
+    @property
+    def student_steps(self) -> int:
+        """Sampling steps of the final student."""
+        return self.teacher_steps // 2**self.rounds
+
+
 Metric = Literal["fid", "kid", "precision_recall", "inception_score", "classifier_score", "conditional_accuracy",
                  "mse", "psnr", "ssim", "lpips"]
 # Metrics that compare each image with its own ground truth (restoration, reconstruction): they need
@@ -197,7 +225,7 @@ class EvaluationSpec(_Section):
     name: str = "default"
     metrics: tuple[Metric, ...] = ("fid", "kid", "precision_recall", "classifier_score", "conditional_accuracy")
     num_samples: int = Field(300, ge=0)
-    sampler: Literal["ddim", "ddpm"] = "ddim"
+    sampler: Literal["ddim", "ddim-trailing", "ddpm"] = "ddim"
     steps: int = Field(50, ge=1)
     guidance: float = Field(2.0, ge=0)
     clip_x0: bool = True
@@ -222,12 +250,16 @@ class TrackingSpec(_Section):
 
 
 # The kinds of experiment; each is a module under training/tasks/ (its registry must match).
-TaskName = Literal["generation", "autoencoder", "restoration"]
+TaskName = Literal["generation", "autoencoder", "restoration", "distillation"]
+# Tasks whose checkpoints are class-conditional DiTs that `ditlab sample` draws from.
+SAMPLING_TASKS = ("generation", "distillation")
 
 # Defaults that depend on the task, filled in before validation when the spec leaves them out.
 TASK_DEFAULTS: dict[str, dict[str, dict[str, Any]]] = {
     "autoencoder": {"loss": {"adversarial_weight": 0.5},
                     "evaluation": {"metrics": ["mse", "psnr", "ssim", "lpips", "fid"]}},
+    # A student samples with its own sampler and the guidance built in (evaluation.steps: below).
+    "distillation": {"evaluation": {"sampler": "ddim-trailing", "guidance": 1.0}},
 }
 
 
@@ -244,6 +276,7 @@ class ExperimentSpec(_Section):
     autoencoder: AutoencoderSpec = AutoencoderSpec()
     latent: LatentSpec = LatentSpec()
     restoration: RestorationSpec = RestorationSpec()
+    distillation: DistillationSpec = DistillationSpec()
     train: TrainSpec = TrainSpec()
     evaluation: EvaluationSpec = EvaluationSpec()
     resources: ResourcesSpec = ResourcesSpec()
@@ -264,6 +297,15 @@ class ExperimentSpec(_Section):
             given = raw.get(section)
             if given is None or isinstance(given, dict):
                 raw[section] = {**defaults, **(given or {})}
+        if raw["task"] == "distillation" and isinstance(raw.get("distillation", {}), dict) \
+                and isinstance(raw["evaluation"], dict) and "steps" not in raw["evaluation"]:
+            # The final student's step count, when the spec does not name another.
+            try:
+                steps = DistillationSpec(**raw.get("distillation", {})).student_steps
+            except (ValidationError, TypeError):
+                steps = 0  # reported, with its field, by the validation that follows
+            if steps >= 1:
+                raw["evaluation"] = {**raw["evaluation"], "steps": steps}
         return raw
 
     @model_validator(mode="after")
@@ -297,8 +339,10 @@ class ExperimentSpec(_Section):
         if ev.num_samples and "kid" in ev.metrics and ev.kid.subset_size > ev.num_samples:
             raise SpecError(f"evaluation.kid.subset_size: {ev.kid.subset_size} exceeds evaluation.num_samples "
                             f"({ev.num_samples})")
+        if self.task == "distillation":
+            self._check_distillation()
         if self.train.eval_every is not None:
-            if self.task != "generation":
+            if self.task not in SAMPLING_TASKS:
                 raise SpecError(f"train.eval_every: task {self.task} does not score samples during training")
             if ev.kid.subset_size > self.train.eval_samples:
                 raise SpecError(f"train.eval_samples: {self.train.eval_samples} is below evaluation.kid.subset_size "
@@ -309,6 +353,27 @@ class ExperimentSpec(_Section):
                 f"resources.num_workers={self.resources.num_workers}"
             )
         return self
+
+    def _check_distillation(self) -> None:
+        d = self.distillation
+        if not d.teacher:
+            raise SpecError("distillation.teacher: required for task distillation (a generation checkpoint)")
+        if d.teacher_steps % 2**d.rounds:
+            raise SpecError(f"distillation.rounds: {d.rounds} halvings of teacher_steps {d.teacher_steps} do not "
+                            "give a whole number of steps")
+        if self.train.steps % d.rounds:
+            raise SpecError(f"train.steps: {self.train.steps} does not split evenly over distillation.rounds "
+                            f"({d.rounds})")
+        if self.loss.adversarial_weight:
+            raise SpecError("loss.adversarial_weight: task distillation has no adversarial term")
+        ev = self.evaluation
+        if (ev.sampler, ev.steps) != ("ddim-trailing", d.student_steps):
+            raise SpecError(f"evaluation: {ev.sampler} with {ev.steps} steps, but the student samples with "
+                            f"ddim-trailing in {d.student_steps} steps (distillation.teacher_steps / 2**rounds): "
+                            "leave evaluation.sampler and evaluation.steps out")
+        if self.evaluation.guidance != 1.0:
+            raise SpecError(f"evaluation.guidance: {self.evaluation.guidance}, but a distilled student has its "
+                            "guidance built in and samples with 1 (distillation.guidance sets the scale)")
 
     def to_dict(self) -> dict[str, Any]:
         return self.model_dump(mode="json")

@@ -82,11 +82,12 @@ def fresh_output_folder(flag: str, path: str, manifest: str) -> Path:
     from ditlab.evaluation.images import IMAGE_SUFFIXES
 
     p = writable_folder(flag, path)
-    old = sorted(f for f in p.rglob("*") if f.suffix.lower() in IMAGE_SUFFIXES or f.name == manifest) \
-        if p.is_dir() else []
+    if not p.is_dir():
+        return p
+    old = sorted(f for f in p.rglob("*") if f.suffix.lower() in IMAGE_SUFFIXES or f.name == manifest)
     if old:
-        raise BadInput(f"{flag}: {path!r} already holds {len(old)} earlier output files (e.g. {old[0].name}); "
-                       "write to a new folder, or delete them first")
+        raise BadInput(f"{flag}: {path!r} already holds the output of an earlier command ({len(old)} files, e.g. "
+                       f"{old[0].name}); write to a new folder, or delete them first")
     return p
 
 

@@ -5,7 +5,7 @@ from __future__ import annotations
 from pathlib import Path
 
 from ditlab.cli.common import BadInput, emit, fresh_output_folder
-from ditlab.config import load
+from ditlab.config import SAMPLING_TASKS, load
 
 
 def register(sub, shared) -> None:
@@ -17,8 +17,10 @@ def register(sub, shared) -> None:
                                                 "else 100)")
     sample.add_argument("--out", required=True, help="output folder")
     sample.add_argument("--labels", help="comma-separated class labels, cycled to --num (default: all classes in turn)")
-    sample.add_argument("--sampler", choices=["ddim", "ddpm"], help="default: the spec's evaluation.sampler")
-    sample.add_argument("--steps", type=int, help="sampling steps (default: the spec's evaluation.steps)")
+    sample.add_argument("--sampler", choices=["ddim", "ddim-trailing", "ddpm"],
+                        help="default: the checkpoint's (or --spec's) evaluation.sampler")
+    sample.add_argument("--steps", type=int, help="sampling steps (default: the checkpoint's or --spec's "
+                                                "evaluation.steps; a student: its own)")
     sample.add_argument("--guidance", type=float, help="classifier-free guidance scale (1 = none)")
     sample.add_argument("--seed", type=int, help="default: the spec's evaluation.seed")
     sample.add_argument("--weights", choices=["ema", "model"], default="ema")
@@ -64,9 +66,12 @@ def cmd_sample(args) -> int:
     except CheckpointError as err:
         raise BadInput(str(err)) from None
     task = bundle["spec"].get("task", "generation")
-    if task != "generation":
+    if task not in SAMPLING_TASKS:
         raise BadInput(f"{args.checkpoint}: not a generation checkpoint (task {task!r}); ditlab sample draws "
-                       f"from generation checkpoints, ditlab evaluate --fake scores any checkpoint")
+                       f"from generation and distillation checkpoints, ditlab evaluate --fake scores any checkpoint")
+    if task == "distillation" and args.guidance not in (None, 1.0):
+        raise BadInput(f"--guidance: {args.guidance}, but {args.checkpoint} is a distilled student with its "
+                       f"guidance built in (distillation.guidance); it samples with 1")
     try:
         ckpt = from_bundle(bundle, str(args.checkpoint), args.weights)
     except ValueError as err:  # a latent model whose autoencoder is missing or another one

@@ -14,7 +14,7 @@ from collections.abc import Callable
 import torch
 
 from ditlab.diffusion.process import GaussianDiffusion
-from ditlab.diffusion.schedules import spaced_timesteps
+from ditlab.diffusion.schedules import spaced_timesteps, trailing_timesteps
 
 Denoiser = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
 
@@ -38,35 +38,62 @@ def guided_denoiser(model, labels: torch.Tensor, guidance: float, null_class: in
     return denoise
 
 
-def _predict(denoise, diffusion, x, t_value, clip_x0):
-    t = torch.full((x.shape[0],), int(t_value), device=x.device, dtype=torch.long)
-    out = denoise(x, t).float()
-    c = x.shape[1]
-    x0, eps = diffusion.to_x0_eps(out[:, :c], x, t)
+def predict_x0_eps(denoise, diffusion: GaussianDiffusion, x: torch.Tensor, t: torch.Tensor, clip_x0: bool,
+                   out: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """The (x_0, eps) that `denoise`'s output at (x, t) implies (`out`: that output, if already
+    computed); with `clip_x0`, x_0 is clipped to [-1, 1] and eps recomputed to match it."""
+    out = denoise(x, t).float() if out is None else out
+    x0, eps = diffusion.to_x0_eps(out[:, : x.shape[1]], x, t)
     if clip_x0:
         x0 = x0.clamp(-1, 1)
         a, s = diffusion.coefficients(t, x.ndim)
         eps = (x - a * x0) / s
+    return x0, eps
+
+
+def _predict(denoise, diffusion, x, t_value, clip_x0):
+    t = torch.full((x.shape[0],), int(t_value), device=x.device, dtype=torch.long)
+    out = denoise(x, t).float()
+    x0, eps = predict_x0_eps(denoise, diffusion, x, t, clip_x0, out)
     return out, x0, eps, t
+
+
+def ddim_move(x0: torch.Tensor, eps: torch.Tensor, alpha_bar_next: float | torch.Tensor,
+              sigma: float = 0.0) -> torch.Tensor:
+    """The deterministic part of a DDIM step (Song et al. 2021, eq. 12): x at the noise level
+    alpha_bar_next (a number, or one per sample broadcast over the batch; 1 is the clean image),
+    from the predicted x_0 and eps. A number is used in double precision, as before this function
+    existed: a sampler's images stay bit-identical across versions."""
+    if isinstance(alpha_bar_next, torch.Tensor):
+        return alpha_bar_next.sqrt() * x0 + (1 - alpha_bar_next - sigma**2).clamp(min=0.0).sqrt() * eps
+    return alpha_bar_next**0.5 * x0 + max(1 - alpha_bar_next - sigma**2, 0.0) ** 0.5 * eps
 
 
 @torch.no_grad()
 def ddim_sample(denoise, x, diffusion: GaussianDiffusion, steps, generator=None, callback=None,
-                clip_x0=True, eta: float = 0.0):
-    """DDIM (Song et al. 2021, eq. 12): deterministic for eta = 0, ancestral-like for eta = 1."""
-    ts = spaced_timesteps(diffusion.num_timesteps, steps)
+                clip_x0=True, eta: float = 0.0, spacing=spaced_timesteps):
+    """DDIM (Song et al. 2021, eq. 12): deterministic for eta = 0, ancestral-like for eta = 1.
+    `spacing` picks the timesteps (spaced_timesteps, or trailing_timesteps: "ddim-trailing")."""
+    ts = spacing(diffusion.num_timesteps, steps)
     ab = diffusion.alphas_cumprod
     for i, t_value in enumerate(ts):
         _, x0, eps, _ = _predict(denoise, diffusion, x, t_value, clip_x0)
         a_t = float(ab[t_value])
         a_prev = float(ab[ts[i + 1]]) if i + 1 < len(ts) else 1.0
         sigma = eta * ((1 - a_prev) / (1 - a_t) * (1 - a_t / a_prev)) ** 0.5
-        x = a_prev**0.5 * x0 + max(1 - a_prev - sigma**2, 0.0) ** 0.5 * eps
+        x = ddim_move(x0, eps, a_prev, sigma)
         if sigma > 0:
             x = x + sigma * torch.randn(x.shape, generator=generator, device=x.device)
         if callback is not None:
             callback({"i": i, "t": int(t_value), "x": x, "x0": x0})
     return x
+
+
+def ddim_trailing_sample(denoise, x, diffusion: GaussianDiffusion, steps, generator=None, callback=None,
+                         clip_x0=True):
+    """DDIM on trailing timesteps: the sampler of progressively distilled students, and the one whose
+    single step is meaningful (from t = T-1 straight to x_0)."""
+    return ddim_sample(denoise, x, diffusion, steps, generator, callback, clip_x0, spacing=trailing_timesteps)
 
 
 @torch.no_grad()
@@ -94,7 +121,7 @@ def ddpm_sample(denoise, x, diffusion: GaussianDiffusion, steps, generator=None,
     return x
 
 
-SAMPLERS = {"ddim": ddim_sample, "ddpm": ddpm_sample}
+SAMPLERS = {"ddim": ddim_sample, "ddim-trailing": ddim_trailing_sample, "ddpm": ddpm_sample}
 
 
 def get_sampler(name: str):

@@ -41,8 +41,23 @@ def alphas_cumprod(betas: np.ndarray) -> np.ndarray:
     return np.cumprod(1.0 - betas)
 
 
-def spaced_timesteps(num_timesteps: int, steps: int) -> np.ndarray:
-    """`steps` timesteps evenly spread over [0, T-1], descending, always ending at 0."""
+def _check_steps(num_timesteps: int, steps: int) -> None:
     if not 1 <= steps <= num_timesteps:
         raise ValueError(f"sampling steps must be in [1, {num_timesteps}], got {steps}")
+
+
+def spaced_timesteps(num_timesteps: int, steps: int) -> np.ndarray:
+    """`steps` timesteps evenly spread over [0, T-1], descending, always ending at 0."""
+    _check_steps(num_timesteps, steps)
     return np.unique(np.round(np.linspace(0, num_timesteps - 1, steps)).astype(np.int64))[::-1].copy()
+
+
+def trailing_timesteps(num_timesteps: int, steps: int) -> np.ndarray:
+    """`steps` timesteps round(k T / steps) - 1 for k = steps, ..., 1, descending, always starting at
+    T-1 (the "trailing" spacing of Lin et al. 2024). The sampler's last move goes from the
+    smallest of them to the clean image, so one step is a jump from pure noise to x_0, and the grid
+    of N steps holds the grid of N/2: what progressive distillation needs (a student's step spans
+    exactly two of its teacher's)."""
+    _check_steps(num_timesteps, steps)
+    k = np.arange(steps, 0, -1)
+    return (np.round(k * num_timesteps / steps) - 1).astype(np.int64)

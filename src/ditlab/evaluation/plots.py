@@ -100,3 +100,35 @@ def save_trial_curves(curves: list[dict], path: str | Path, metric: str, title: 
     path = _atomic_savefig(fig, Path(path))
     plt.close(fig)
     return path
+
+
+def save_steps_comparison(rows: list[dict], path: str | Path,
+                          metrics: tuple[str, ...] = ("fid", "conditional_accuracy"), title: str = "") -> Path:
+    """Figures against sampling steps, one line per model: a distilled student and its teacher.
+    Each row is {"model", "steps", "seconds_per_100", <metric>: value, ...}; the legend gives each
+    model's sampling time per 100 images at its fewest and most steps."""
+    plt = _pyplot()
+    metrics = tuple(m for m in metrics if any(m in r for r in rows))
+    fig, axes = plt.subplots(1, len(metrics), figsize=(5 * len(metrics), 3.5), squeeze=False)
+    models = list(dict.fromkeys(r["model"] for r in rows))
+    for ax, metric in zip(axes[0], metrics, strict=True):
+        for model in models:
+            mine = sorted((r for r in rows if r["model"] == model and metric in r), key=lambda r: r["steps"])
+            if not mine:
+                continue
+            times = ", ".join(f"{r['seconds_per_100']:.1f} s" for r in (mine[0], mine[-1])[: len(mine)])
+            ax.plot([r["steps"] for r in mine], [r[metric] for r in mine], marker="o",
+                    label=f"{model} ({times} per 100 images)")
+            for r in mine:
+                ax.annotate(str(r["steps"]), (r["steps"], r[metric]), textcoords="offset points", xytext=(3, 3),
+                            fontsize=7)
+        ax.set_xscale("log", base=2)
+        ax.set_xlabel("sampling steps (network evaluations per image: x2 with guidance)")
+        ax.set_ylabel(metric)
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=7)
+    if title:
+        fig.suptitle(title)
+    path = _atomic_savefig(fig, Path(path))
+    plt.close(fig)
+    return path

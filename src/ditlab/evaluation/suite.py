@@ -13,7 +13,9 @@ on the dataset) is reported under its own name instead."""
 from __future__ import annotations
 
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
+from pathlib import Path
 
 import numpy as np
 
@@ -48,6 +50,8 @@ class Report:
     settings: dict = field(default_factory=dict)  # the EvaluationSpec that produced the figures
     title: str = ""  # the sample grid's title
     grid_columns: int = 10  # images a row in the sample grid (pairs and strips set their own)
+    # Figures beyond the sample grid, by file stem: each writes its PNG at the path it is given.
+    plots: dict[str, Callable[[Path], Path]] = field(default_factory=dict)
 
     def to_dict(self) -> dict:
         return {"figures": self.figures, "notes": self.notes, "settings": self.settings}

@@ -65,6 +65,8 @@ def run_evaluation(fake: str, real, ev: EvaluationSpec | None, out_dir: str | Pa
                                 nrow=report.grid_columns)
         tracker.log_artifact(grid, "figures")
         tracker.log_image(grid, "samples")  # the dashboard's image chart (eval/samples)
+    for name, write in report.plots.items():
+        tracker.log_artifact(write(out_dir / f"{name}.png"), "figures")
     summary = {"fake": fake, "real": real, "mlflow_run_id": tracker.run_id, "source_run_id": source,
                "mlflow_url": tracker.url, **report.to_dict()}
     write_json(out_dir / "evaluation.json", summary)

@@ -120,7 +120,7 @@ def open_tracker(spec: ExperimentSpec, run_dir: Path) -> Tracker:
 
 # Sections whose change makes a run folder's checkpoints belong to another experiment.
 TRAINING_SECTIONS = ("task", "seed", "data", "model", "diffusion", "loss", "autoencoder", "latent", "train",
-                     "restoration")
+                     "restoration", "distillation")
 
 
 class RunFolderError(ValueError):

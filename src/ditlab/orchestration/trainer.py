@@ -63,6 +63,8 @@ def worker_spec(spec: ExperimentSpec) -> dict:
     if latent.get("autoencoder"):  # a latent spec's autoencoder checkpoint and its latent cache
         latent["autoencoder"] = str(Path(latent["autoencoder"]).resolve())
         latent["cache"] = str(Path(latent["cache"]).resolve())
+    if raw["distillation"].get("teacher"):
+        raw["distillation"]["teacher"] = str(Path(raw["distillation"]["teacher"]).resolve())
     return raw
 
 

@@ -44,6 +44,8 @@ class SampleQuality:
                  decode: Callable[[torch.Tensor], torch.Tensor] | None = None):
         self.spec, self.diffusion, self.device = spec, diffusion, device
         self.decode = decode  # a latent model's decoder: samples are scored as pixels
+        # How samples are drawn: a distillation student changes these to its own (per round).
+        self.sampler, self.steps, self.guidance = "ddim", spec.train.eval_sampler_steps, spec.evaluation.guidance
         self._reference: np.ndarray | None = None  # rank 0's reference features, loaded once
 
     def __call__(self, model: nn.Module) -> dict[str, float]:
@@ -78,7 +80,7 @@ class SampleQuality:
         was_training = model.training
         model.eval()
         ckpt = LoadedCheckpoint(model, self.diffusion, self.spec, step=0, decode=self.decode)
-        images = generate(ckpt, labels, "ddim", train.eval_sampler_steps, ev.guidance, seed=ev.seed * 10_007 + k,
+        images = generate(ckpt, labels, self.sampler, self.steps, self.guidance, seed=ev.seed * 10_007 + k,
                           batch_size=CHUNK, clip_x0=ev.clip_x0, device=self.device)
         model.train(was_training)
         return inception_features(as_rgb_uint8(to_uint8(images)), weights=ev.inception_weights,

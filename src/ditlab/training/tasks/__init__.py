@@ -4,10 +4,12 @@ from __future__ import annotations
 
 from ditlab.training.tasks.autoencoder import AutoencoderTask
 from ditlab.training.tasks.base import Batch, Task
+from ditlab.training.tasks.distillation import DistillationTask
 from ditlab.training.tasks.generation import GenerationTask
 from ditlab.training.tasks.restoration import RestorationTask
 
-TASKS: dict[str, type[Task]] = {cls.name: cls for cls in (GenerationTask, AutoencoderTask, RestorationTask)}
+TASKS: dict[str, type[Task]] = {cls.name: cls for cls in (GenerationTask, AutoencoderTask, RestorationTask,
+                                                      DistillationTask)}
 
 
 def task_class(name: str) -> type[Task]:
@@ -16,4 +18,5 @@ def task_class(name: str) -> type[Task]:
     return TASKS[name]
 
 
-__all__ = ["AutoencoderTask", "Batch", "GenerationTask", "RestorationTask", "TASKS", "Task", "task_class"]
+__all__ = ["AutoencoderTask", "Batch", "DistillationTask", "GenerationTask", "RestorationTask", "TASKS", "Task",
+           "task_class"]

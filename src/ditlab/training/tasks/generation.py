@@ -175,25 +175,32 @@ class GenerationTask(Task):
         """Sample from the checkpoint's EMA weights with `ev` (default: the spec's own evaluation
         settings) and compare with `reference` (default: the split of its training dataset that `ev`
         names)."""
-        from ditlab.evaluation.suite import Report, check_set_sizes, dataset_reference, evaluate_sets
-        from ditlab.sampling import balanced_labels, from_bundle, generate
+        from ditlab.sampling import from_bundle
 
         ckpt = from_bundle(bundle, source, "ema")
-        ev = ev or ckpt.spec.evaluation
-        if ev.num_samples:
-            check_set_sizes(ev, ev.num_samples)
-        labels = balanced_labels(ev.num_samples, ckpt.model.config.num_classes)
-        tic = time.perf_counter()
-        images = generate(ckpt, labels, ev.sampler, ev.steps, ev.guidance, ev.seed, ev.batch_size, ev.clip_x0,
-                          progress=progress)
-        sampling_seconds = time.perf_counter() - tic
-        if ev.num_samples == 0:
-            return Report({"eval_num_samples": 0.0}, {"evaluation": "skipped: evaluation.num_samples is 0"},
-                          settings=ev.model_dump(mode="json"))
-        reference = reference or dataset_reference(ckpt.spec.data, ev.reference_split)
-        report = evaluate_sets(to_uint8(images), reference, ev, fake_labels=labels.numpy(), progress=progress)
-        report.figures.update(eval_num_samples=float(len(labels)), eval_sampling_seconds=sampling_seconds)
-        report.notes["sampler"] = (f"{ev.sampler}, {ev.steps} steps, guidance {ev.guidance}, seed {ev.seed}, "
-                                   "EMA weights")
-        report.title = f"EMA samples, {ev.sampler} {ev.steps} steps, guidance {ev.guidance}"
-        return report
+        return score_samples(ckpt, ev or ckpt.spec.evaluation, reference, progress)
+
+
+def score_samples(ckpt, ev: EvaluationSpec, reference=None, progress: bool = False):
+    """Draw `ev.num_samples` class-balanced samples of a loaded checkpoint with `ev`'s sampler, steps,
+    guidance and seed, and score them against `reference` (default: the checkpoint's dataset split
+    that `ev` names): an evaluation.suite.Report, with the sampling time among its figures."""
+    from ditlab.evaluation.suite import Report, check_set_sizes, dataset_reference, evaluate_sets
+    from ditlab.sampling import balanced_labels, generate
+
+    if ev.num_samples:
+        check_set_sizes(ev, ev.num_samples)
+    labels = balanced_labels(ev.num_samples, ckpt.model.config.num_classes)
+    tic = time.perf_counter()
+    images = generate(ckpt, labels, ev.sampler, ev.steps, ev.guidance, ev.seed, ev.batch_size, ev.clip_x0,
+                      progress=progress)
+    sampling_seconds = time.perf_counter() - tic
+    if ev.num_samples == 0:
+        return Report({"eval_num_samples": 0.0}, {"evaluation": "skipped: evaluation.num_samples is 0"},
+                      settings=ev.model_dump(mode="json"))
+    reference = reference or dataset_reference(ckpt.spec.data, ev.reference_split)
+    report = evaluate_sets(to_uint8(images), reference, ev, fake_labels=labels.numpy(), progress=progress)
+    report.figures.update(eval_num_samples=float(len(labels)), eval_sampling_seconds=sampling_seconds)
+    report.notes["sampler"] = f"{ev.sampler}, {ev.steps} steps, guidance {ev.guidance}, seed {ev.seed}, EMA weights"
+    report.title = f"EMA samples, {ev.sampler} {ev.steps} steps, guidance {ev.guidance}"
+    return report

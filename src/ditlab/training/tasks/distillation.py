@@ -1,0 +1,263 @@
+"""`task: distillation`: a trained class-conditional DiT (the teacher) distilled into a student that
+samples in a few steps, with classifier-free guidance built in.
+
+Progressive distillation (Salimans & Ho 2022, algorithm 2). On the trailing timestep grid
+(diffusion/schedules.py), a student of K steps moves from t_i to t_{i-1}; its teacher of 2K steps
+takes two DDIM steps over the same span, through the midpoint. For an image x_0 of the batch, noise
+eps and a grid index i drawn from the step's generator:
+
+    x_t    = alpha_t x_0 + sigma_t eps                          t = t_i of the K-step grid
+    x_t'   = DDIM(teacher, x_t,  t  -> t')                      t' = the midpoint (2K-step grid)
+    x_t''  = DDIM(teacher, x_t', t' -> t'')                     t'' = t_{i-1}, or the clean image
+    target = (x_t'' - (sigma''/sigma_t) x_t) / (alpha'' - (sigma''/sigma_t) alpha_t)
+
+`target` is the x_0 from which one DDIM step of the student lands exactly on x_t''. The loss is
+max(SNR_t, 1) * |x0_student - target|^2 ("truncated SNR" weighting, their section 4), whatever the
+network predicts (eps, v or x0): its output is converted to x_0 first.
+
+Round 1's teacher is the generation checkpoint sampling with classifier-free guidance at
+`distillation.guidance` (two forward passes a step); the student conditions on the label alone, so it
+learns the guided model in one forward pass (Meng et al. 2023 distil guidance in a stage of their own
+and condition the student on the scale; here the scale is fixed and the two stages are one). Each
+later round's teacher is the previous round's student, sampling unguided.
+
+Rounds split `train.steps` evenly. When a round ends (`before_step` at its first step), the EMA
+weights become the next teacher and the student's new starting point, the EMA restarts from them and
+the optimizer's moments are cleared: each round is a fresh distillation of the one before. The
+rounds' students are kept in the checkpoint ("task_state"), so the finished run has a student for
+each step count (teacher_steps / 2, / 4, ...), and a resumed run rebuilds the teacher of its round.
+The teacher's SHA-256 is recorded and checked on resume.
+"""
+
+from __future__ import annotations
+
+import copy
+from typing import Any
+
+import torch
+from torch import nn
+
+from ditlab.config import EvaluationSpec, ExperimentSpec
+from ditlab.diffusion import guided_denoiser
+from ditlab.diffusion.samplers import ddim_move, predict_x0_eps
+from ditlab.diffusion.schedules import trailing_timesteps
+from ditlab.training.ema import EMA
+from ditlab.training.tasks.base import Batch
+from ditlab.training.tasks.generation import GenerationTask, score_samples
+
+COMPARED = ("fid", "kid", "conditional_accuracy")  # the figures the steps comparison keeps
+
+
+def comparison_row(model: str, steps: int, figures: dict[str, float], key: str = "student") -> dict:
+    row = {"model": model, "key": key, "steps": steps, **{k: figures[k] for k in COMPARED if k in figures}}
+    row["seconds_per_100"] = 100 * figures["eval_sampling_seconds"] / figures["eval_num_samples"]
+    return row
+
+
+class TeacherMismatch(ValueError):
+    pass
+
+
+def open_teacher(spec: ExperimentSpec):
+    """The teacher's bundle, its sampling view (EMA weights) and SHA-256, after checking it is a
+    pixel generation checkpoint of the spec's data, model and diffusion process."""
+    from ditlab.atomic import file_digest
+    from ditlab.sampling import from_bundle
+    from ditlab.training.checkpoint import CheckpointError, load_bundle, resolve_bundle_path
+
+    where = spec.distillation.teacher
+    try:
+        path = resolve_bundle_path(where)
+        bundle = load_bundle(path)
+    except CheckpointError as err:
+        raise TeacherMismatch(f"distillation.teacher: {err}") from None
+    task = bundle["spec"].get("task", "generation")
+    if task != "generation":
+        raise TeacherMismatch(f"distillation.teacher: {where} is a {task} checkpoint, not a generation one")
+    if bundle.get("task_state", {}).get("latent"):
+        raise TeacherMismatch(f"distillation.teacher: {where} is a latent DiT; distilling latent models is not "
+                              "supported yet")
+    teacher = from_bundle(bundle, str(path), "ema")
+    for section, fields in (("data", ("source", "path", "name", "resolution", "channels", "prepared")),
+                            ("model", ("name", "learn_sigma")), ("diffusion", ("schedule", "num_timesteps",
+                                                                               "prediction"))):
+        for name in fields:
+            mine, theirs = getattr(getattr(spec, section), name), getattr(getattr(teacher.spec, section), name)
+            if mine != theirs:
+                raise TeacherMismatch(f"{section}.{name}: {mine!r}, but the teacher {where} was trained with "
+                                      f"{theirs!r}; a student has its teacher's shape, data and noise process")
+    guidance = spec.distillation.guidance
+    if guidance is None:
+        guidance = teacher.spec.evaluation.guidance
+    if guidance != 1.0 and teacher.model.config.class_dropout_prob == 0:
+        raise TeacherMismatch(f"distillation.guidance: {guidance}, but the teacher {where} was trained without "
+                              "label dropout, so it has no unconditional branch to guide with")
+    return bundle, teacher, guidance, file_digest(path)
+
+
+class DistillationTask(GenerationTask):
+    """The student is `model` (what EMA tracks and evaluation samples); it starts as the teacher."""
+
+    name = "distillation"
+
+    def __init__(self, spec: ExperimentSpec, num_classes: int, device: torch.device):
+        bundle, teacher, self.guidance, self.teacher_sha256 = open_teacher(spec)
+        super().__init__(spec, num_classes, device)  # builds the spec's DiT: same preset as the teacher's
+        self.model.load_state_dict(teacher.model.state_dict())
+        self.teacher_clip_x0 = teacher.spec.evaluation.clip_x0
+        self.original_teacher = teacher.model.to(device).requires_grad_(False)
+        d = spec.distillation
+        self.steps_per_round = spec.train.steps // d.rounds
+        # Students of finished rounds, by step count: the teacher of the round after each.
+        self.students: dict[int, dict[str, torch.Tensor]] = {}
+        self.teacher = self.original_teacher
+        if self.sample_scorer is not None:
+            self.sample_scorer.sampler, self.sample_scorer.guidance = "ddim-trailing", 1.0
+        self._enter_round()
+
+    @classmethod
+    def preflight(cls, spec: ExperimentSpec) -> None:
+        open_teacher(spec)
+
+    # -- rounds ------------------------------------------------------------------------------------
+
+    @property
+    def round(self) -> int:
+        """The current round, from 0."""
+        return len(self.students)
+
+    @property
+    def student_steps(self) -> int:
+        """The step count the student learns this round."""
+        return self.spec.distillation.teacher_steps // 2 ** (self.round + 1)
+
+    def _enter_round(self) -> None:
+        """Teacher and sampling settings of the current round (the students dict says which)."""
+        if self.students:
+            latest = self.students[min(self.students)]
+            self.teacher = copy.deepcopy(self.model).eval().requires_grad_(False)
+            self.teacher.load_state_dict(latest)
+        if self.sample_scorer is not None:
+            self.sample_scorer.steps = self.student_steps
+
+    def before_step(self, step: int, ema: EMA) -> None:
+        if step == 0 or step % self.steps_per_round or step // self.steps_per_round <= self.round:
+            return
+        finished = {k: v.detach().clone() for k, v in ema.model.state_dict().items()}
+        self.students[self.student_steps] = finished
+        with torch.no_grad():
+            self.model.load_state_dict(finished)
+        ema.num_updates = 0  # its warm-up starts again from the new starting point
+        self.optimizer.state.clear()
+        self._enter_round()
+
+    # -- one step ----------------------------------------------------------------------------------
+
+    def step(self, batch: Batch, generator: torch.Generator) -> dict[str, float]:
+        n, K = len(batch), self.student_steps
+        T = self.diffusion.num_timesteps
+        i = torch.randint(K, (n,), generator=generator)  # index into the student's grid, from t = T-1
+        noise = torch.randn(batch.images.shape, generator=generator)
+        grid, fine = torch.from_numpy(trailing_timesteps(T, K)), torch.from_numpy(trailing_timesteps(T, 2 * K))
+        t, t_mid = grid[i].to(self.device), fine[2 * i + 1].to(self.device)
+        t_next = grid[(i + 1).clamp(max=K - 1)].to(self.device)
+        final = (i == K - 1).to(self.device)  # the last step lands on the clean image
+        x_t = self.diffusion.q_sample(batch.images, t, noise.to(self.device))
+        target = self.target(x_t, t, t_mid, t_next, final, batch.labels)
+        with self.autocast():
+            out = self.forward_model(x_t, t, batch.labels)
+        x0, _ = self.diffusion.to_x0_eps(out[:, : x_t.shape[1]].float(), x_t, t)
+        alpha, sigma = self.diffusion.coefficients(t, x_t.ndim)
+        weight = (alpha**2 / sigma**2).clamp(min=1.0)
+        loss = (weight * (x0 - target) ** 2).mean()
+        grad_norm = self.optimize(loss, self.optimizer, self.model.parameters())
+        return {"loss": float(loss.detach()), "grad_norm": grad_norm, "student_steps": float(K)}
+
+    @torch.no_grad()
+    def target(self, x_t, t, t_mid, t_next, final, labels) -> torch.Tensor:
+        """The x_0 from which one DDIM step t -> t'' lands where two of the teacher's do."""
+        guidance = self.guidance if self.round == 0 else 1.0
+        denoise = guided_denoiser(self.teacher, labels, guidance, self.teacher.null_class)
+        ab = self.diffusion.alphas_cumprod.to(x_t.device).float()
+        shape = (-1,) + (1,) * (x_t.ndim - 1)
+        ab_mid = ab[t_mid].reshape(shape)
+        ab_next = torch.where(final, torch.ones_like(t_next, dtype=ab.dtype), ab[t_next]).reshape(shape)
+        with self.autocast():
+            x0, eps = predict_x0_eps(denoise, self.diffusion, x_t, t, self.teacher_clip_x0)
+            x_mid = ddim_move(x0, eps, ab_mid)
+            x0, eps = predict_x0_eps(denoise, self.diffusion, x_mid, t_mid, self.teacher_clip_x0)
+        x_next = ddim_move(x0, eps, ab_next)
+        alpha, sigma = self.diffusion.coefficients(t, x_t.ndim)
+        ratio = (1 - ab_next).sqrt() / sigma
+        return (x_next - ratio * x_t) / (ab_next.sqrt() - ratio * alpha)
+
+    # -- checkpoint state --------------------------------------------------------------------------
+
+    def extra_state(self) -> dict[str, Any]:
+        return {**super().extra_state(), "teacher_sha256": self.teacher_sha256,
+                "students": {str(k): v for k, v in self.students.items()}}
+
+    def load_extra_state(self, state: dict[str, Any]) -> None:
+        recorded = state.get("teacher_sha256")
+        if recorded and recorded != self.teacher_sha256:
+            raise TeacherMismatch(f"distillation.teacher: {self.spec.distillation.teacher} has SHA-256 "
+                                  f"{self.teacher_sha256[:16]}..., the checkpoint was distilled from "
+                                  f"{recorded[:16]}...")
+        super().load_extra_state(state)
+        self.students = {int(k): v for k, v in state.get("students", {}).items()}
+        self._enter_round()
+
+    # -- after training ----------------------------------------------------------------------------
+
+    @classmethod
+    def evaluate_checkpoint(cls, bundle: dict, source: str, ev: EvaluationSpec | None = None,
+                            progress: bool = False, reference=None):
+        """The final student with `ev` (default: the spec's evaluation, its own sampler and steps),
+        then, with the same samples budget and seed, every earlier round's student at its step count
+        and the teacher at `distillation.compare_teacher_steps`: the `steps_comparison` figure and a
+        `<model>_<steps>_steps/<figure>` figure for each."""
+        from ditlab.evaluation.plots import save_steps_comparison
+        from ditlab.evaluation.suite import dataset_reference
+        from ditlab.models import model_from_config
+        from ditlab.sampling import LoadedCheckpoint, from_bundle, load_for_sampling
+
+        final = from_bundle(bundle, source, "ema")
+        spec, ev = final.spec, ev or final.spec.evaluation
+        if ev.num_samples == 0:
+            return score_samples(final, ev)
+        reference = reference or dataset_reference(spec.data, ev.reference_split)
+        report = score_samples(final, ev, reference, progress)
+        rows = [comparison_row("student", ev.steps, report.figures)]
+        student_ev = ev.model_copy(update={"sampler": "ddim-trailing", "guidance": 1.0})
+        for steps, weights in sorted(bundle.get("task_state", {}).get("students", {}).items()):
+            model = model_from_config(bundle["model_config"])
+            model.load_state_dict(weights)
+            ckpt = LoadedCheckpoint(model.eval(), final.diffusion, spec, final.step)
+            figures = score_samples(ckpt, student_ev.model_copy(update={"steps": int(steps)}), reference).figures
+            rows.append(comparison_row("student", int(steps), figures))
+        if spec.distillation.compare_teacher_steps:
+            try:
+                teacher = load_for_sampling(spec.distillation.teacher)
+            except ValueError as err:
+                report.notes["teacher_comparison"] = f"skipped: {err}"
+            else:
+                guidance = spec.distillation.guidance
+                teacher_ev = ev.model_copy(update={"sampler": teacher.spec.evaluation.sampler, "guidance":
+                                                   teacher.spec.evaluation.guidance if guidance is None else guidance})
+                for steps in spec.distillation.compare_teacher_steps:
+                    figures = score_samples(teacher, teacher_ev.model_copy(update={"steps": steps}), reference).figures
+                    rows.append(comparison_row(f"teacher ({teacher_ev.sampler}, guidance {teacher_ev.guidance})",
+                                               steps, figures, "teacher"))
+        for row in rows:
+            report.figures.update({f"{row['key']}_{row['steps']}_steps/{k}": v for k, v in row.items()
+                                   if k not in ("model", "key", "steps")})
+        report.plots["steps_comparison"] = lambda path: save_steps_comparison(
+            rows, path, title=f"{spec.name}: distilled student and teacher, {ev.num_samples} samples each")
+        return report
+
+    def validation(self, weights: nn.Module) -> dict[str, float]:
+        return {}  # the diffusion loss does not measure a student: its figures are FID and KID
+
+    @property
+    def validates(self) -> bool:
+        return False

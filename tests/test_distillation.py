@@ -1,0 +1,167 @@
+"""`task: distillation`: the trailing grid, the progressive-distillation target, rounds that hand
+over and resume exactly on two DDP ranks, student checkpoints that `ditlab sample` and `evaluate`
+take like any other, and a teacher that does not fit refused in one line."""
+
+import json
+
+import numpy as np
+import pytest
+import torch
+
+from ditlab import cli
+from ditlab.builders import build_diffusion
+from ditlab.config import from_dict, load
+from ditlab.evaluation.suite import Reference, dataset_reference
+from ditlab.diffusion.samplers import ddim_trailing_sample, guided_denoiser
+from ditlab.diffusion.schedules import trailing_timesteps
+from ditlab.training import LocalReporter, train
+from ditlab.atomic import file_digest
+from ditlab.training.checkpoint import load_bundle, resolve_bundle_path
+from ditlab.training.tasks.distillation import DistillationTask
+
+from conftest import ROOT
+from ddp import run_then_resume_on_two_ranks, same_parameters
+
+TINY = ROOT / "experiments" / "tiny.yaml"
+
+
+@pytest.fixture(scope="module")
+def teacher(tmp_path_factory) -> str:
+    """A tiny generation checkpoint (6 steps, in-process): the teacher of every test here."""
+    out = tmp_path_factory.mktemp("teacher")
+    reporter = LocalReporter(out)
+    train(load(TINY, ["resources.num_workers=1"]), reporter)
+    return str(reporter.latest_checkpoint)
+
+
+def tiny_student(teacher: str, *overrides: str):
+    """Tiny's data, model and noise process; 2 rounds from a 4-step teacher (students of 2 and 1
+    steps), 3 steps a round: the step-3 checkpoint is written just before the hand-over."""
+    return load(TINY, ["task=distillation", f"distillation.teacher={teacher}", "distillation.teacher_steps=4",
+                       "distillation.rounds=2", "evaluation.steps=1", "train.log_every=1", "train.warmup_steps=0",
+                       *overrides])
+
+
+def test_the_trailing_grid_halves_exactly_and_one_step_goes_from_pure_noise_to_x0():
+    for steps in (1, 2, 4, 8):
+        coarse, fine = trailing_timesteps(1000, steps), trailing_timesteps(1000, 2 * steps)
+        assert coarse[0] == 999 and len(coarse) == steps
+        assert np.array_equal(fine[::2], coarse)  # a student step spans exactly two teacher steps
+    spec = load(TINY)
+    diffusion = build_diffusion(spec)
+    x0 = torch.rand(2, 1, 8, 8) * 2 - 1
+    # A denoiser that knows x0: one trailing step must return it (the spaced grid's 1 step is t = 0 alone).
+
+    def oracle(x, t):
+        a, s = diffusion.coefficients(t)
+        return diffusion.target(x0, (x - a * x0) / s, t)
+
+    out = ddim_trailing_sample(oracle, torch.randn(2, 1, 8, 8), diffusion, 1)
+    assert torch.allclose(out, x0, atol=1e-4)
+
+
+def test_one_student_step_from_the_target_lands_where_two_guided_teacher_steps_do(teacher):
+    """The target is the x0 from which the student's single DDIM step t -> t'' reaches where the
+    teacher's two guided DDIM steps t -> t' -> t'' do: checked against the teacher's own 4-step
+    trailing sampler, from pure noise (round 1's 2-step student)."""
+    task = DistillationTask(tiny_student(teacher, "distillation.guidance=3"), 10, torch.device("cpu"))
+    assert task.guidance == 3.0 and task.round == 0 and task.student_steps == 2
+    diffusion = task.diffusion
+    grid, fine = trailing_timesteps(diffusion.num_timesteps, 2), trailing_timesteps(diffusion.num_timesteps, 4)
+    labels = torch.tensor([3, 7])
+    noise = torch.randn(2, 1, 8, 8)
+    path = []  # the teacher's x after each of its 4 steps
+    ddim_trailing_sample(guided_denoiser(task.teacher, labels, 3.0, task.teacher.null_class), noise.clone(),
+                         diffusion, 4, callback=lambda s: path.append(s["x"]))
+
+    def student_step(x_t, i: int, final: bool) -> torch.Tensor:
+        t = torch.full((2,), int(grid[i]))
+        t_next = torch.full((2,), int(grid[min(i + 1, 1)]))
+        x0 = task.target(x_t, t, torch.full((2,), int(fine[2 * i + 1])), t_next, torch.tensor([final] * 2), labels)
+        a, s = diffusion.coefficients(t)
+        ab_next = 1.0 if final else float(diffusion.alphas_cumprod[int(grid[i + 1])])
+        return ab_next**0.5 * x0 + (1 - ab_next) ** 0.5 * (x_t - a * x0) / s
+
+    assert torch.allclose(student_step(noise, 0, final=False), path[1], atol=1e-4)
+    assert torch.allclose(student_step(path[1], 1, final=True), path[3], atol=1e-4)
+    assert not torch.allclose(path[1], path[3], atol=1e-2)
+
+
+def _rounds_record(rank, spec, full, end_full, resumed, end_resumed) -> dict:
+    return {"full": [h["loss"] for h in full.history if "loss" in h],
+            "resumed": [h["loss"] for h in resumed.history if "loss" in h],
+            "steps": [h["student_steps"] for h in full.history if "loss" in h],
+            "students": sorted(end_full.task.students),
+            "same_weights": same_parameters(end_full.ema.model, end_resumed.ema.model),
+            "same_student": all(torch.equal(end_full.task.students[2][k], v)
+                                for k, v in end_resumed.task.students[2].items())}
+
+
+def test_rounds_hand_over_and_resume_exactly_on_two_ranks(teacher, tmp_path):
+    """Round 1 (2-step student, guided teacher) for steps 1-3, round 2 (1-step student, taught by
+    round 1's student) for 4-6; resumed from the step-3 checkpoint, written before the hand-over,
+    both ranks repeat the uninterrupted run's losses and end with its weights."""
+    ranks = run_then_resume_on_two_ranks(tiny_student(teacher), tmp_path, _rounds_record)
+    for record in ranks:
+        assert record["steps"] == [2, 2, 2, 1, 1, 1]
+        assert record["students"] == [2]
+        assert record["resumed"] == record["full"][3:]
+        assert record["same_weights"] and record["same_student"]
+    bundle = load_bundle(tmp_path / "full" / "checkpoint_000006")
+    assert bundle["task_state"]["teacher_sha256"] == file_digest(resolve_bundle_path(teacher))
+    assert bundle["spec"]["evaluation"]["sampler"] == "ddim-trailing" and bundle["spec"]["evaluation"]["steps"] == 1
+
+
+@pytest.fixture(scope="module")
+def student(teacher, tmp_path_factory) -> str:
+    out = tmp_path_factory.mktemp("student")
+    reporter = LocalReporter(out)
+    train(tiny_student(teacher, "resources.num_workers=1"), reporter)
+    return str(reporter.latest_checkpoint)
+
+
+def test_a_student_samples_with_its_own_sampler_and_steps_and_refuses_guidance(student, tmp_path, capsys):
+    assert cli.main(["sample", student, "--out", str(tmp_path / "s"), "--num", "4", "--json"]) == 0
+    manifest = json.loads(capsys.readouterr().out)
+    assert (manifest["sampler"], manifest["steps"], manifest["guidance"]) == ("ddim-trailing", 1, 1.0)
+    assert cli.main(["sample", student, "--out", str(tmp_path / "g"), "--guidance", "2"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "--guidance" in err[0] and "distilled" in err[0]
+
+
+def test_the_evaluation_puts_every_round_beside_the_teacher(student, tmp_path):
+    bundle = load_bundle(student)
+    bundle["spec"]["distillation"]["compare_teacher_steps"] = [2]
+    spec = from_dict(bundle["spec"])
+    # 20 real images keep the Inception passes short (the split's 360 would take a minute here).
+    full = dataset_reference(spec.data, "test")
+    reference = Reference(full.images[:20], "20 test images", full.labels[:20], full.classifier)
+    report = DistillationTask.evaluate_checkpoint(bundle, student, reference=reference)
+    for key in ("student_1_steps/fid", "student_2_steps/fid", "teacher_2_steps/fid",
+                "student_2_steps/conditional_accuracy", "teacher_2_steps/seconds_per_100"):
+        assert key in report.figures
+    assert report.figures["fid"] == report.figures["student_1_steps/fid"]
+    png = report.plots["steps_comparison"](tmp_path / "steps.png")
+    assert png.stat().st_size > 1000
+
+
+@pytest.mark.parametrize("override,field", [("model.name=DiT-N/4", "model.name"),
+                                            ("diffusion.prediction=eps", "diffusion.prediction"),
+                                            ("distillation.teacher=missing/run", "distillation.teacher")])
+def test_a_teacher_of_another_shape_or_missing_is_one_error_line(teacher, tmp_path, capsys, monkeypatch, override,
+                                                                 field):
+    monkeypatch.chdir(tmp_path)
+    argv = ["run", str(TINY), "--set", "task=distillation", "--set", f"distillation.teacher={teacher}",
+            "--set", "distillation.teacher_steps=4", "--set", "evaluation.steps=1", "--set", override]
+    assert cli.main(argv) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith("ditlab: error:") and field in err[0], err
+    assert not (tmp_path / "runs").exists()
+
+
+def test_a_resumed_student_must_have_the_same_teacher(student, tmp_path):
+    other = LocalReporter(tmp_path / "other")
+    train(load(TINY, ["resources.num_workers=1", "seed=1"]), other)
+    spec = tiny_student(str(other.latest_checkpoint), "resources.num_workers=1")
+    with pytest.raises(ValueError, match="distillation.teacher: .* SHA-256"):
+        train(spec, LocalReporter(), resume_from=student)
