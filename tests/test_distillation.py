@@ -3,10 +3,12 @@ over and resume exactly on two DDP ranks, student checkpoints that `ditlab sampl
 take like any other, and a teacher that does not fit refused in one line."""
 
 import json
+from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
+import yaml
 
 from ditlab import cli
 from ditlab.builders import build_diffusion
@@ -37,7 +39,7 @@ def teacher(tmp_path_factory) -> str:
 def tiny_student(teacher: str, *overrides: str):
     """Tiny's data, model and noise process; 2 rounds from a 4-step teacher (students of 2 and 1
     steps), 3 steps a round: the step-3 checkpoint is written just before the hand-over."""
-    return load(TINY, ["task=distillation", f"distillation.teacher={teacher}", "distillation.teacher_steps=4",
+    return load(TINY, ["task=distillation", f"distillation.teacher={teacher}", "distillation.steps=1",
                        "distillation.rounds=2", "evaluation.steps=1", "train.log_every=1", "train.warmup_steps=0",
                        *overrides])
 
@@ -152,7 +154,7 @@ def test_a_teacher_of_another_shape_or_missing_is_one_error_line(teacher, tmp_pa
                                                                  field):
     monkeypatch.chdir(tmp_path)
     argv = ["run", str(TINY), "--set", "task=distillation", "--set", f"distillation.teacher={teacher}",
-            "--set", "distillation.teacher_steps=4", "--set", "evaluation.steps=1", "--set", override]
+            "--set", "distillation.steps=1", "--set", "evaluation.steps=1", "--set", override]
     assert cli.main(argv) == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and err[0].startswith("ditlab: error:") and field in err[0], err
@@ -165,3 +167,29 @@ def test_a_resumed_student_must_have_the_same_teacher(student, tmp_path):
     spec = tiny_student(str(other.latest_checkpoint), "resources.num_workers=1")
     with pytest.raises(ValueError, match="distillation.teacher: .* SHA-256"):
         train(spec, LocalReporter(), resume_from=student)
+
+
+@pytest.mark.e2e
+def test_a_student_of_the_shared_tiny_run_trains_under_ray_and_is_tracked(tiny_run, mlflow_server):
+    """`ditlab run` of a distillation spec whose teacher is the shared tiny run (2 Ray Train workers,
+    relative paths resolved for them): the MLflow run records the teacher's hash and the comparison
+    figure, and the summary has a student for each round."""
+    from mlflow import MlflowClient
+
+    from conftest import run_cli_json
+
+    project = Path(tiny_run["run_dir"]).parents[1]
+    spec = yaml.safe_load((Path(tiny_run["run_dir"]) / "spec.yaml").read_text())
+    spec.update(task="distillation", name="tiny-student", distillation={"teacher": "runs/e2e", "steps": 1, "rounds": 2})
+    for key in ("sampler", "steps", "guidance"):  # the generation run's: a student has its own
+        del spec["evaluation"][key]
+    (project / "student.yaml").write_text(yaml.safe_dump(spec))
+    summary = run_cli_json(["run", "student.yaml", "--json", "--no-progress", "--storage", "runs", "--name", "student"],
+                           project, mlflow_server)
+    assert {"student_1_steps/fid", "student_2_steps/fid"} <= set(summary["metrics"])
+    run = MlflowClient(mlflow_server).get_run(summary["mlflow_run_id"])
+    assert run.info.status == "FINISHED"
+    sha = file_digest(resolve_bundle_path(project / "runs" / "e2e"))
+    assert sha in run.data.tags["ditlab.eval.teacher"]
+    figures = [a.path for a in MlflowClient(mlflow_server).list_artifacts(run.info.run_id, "figures")]
+    assert "figures/steps_comparison.png" in figures

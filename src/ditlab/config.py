@@ -179,11 +179,9 @@ class DistillationSpec(_Section):
                                                   "its folder, or a run folder (its latest checkpoint)")
     method: Literal["progressive"] = Field("progressive", description="progressive distillation; consistency "
                                                                       "distillation is not implemented")
-    teacher_steps: int = Field(16, ge=2, description="DDIM steps (trailing spacing) of the guided teacher that the "
-                                                     "first round imitates")
-    rounds: int = Field(2, ge=1, description="halvings of the step count: the student samples in "
-                                             "teacher_steps / 2**rounds steps; train.steps is split evenly "
-                                             "over the rounds")
+    steps: int = Field(4, ge=1, description="sampling steps of the final student (DDIM, trailing spacing)")
+    rounds: int = Field(2, ge=1, le=10, description="halvings of the step count: the first round's teacher samples "
+                                                    "in steps * 2**rounds; train.steps is split evenly over them")
     guidance: float | None = Field(None, ge=0, description="classifier-free guidance scale distilled into the "
                                                            "student; default: the teacher's evaluation.guidance")
     compare_teacher_steps: tuple[int, ...] = Field((), description="the final evaluation also samples the teacher "
@@ -191,9 +189,9 @@ class DistillationSpec(_Section):
                                                                   "distilled guidance), beside every round's student")
 
     @property
-    def student_steps(self) -> int:
-        """Sampling steps of the final student."""
-        return self.teacher_steps // 2**self.rounds
+    def teacher_steps(self) -> int:
+        """Sampling steps of the guided teacher that the first round imitates."""
+        return self.steps * 2**self.rounds
 
 
 Metric = Literal["fid", "kid", "precision_recall", "inception_score", "classifier_score", "conditional_accuracy",
@@ -299,13 +297,9 @@ class ExperimentSpec(_Section):
                 raw[section] = {**defaults, **(given or {})}
         if raw["task"] == "distillation" and isinstance(raw.get("distillation", {}), dict) \
                 and isinstance(raw["evaluation"], dict) and "steps" not in raw["evaluation"]:
-            # The final student's step count, when the spec does not name another.
-            try:
-                steps = DistillationSpec(**raw.get("distillation", {})).student_steps
-            except (ValidationError, TypeError):
-                steps = 0  # reported, with its field, by the validation that follows
-            if steps >= 1:
-                raw["evaluation"] = {**raw["evaluation"], "steps": steps}
+            # The final student's step count (a wrong type is reported by the validation that follows).
+            steps = (raw.get("distillation") or {}).get("steps", DistillationSpec().steps)
+            raw["evaluation"] = {**raw["evaluation"], "steps": steps}
         return raw
 
     @model_validator(mode="after")
@@ -358,19 +352,16 @@ class ExperimentSpec(_Section):
         d = self.distillation
         if not d.teacher:
             raise SpecError("distillation.teacher: required for task distillation (a generation checkpoint)")
-        if d.teacher_steps % 2**d.rounds:
-            raise SpecError(f"distillation.rounds: {d.rounds} halvings of teacher_steps {d.teacher_steps} do not "
-                            "give a whole number of steps")
         if self.train.steps % d.rounds:
             raise SpecError(f"train.steps: {self.train.steps} does not split evenly over distillation.rounds "
                             f"({d.rounds})")
         if self.loss.adversarial_weight:
             raise SpecError("loss.adversarial_weight: task distillation has no adversarial term")
         ev = self.evaluation
-        if (ev.sampler, ev.steps) != ("ddim-trailing", d.student_steps):
+        if (ev.sampler, ev.steps) != ("ddim-trailing", d.steps):
             raise SpecError(f"evaluation: {ev.sampler} with {ev.steps} steps, but the student samples with "
-                            f"ddim-trailing in {d.student_steps} steps (distillation.teacher_steps / 2**rounds): "
-                            "leave evaluation.sampler and evaluation.steps out")
+                            f"ddim-trailing in distillation.steps ({d.steps}): leave evaluation.sampler and "
+                            "evaluation.steps out")
         if self.evaluation.guidance != 1.0:
             raise SpecError(f"evaluation.guidance: {self.evaluation.guidance}, but a distilled student has its "
                             "guidance built in and samples with 1 (distillation.guidance sets the scale)")

@@ -25,7 +25,7 @@ Rounds split `train.steps` evenly. When a round ends (`before_step` at its first
 weights become the next teacher and the student's new starting point, the EMA restarts from them and
 the optimizer's moments are cleared: each round is a fresh distillation of the one before. The
 rounds' students are kept in the checkpoint ("task_state"), so the finished run has a student for
-each step count (teacher_steps / 2, / 4, ...), and a resumed run rebuilds the teacher of its round.
+each step count (steps * 2**(rounds - 1), ..., steps), and a resumed run rebuilds the teacher of its round.
 The teacher's SHA-256 is recorded and checked on resume.
 """
 
@@ -129,7 +129,7 @@ class DistillationTask(GenerationTask):
     @property
     def student_steps(self) -> int:
         """The step count the student learns this round."""
-        return self.spec.distillation.teacher_steps // 2 ** (self.round + 1)
+        return self.spec.distillation.teacher_steps // 2 ** (self.round + 1)  # the last round: distillation.steps
 
     def _enter_round(self) -> None:
         """Teacher and sampling settings of the current round (the students dict says which)."""
@@ -227,6 +227,8 @@ class DistillationTask(GenerationTask):
             return score_samples(final, ev)
         reference = reference or dataset_reference(spec.data, ev.reference_split)
         report = score_samples(final, ev, reference, progress)
+        report.notes["teacher"] = (f"{spec.distillation.teacher} (SHA-256 {bundle['task_state']['teacher_sha256']}), "
+                                   f"{spec.distillation.rounds} rounds from {spec.distillation.teacher_steps} steps")
         rows = [comparison_row("student", ev.steps, report.figures)]
         student_ev = ev.model_copy(update={"sampler": "ddim-trailing", "guidance": 1.0})
         for steps, weights in sorted(bundle.get("task_state", {}).get("students", {}).items()):
