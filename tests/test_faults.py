@@ -14,6 +14,7 @@ import os
 import signal
 import subprocess
 import sys
+import threading
 import time
 from pathlib import Path
 
@@ -21,7 +22,7 @@ import pytest
 import torch
 
 from conftest import ROOT, free_port, mlflow_web, run_cli_json
-from ddp import run_then_resume_on_two_ranks, same_parameters
+from ddp import same_parameters
 from ditlab.atomic import atomic_path
 from ditlab.config import load
 from ditlab.orchestration.train import RunFolderError, prepare_run_dir
@@ -61,26 +62,6 @@ def test_bad_steps_in_a_row_stop_the_run_keeping_the_good_weights(monkeypatch, t
     assert last["step"] == 3 and last["skipped_steps"] == 2
     assert all(torch.equal(first["model"][k], last["model"][k]) for k in first["model"]), \
         "the checkpoints after step 1 hold step 1's weights: no bad step changed them"
-
-
-def _ranks_after_a_nan_on_rank_1(rank, spec, full, end_full, resumed, end_resumed) -> dict:
-    return {"skipped": [h.get("skipped_steps") for h in full.history],
-            "resumed_skipped": [h.get("skipped_steps") for h in resumed.history],
-            "model": [t.sum().item() for t in end_full.model.state_dict().values()],
-            "ema": [t.sum().item() for t in end_full.ema.model.state_dict().values()],
-            "finite": all(torch.isfinite(t).all().item() for t in end_full.model.state_dict().values())}
-
-
-def test_ranks_agree_to_skip_a_step_only_one_of_them_saw_go_bad(monkeypatch, tmp_path):
-    """Under DDP (two gloo ranks) rank 1 alone gets a NaN batch at step 2: both ranks skip it (an
-    all-reduced flag), so they end with the same weights and EMA, and count it the same way, in
-    the run and after a resume from its step-3 checkpoint."""
-    monkeypatch.setenv("DITLAB_FAULT_NAN_AT_STEPS", "2")
-    monkeypatch.setenv("DITLAB_FAULT_RANK", "1")
-    spec = load(TINY, ["train.steps=4", "train.log_every=1", "train.checkpoint_every=3"])
-    rank0, rank1 = run_then_resume_on_two_ranks(spec, tmp_path, _ranks_after_a_nan_on_rank_1)
-    assert rank0 == rank1
-    assert rank0["finite"] and rank0["skipped"] == [None, 1, 1, 1] and rank0["resumed_skipped"] == [1]
 
 
 # -- checkpoints -----------------------------------------------------------------------------------
@@ -148,41 +129,10 @@ def test_an_unreachable_tracking_server_is_an_error_before_anything_starts(monke
     assert time.monotonic() - started < 30 and not (tmp_path / "runs").exists()
 
 
-# -- Ray: worker crash, driver crash, tracking server stopped mid-run --------------------------------
+# -- Ray: worker crash, tracking server stopped mid-run, driver crash --------------------------------
 
 def metric_steps(client, run_id: str, key: str) -> list[int]:
     return sorted(m.step for m in client.get_metric_history(run_id, key))
-
-
-@pytest.mark.e2e
-def test_a_worker_crash_and_a_nan_step_lose_and_repeat_nothing(ray_session, mlflow_server, tmp_path,
-                                                               monkeypatch):
-    """Rank 1 exits (os._exit) after step 5; Ray Train restarts both workers from the step-3
-    checkpoint (resources.max_failures=1) and they reach step 7. Step 2's batch is NaN on rank 0.
-    In the one MLflow run each step's loss appears once, steps 4 and 5 (trained twice) included,
-    and step 2, skipped, is counted in train/skipped_steps."""
-    from mlflow.tracking import MlflowClient
-
-    marker = tmp_path / "crashed"
-    for key, value in {"EXIT_AT_STEP": "5", "RANK": "1", "MARKER": str(marker), "NAN_AT_STEPS": "2"}.items():
-        monkeypatch.setenv(f"DITLAB_FAULT_{key}", value)
-    summary = run_cli_json(["train", str(TINY), "--json", "--no-progress", "--storage", "runs", "--name", "crash",
-                            "--set", "train.steps=7", "--set", "train.log_every=1", "--set",
-                            "train.checkpoint_every=3", "--set", "resources.max_failures=1"], tmp_path, mlflow_server)
-    assert marker.exists(), "the worker did not crash"
-    client = MlflowClient(tracking_uri=mlflow_server)
-    run_id = summary["mlflow_run_id"]
-    assert client.get_run(run_id).info.status == "FINISHED"
-    assert metric_steps(client, run_id, "train/loss") == [1, 3, 4, 5, 6, 7]
-    assert metric_steps(client, run_id, "train/lr") == [1, 3, 4, 5, 6, 7]
-    skipped = client.get_metric_history(run_id, "train/skipped_steps")
-    assert sorted(m.step for m in skipped) == [2, 3, 4, 5, 6, 7] and {m.value for m in skipped} == {1}
-    assert summary["checkpoint"].endswith("checkpoint_000007")
-
-
-def ditlab_process(args: list[str], cwd: Path, env: dict[str, str]) -> subprocess.Popen:
-    return subprocess.Popen([str(DITLAB), *args], cwd=cwd, env={**os.environ, **env}, text=True,
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE)
 
 
 def wait_for(predicate, timeout: float, what: str) -> None:
@@ -192,78 +142,103 @@ def wait_for(predicate, timeout: float, what: str) -> None:
         time.sleep(0.05)
 
 
-def joined(ray_session) -> dict[str, str]:
-    """What a `ditlab` subprocess needs to join the test session's Ray instance."""
-    return {"RAY_ADDRESS": ray_session.get_runtime_context().gcs_address, "RAY_AUTH_MODE": "token"}
+def in_thread(target) -> tuple[threading.Thread, dict]:
+    """`target()` on a thread of its own; its result or error lands in the returned dict."""
+    out: dict = {}
 
+    def run():
+        try:
+            out["result"] = target()
+        except BaseException as err:  # re-raised by the test
+            out["error"] = err
 
-PACED = ["--set", "train.log_every=1", "--set", "train.checkpoint_every=2", "--no-progress", "--json"]
+    thread = threading.Thread(target=run, daemon=True)
+    thread.start()
+    return thread, out
 
 
 @pytest.mark.e2e
-def test_a_killed_driver_resumes_into_the_same_run_past_a_corrupt_checkpoint(ray_session, mlflow_server, tmp_path):
-    """SIGKILL `ditlab train` once its step-4 checkpoint is written; flip a byte of that checkpoint.
-    The same command refuses, naming it; with --skip-corrupt-checkpoints it resumes from step 2
-    into the same MLflow run, which ends FINISHED with each step logged once."""
+def test_worker_crash_nan_step_and_tracking_outage_lose_and_repeat_nothing(ray_session, tmp_path, monkeypatch,
+                                                                           capsys):
+    """One run, three faults. Step 2's batch is NaN on rank 1 alone: both ranks skip it (had they
+    disagreed, their collectives would no longer match) and count it. Rank 1 exits (os._exit) after
+    step 5: Ray Train restarts both workers from the step-3 checkpoint (resources.max_failures=1)
+    and they reach step 8. The MLflow server (this test's own) is stopped once step 1 is logged and
+    started again at once, same port and store: while it starts up training goes on, and the
+    reports MLflow refused meanwhile are sent when it answers. In the one MLflow run each step's
+    figures appear once, steps 4 and 5 (trained twice) included."""
     from mlflow.tracking import MlflowClient
 
-    args = ["train", str(TINY), "--storage", "runs", "--name", "killed", "--set", "train.steps=8", *PACED]
-    env = {**joined(ray_session), "MLFLOW_TRACKING_URI": mlflow_server, "DITLAB_FAULT_STEP_SECONDS": "0.5"}
+    marker = tmp_path / "crashed"
+    for key, value in {"EXIT_AT_STEP": "5", "RANK": "1", "MARKER": str(marker), "NAN_AT_STEPS": "2",
+                       "STEP_SECONDS": "0.3"}.items():
+        monkeypatch.setenv(f"DITLAB_FAULT_{key}", value)
+    # MLflow's client would retry each call for minutes: fail fast, so ditlab's buffer is what keeps them.
+    monkeypatch.setenv("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "0")
+    root, port = tmp_path / "mlflow", free_port()
+    root.mkdir()
+    run_dir = tmp_path / "runs" / "faults"
+    args = ["train", str(TINY), "--json", "--no-progress", "--storage", "runs", "--name", "faults",
+            "--set", "train.steps=8", "--set", "train.log_every=1", "--set", "train.checkpoint_every=3",
+            "--set", "resources.max_failures=1"]
+    with mlflow_web("server", root, "--workers", "1", port=port) as uri:
+        client = MlflowClient(tracking_uri=uri)
+        thread, out = in_thread(lambda: run_cli_json(args, tmp_path, uri))
+        wait_for(lambda: (run_dir / "tracking.json").exists() or not thread.is_alive(), 120, "the MLflow run")
+        run_id = json.loads((run_dir / "tracking.json").read_text())["run_id"]
+        wait_for(lambda: metric_steps(client, run_id, "train/loss") or not thread.is_alive(), 120, "step 1")
+    with mlflow_web("server", root, "--workers", "1", port=port):
+        thread.join(timeout=300)
+        assert "error" not in out, out.get("error")
+        assert marker.exists(), "the worker did not crash"
+        assert "ditlab: warning: MLflow did not take step" in capsys.readouterr().err
+        assert client.get_run(run_id).info.status == "FINISHED"
+        assert metric_steps(client, run_id, "train/loss") == [1, 3, 4, 5, 6, 7, 8]
+        assert metric_steps(client, run_id, "train/lr") == [1, 3, 4, 5, 6, 7, 8]
+        skipped = client.get_metric_history(run_id, "train/skipped_steps")
+        assert sorted(m.step for m in skipped) == [2, 3, 4, 5, 6, 7, 8] and {m.value for m in skipped} == {1}
+    assert out["result"]["checkpoint"].endswith("checkpoint_000008")
+
+
+@pytest.mark.e2e
+def test_a_killed_driver_resumes_into_the_same_run_past_a_corrupt_checkpoint(ray_session, mlflow_server, tmp_path,
+                                                                            monkeypatch):
+    """SIGKILL a `ditlab train` process (joined to this session's Ray) once its step-4 checkpoint is
+    written, and flip a byte of that checkpoint. The same command refuses, naming it; with
+    --skip-corrupt-checkpoints it resumes from step 2 into the same MLflow run, which ends FINISHED
+    with each step logged once."""
+    from ditlab import cli
+    from mlflow.tracking import MlflowClient
+
+    args = ["train", str(TINY), "--storage", "runs", "--name", "killed", "--no-progress", "--json",
+            "--set", "train.steps=6", "--set", "train.log_every=1", "--set", "train.checkpoint_every=2"]
+    env = {"RAY_ADDRESS": ray_session.get_runtime_context().gcs_address, "RAY_AUTH_MODE": "token",
+           "MLFLOW_TRACKING_URI": mlflow_server, "DITLAB_FAULT_STEP_SECONDS": "0.5"}
     run_dir = tmp_path / "runs" / "killed"
-    first = ditlab_process(args, tmp_path, env)
+    driver = subprocess.Popen([str(DITLAB), *args], cwd=tmp_path, env={**os.environ, **env},
+                              stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
     try:
-        wait_for(lambda: (run_dir / "checkpoint_000004" / "checkpoint.pt.sha256").exists(), 120, "checkpoint 4")
+        wait_for(lambda: (run_dir / "checkpoint_000004" / "checkpoint.pt.sha256").exists() or driver.poll() is not None,
+                 120, "checkpoint 4")
     finally:
-        first.send_signal(signal.SIGKILL)
-        first.communicate()
+        driver.send_signal(signal.SIGKILL)
+        _, driver_err = driver.communicate()
+    assert driver.returncode == -signal.SIGKILL, driver_err[-3000:]
     bundle = run_dir / "checkpoint_000004" / "checkpoint.pt"
     raw = bytearray(bundle.read_bytes())
     raw[-20] ^= 0xFF
     bundle.write_bytes(bytes(raw))
-    refused = subprocess.run([str(DITLAB), *args], cwd=tmp_path, env={**os.environ, **env}, capture_output=True,
-                             text=True, timeout=120)
-    assert refused.returncode == 2 and "checkpoint_000004" in refused.stderr, refused.stderr
-    assert "--skip-corrupt-checkpoints" in refused.stderr
-    second = ditlab_process([*args, "--skip-corrupt-checkpoints"], tmp_path, {**env, "DITLAB_FAULT_STEP_SECONDS": "0"})
-    out, err = second.communicate(timeout=300)
-    assert second.returncode == 0, err[-3000:]
-    assert "ditlab: warning: checkpoint" in err and "resume from checkpoint_000002" in err
-    summary = json.loads(out)
+
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", mlflow_server)
+    monkeypatch.chdir(tmp_path)
+    err = io.StringIO()
+    with contextlib.redirect_stderr(err):
+        assert cli.main(args) == 2
+    assert "checkpoint_000004" in err.getvalue() and "--skip-corrupt-checkpoints" in err.getvalue()
+    summary = run_cli_json([*args, "--skip-corrupt-checkpoints"], tmp_path, mlflow_server)
     client = MlflowClient(tracking_uri=mlflow_server)
-    record = json.loads((run_dir / "tracking.json").read_text())
-    assert summary["mlflow_run_id"] == record["run_id"]
-    assert client.get_run(record["run_id"]).info.status == "FINISHED"
-    assert metric_steps(client, record["run_id"], "train/loss") == list(range(1, 9))
-
-
-@pytest.mark.e2e
-def test_a_tracking_server_stopped_mid_run_loses_no_metric(ray_session, tmp_path):
-    """A server of this test's own, stopped after step 2 is logged and started again (same port,
-    same store) once the run has trained past step 5: training goes on meanwhile, the reports
-    MLflow refused are kept and sent when it answers, and every step is logged once."""
-    from mlflow.tracking import MlflowClient
-
-    root, port = tmp_path / "mlflow", free_port()
-    root.mkdir()
-    args = ["train", str(TINY), "--storage", "runs", "--name", "offline", "--set", "train.steps=10", *PACED]
-    env = {**joined(ray_session), "DITLAB_FAULT_STEP_SECONDS": "0.4",
-           # MLflow's client would retry each call for minutes: fail fast, so ditlab's buffer is what keeps them
-           "MLFLOW_HTTP_REQUEST_MAX_RETRIES": "0", "MLFLOW_HTTP_REQUEST_TIMEOUT": "5"}
-    run_dir = tmp_path / "runs" / "offline"
-    with mlflow_web("server", root, "--workers", "1", port=port) as uri:
-        proc = ditlab_process(args, tmp_path, {**env, "MLFLOW_TRACKING_URI": uri})
-        client = MlflowClient(tracking_uri=uri)
-        wait_for(lambda: (run_dir / "tracking.json").exists(), 120, "the MLflow run")
-        run_id = json.loads((run_dir / "tracking.json").read_text())["run_id"]
-        wait_for(lambda: 2 in metric_steps(client, run_id, "train/loss"), 120, "step 2 in MLflow")
-    try:
-        wait_for(lambda: (run_dir / "checkpoint_000006").is_dir(), 120, "training past the outage")
-        with mlflow_web("server", root, "--workers", "1", port=port):
-            out, err = proc.communicate(timeout=300)
-            assert proc.returncode == 0, err[-3000:]
-            assert "ditlab: warning: MLflow did not take step" in err
-            assert metric_steps(client, run_id, "train/loss") == list(range(1, 11))
-            assert client.get_run(run_id).info.status == "FINISHED"
-    finally:
-        if proc.poll() is None:
-            proc.kill()
+    run_id = json.loads((run_dir / "tracking.json").read_text())["run_id"]
+    assert summary["mlflow_run_id"] == run_id
+    assert client.get_run(run_id).info.status == "FINISHED"
+    assert metric_steps(client, run_id, "train/loss") == list(range(1, 7))
+    assert (run_dir / "corrupt" / "0" / "checkpoint_000004").is_dir()
