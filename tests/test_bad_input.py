@@ -202,7 +202,8 @@ def test_out_must_be_a_fresh_folder(command, existing, workdir, capsys):
     if existing == "file":
         assert line == "ditlab: error: --out: 'out' is a file, not a folder; name a folder"
     else:
-        assert "--out: 'out' already holds 1 earlier output files" in line and "write to a new folder" in line
+        assert "--out: 'out' already holds the output of an earlier command (1 file(s), e.g." in line
+        assert line.endswith("write to a new folder, or delete them first")
     assert tree(workdir) == before
 
 

@@ -30,7 +30,8 @@ TINY_SWEEP = str(ROOT / "experiments" / "sweeps" / "tiny.yaml")
 LEGACY = str(ROOT / "tests" / "data" / "legacy_checkpoint")
 FIELDS = sorted(flatten(ExperimentSpec().to_dict()))  # every field of a spec, dotted
 
-FEW = settings(max_examples=40, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+# No example database: nothing written into the repository; a failure prints its example.
+FEW = settings(max_examples=40, deadline=None, database=None, suppress_health_check=[HealthCheck.too_slow])
 
 # What a person can type: any character but NUL (argv cannot hold it) and lone surrogates.
 typed = st.text(st.characters(exclude_characters="\x00", exclude_categories=["Cs"]), max_size=12)
@@ -171,7 +172,7 @@ def bad_command_lines(draw) -> list[str]:
             *draw(words)]
 
 
-@settings(max_examples=120, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@settings(FEW, max_examples=120)
 @given(bad_command_lines())
 def test_random_bad_command_lines_get_one_error_line_and_exit_2(empty_cwd, argv):
     out, err = io.StringIO(), io.StringIO()
