@@ -8,7 +8,6 @@ import json
 import sys
 from collections.abc import Iterator
 from pathlib import Path
-from pathlib import Path
 
 EXIT_BAD_INPUT = 2
 EXIT_INTERRUPTED = 130
@@ -54,42 +53,6 @@ def address_flag(p: argparse.ArgumentParser) -> None:
 
 def name_flag(p: argparse.ArgumentParser, help_text: str) -> None:
     p.add_argument("--name", help=help_text)
-
-
-def safe_name(flag: str, name: str | None) -> str | None:
-    """A name that becomes a folder (--name): one path component of a safe charset, so it can never
-    point outside its parent folder (`../x`)."""
-    from ditlab.config import check_name
-
-    try:
-        return None if name is None else check_name(name)
-    except ValueError as err:
-        raise BadInput(f"{flag}: {err}") from None
-
-
-def writable_folder(flag: str, path: str) -> Path:
-    """`path` as a folder to create or write into: a file in its place, or in place of one of its
-    parents, is refused by name before anything is written."""
-    p = Path(path)
-    existing = next((q for q in (p, *p.parents) if q.exists()), None)
-    if existing is not None and not existing.is_dir():
-        raise BadInput(f"{flag}: {str(existing)!r} is a file, not a folder; name a folder")
-    return p
-
-
-def fresh_output_folder(flag: str, path: str, manifest: str) -> Path:
-    """An output folder that is new or holds no images and no `manifest`: images left there by an
-    earlier command would later be read (`ditlab evaluate --fake DIR`) as if this one wrote them."""
-    from ditlab.evaluation.images import IMAGE_SUFFIXES
-
-    p = writable_folder(flag, path)
-    if not p.is_dir():
-        return p
-    old = sorted(f for f in p.rglob("*") if f.suffix.lower() in IMAGE_SUFFIXES or f.name == manifest)
-    if old:
-        raise BadInput(f"{flag}: {path!r} already holds the output of an earlier command ({len(old)} files, e.g. "
-                       f"{old[0].name}); write to a new folder, or delete them first")
-    return p
 
 
 def safe_name(flag: str, name: str | None) -> str | None:
