@@ -152,6 +152,17 @@ def test_sample_guidance_must_be_finite_and_not_negative(guidance, workdir, caps
     assert list(workdir.iterdir()) == []
 
 
+@pytest.mark.parametrize("argv,field", [
+    (["sample", str(LEGACY), "--seed", "-1", "--out", "s"], "--seed: must be in [0, 2**32), got -1"),
+    (["restore", str(LEGACY), "--input", "s", "--seed", str(2**32), "--out", "s"], "--seed: must be in [0, 2**32)"),
+    (["run", TINY, "--set", "evaluation.seed=-1"], "evaluation.seed: Input should be greater than or equal to 0"),
+    (["run", TINY, "--set", f"data.split_seed={2**40}"], "data.split_seed: Input should be less than 4294967296"),
+])
+def test_a_seed_numpy_cannot_take_is_refused(argv, field, workdir, capsys, no_ray):
+    assert field in refused(argv, capsys)
+    assert list(workdir.iterdir()) == []
+
+
 def _changed_checkpoint(folder: Path, change) -> Path:
     bundle = load_bundle(LEGACY)
     bundle.pop("format")
@@ -275,12 +286,15 @@ def test_a_corrupt_prepared_manifest_is_named(manifest, message, workdir, capsys
 # -- folders and names ---------------------------------------------------------------------------------
 
 
-@pytest.mark.parametrize("argv", [["run", TINY, "--storage", "taken"], ["train", TINY, "--storage", "taken/runs"],
-                                  ["tune", TINY_SWEEP, "--storage", "taken"],
-                                  ["run", TINY, "--export", "taken"]])
-def test_a_folder_flag_naming_a_file_is_refused(argv, workdir, capsys, no_ray):
+@pytest.mark.parametrize("argv,flag", [(["run", TINY, "--storage", "taken"], "--storage"),
+                                       (["train", TINY, "--storage", "taken/runs"], "--storage"),
+                                       (["tune", TINY_SWEEP, "--storage", "taken"], "--storage"),
+                                       (["run", TINY, "--export", "taken"], "--export"),
+                                       (["data", "prepare", TINY, "--out", "taken"], "--out"),
+                                       (["data", "add", ".", "--name", "ok", "--root", "taken"], "--root"),
+                                       (["evaluate", "--fake", ".", "--real", "digits", "--out", "taken"], "--out")])
+def test_a_folder_flag_naming_a_file_is_refused(argv, flag, workdir, capsys, no_ray):
     (workdir / "taken").write_text("a file")
-    flag = argv[2]
     assert refused(argv, capsys) == f"ditlab: error: {flag}: 'taken' is a file, not a folder; name a folder"
     assert tree(workdir) == {"taken": b"a file"}
 

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import re
 from pathlib import Path
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
@@ -24,6 +24,9 @@ class _Section(BaseModel):
 
 
 DATASETS_ROOT = "data"  # where `ditlab data add` keeps named datasets
+
+# Seeds reach numpy, which takes 0 <= seed < 2**32 (a larger one failed mid-run).
+Seed = Annotated[int, Field(ge=0, lt=2**32)]
 
 # Names that become folder names (runs, sweeps, datasets): one path component of a safe charset, so
 # a name can neither leave its parent folder (`../x`) nor carry a newline into a listing.
@@ -46,7 +49,7 @@ class DataSpec(_Section):
     resolution: int = Field(16, ge=4, le=1024)
     channels: Literal[1, 3] = 1
     test_fraction: float = Field(0.2, gt=0, lt=1)
-    split_seed: int = 0
+    split_seed: Seed = 0
     prepared: str | None = Field(None, description="folder written by `ditlab data prepare` for this data "
                                                    "section; when set, images are read from it")
 
@@ -209,7 +212,7 @@ class KidSettings(_Section):
     num_subsets: int = Field(100, ge=1)
     # 1000 is the usual size for 50k-image evaluations; 100 fits the few hundred samples of a CPU run.
     subset_size: int = Field(100, ge=2)
-    seed: int = 0
+    seed: Seed = 0
 
 
 class PrecisionRecallSettings(_Section):
@@ -228,7 +231,7 @@ class EvaluationSpec(_Section):
     guidance: float = Field(2.0, ge=0)
     clip_x0: bool = True
     batch_size: int = Field(100, ge=1)
-    seed: int = 0
+    seed: Seed = 0
     reference_split: Literal["train", "test", "all"] = "test"
     fid: FidSettings = FidSettings()
     kid: KidSettings = KidSettings()
@@ -266,7 +269,7 @@ class ExperimentSpec(_Section):
     task: TaskName = Field("generation", description="the kind of experiment: generation (class-conditional DiT), "
                                                      "autoencoder (KL encoder/decoder with an adversarial loss), "
                                                      "restoration (super-resolution, denoising)")
-    seed: int = 0
+    seed: Seed = 0
     data: DataSpec = DataSpec()
     model: ModelSpec = ModelSpec()
     diffusion: DiffusionSpec = DiffusionSpec()

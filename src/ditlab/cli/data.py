@@ -3,7 +3,7 @@ SPEC`; each writes a JSON record of its result (manifest.json; the latent cache'
 
 from __future__ import annotations
 
-from ditlab.cli.common import BadInput, emit, load_spec, preflight_or_bad_input
+from ditlab.cli.common import BadInput, emit, load_spec, preflight_or_bad_input, writable_folder
 
 
 def register(sub, shared) -> None:
@@ -31,6 +31,7 @@ def register(sub, shared) -> None:
 def cmd_prepare(args) -> int:
     from ditlab.data.prepared import save_prepared
 
+    writable_folder("--out", args.out)
     spec = load_spec(args)
     if spec is None:  # --dry-run
         return 0
@@ -46,6 +47,7 @@ def cmd_prepare(args) -> int:
 def cmd_add(args) -> int:
     from ditlab.orchestration.versioning import VersioningError, add_dataset
 
+    writable_folder("--root", args.root)
     try:
         result = add_dataset(args.folder, args.name, args.root, track=not args.no_dvc)
     except VersioningError as err:

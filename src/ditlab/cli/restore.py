@@ -94,6 +94,8 @@ def cmd_restore(args) -> int:
         raise BadInput(f"--steps: must be at least 1, got {args.steps}")
     if args.batch_size < 1:
         raise BadInput(f"--batch-size: must be at least 1, got {args.batch_size}")
+    if args.seed is not None and not 0 <= args.seed < 2**32:
+        raise BadInput(f"--seed: must be in [0, 2**32), got {args.seed}")
     fresh_output_folder("--out", args.out, MANIFEST)
     ckpt = load_restoration_checkpoint(args.checkpoint, args.weights)
     spec, ev = ckpt.spec, ckpt.spec.evaluation

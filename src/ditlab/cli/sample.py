@@ -50,6 +50,8 @@ def check_flags(args) -> None:
         raise BadInput(f"--num: must be at least 1, got {args.num}")
     if args.guidance is not None and not 0 <= args.guidance < float("inf"):
         raise BadInput(f"--guidance: must be a finite number >= 0, got {args.guidance}")
+    if args.seed is not None and not 0 <= args.seed < 2**32:
+        raise BadInput(f"--seed: must be in [0, 2**32), got {args.seed}")
     fresh_output_folder("--out", args.out, "samples.json")
 
 
