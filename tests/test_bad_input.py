@@ -178,17 +178,19 @@ def _changed_checkpoint(folder: Path, change) -> Path:
     ("missing weights", lambda b: b["ema"]["model"].pop("pos_embed"),
      "its ema weights do not match its model_config (Missing key(s) in state_dict: \"pos_embed\""),
 ])
-@pytest.mark.parametrize("command", ["sample", "restore"])
+@pytest.mark.parametrize("command", ["sample", "restore", "evaluate"])
 def test_a_checkpoint_whose_model_config_does_not_fit_is_one_line(command, case, change, message, workdir, capsys):
     def changed(bundle):
         change(bundle)
-        bundle["spec"]["task"] = "generation" if command == "sample" else "restoration"
+        bundle["spec"]["task"] = "restoration" if command == "restore" else "generation"
 
     checkpoint = _changed_checkpoint(workdir / "ckpt", changed)
     write_pngs(workdir / "inputs", 1)
     before = tree(workdir)
-    extra = ["--num", "1"] if command == "sample" else ["--input", "inputs"]
-    line = refused([command, str(checkpoint), *extra, "--steps", "1", "--out", "s"], capsys)
+    argv = {"sample": ["sample", str(checkpoint), "--num", "1", "--steps", "1", "--out", "s"],
+            "restore": ["restore", str(checkpoint), "--input", "inputs", "--steps", "1", "--out", "s"],
+            "evaluate": ["evaluate", "--fake", str(checkpoint), "--out", "s"]}[command]
+    line = refused(argv, capsys)
     assert line.startswith(f"ditlab: error: checkpoint '{checkpoint}") and f"': {message}" in line
     assert tree(workdir) == before
 
