@@ -46,6 +46,7 @@ SECRET_LIKE = re.compile(r"PASSWORD|TOKEN|SECRET|KEY", re.IGNORECASE)
 # Where the Dockerfile puts the repository's experiments/ and evaluation/ folders.
 IMAGE_WORKDIR = "/home/ray/ditlab/"
 CRD_FILES = {"RayCluster": "ray.io_rayclusters.yaml", "RayJob": "ray.io_rayjobs.yaml"}
+DIGEST = re.compile(r"sha256:[0-9a-f]{64}")
 
 
 # --- loading ---------------------------------------------------------------------------------
@@ -184,6 +185,9 @@ def containers(node, path: str = ""):
 
 
 def image_problems(image: str) -> list[str]:
+    if "@" in image:  # pinned by digest: the tag it was is a comment on its line (pinned_image_problems)
+        name, _, digest = image.partition("@")
+        return [] if DIGEST.fullmatch(digest) else [f"image {image!r}: not a sha256 digest"]
     name, _, tag = image.rpartition(":") if ":" in image.split("/")[-1] else (image, "", "")
     if not tag:
         return [f"image {image!r}: no tag"]
@@ -220,6 +224,129 @@ def secret_problems(doc: dict) -> list[str]:
     return []
 
 
+# --- least privilege (issue 15): every container, every pod, the MLflow login ----------------------
+
+# What each container's securityContext must hold.
+HARDENED = {"allowPrivilegeEscalation": False, "readOnlyRootFilesystem": True}
+# The label NetworkPolicy mlflow-from-ray-pods admits; only pods that log to MLflow carry it.
+MLFLOW_CLIENT_LABEL = ("ditlab.io/mlflow-client", "true")
+# The one Secret key only the MLflow server may read: the admin password.
+ADMIN_SECRET = ("ditlab-mlflow", "admin-password")
+
+
+def pod_specs(node, path: str = ""):
+    """(path, pod spec, labels of its template) for every pod spec at any depth: a Deployment's
+    template, a RayCluster's head and worker groups, a RayJob's submitter and cluster."""
+    if isinstance(node, dict):
+        if isinstance(node.get("template"), dict) and isinstance(node["template"].get("spec"), dict) \
+                and "containers" in node["template"]["spec"]:
+            template = node["template"]
+            yield f"{path}.template.spec", template["spec"], (template.get("metadata") or {}).get("labels") or {}
+        if "submitterPodTemplate" in node:
+            template = node["submitterPodTemplate"]
+            yield f"{path}.submitterPodTemplate.spec", template["spec"], {}
+        for key, value in node.items():
+            if key not in ("template", "submitterPodTemplate"):
+                yield from pod_specs(value, f"{path}.{key}")
+    elif isinstance(node, list):
+        for i, item in enumerate(node):
+            yield from pod_specs(item, f"{path}[{i}]")
+
+
+def _hardening_problems(where: str, context: dict | None) -> list[str]:
+    context = context or {}
+    found = [f"{where}.securityContext.{k}: must be {str(v).lower()}" for k, v in HARDENED.items()
+             if context.get(k) is not v]
+    if "ALL" not in ((context.get("capabilities") or {}).get("drop") or []):
+        found.append(f"{where}.securityContext.capabilities.drop: must hold ALL")
+    return found
+
+
+def _autoscaling_heads(doc: dict) -> set[str]:
+    """Pod-spec paths of heads whose pod runs KubeRay's in-tree autoscaler sidecar, which calls the
+    Kubernetes API with the pod's service-account token: the one pod that keeps it."""
+    clusters = [("spec", doc["spec"])] if doc["kind"] == "RayCluster" else \
+        [("spec.rayClusterSpec", doc["spec"]["rayClusterSpec"])] if "rayClusterSpec" in doc.get("spec", {}) else []
+    return {f".{where}.headGroupSpec.template.spec" for where, spec in clusters if spec.get("enableInTreeAutoscaling")}
+
+
+def privilege_problems(doc: dict) -> list[str]:
+    """Every container drops all capabilities, cannot escalate, has a read-only root; every pod runs
+    the RuntimeDefault seccomp profile and mounts no service-account token (the autoscaling head
+    excepted, explicitly); the autoscaler sidecar is hardened like the rest."""
+    found = []
+    heads = _autoscaling_heads(doc) if doc.get("apiVersion", "").startswith("ray.io/") else set()
+    for where, spec, _ in pod_specs(doc):
+        seccomp = ((spec.get("securityContext") or {}).get("seccompProfile") or {}).get("type")
+        if seccomp != "RuntimeDefault":
+            found.append(f"{where}.securityContext.seccompProfile.type: must be RuntimeDefault")
+        expected = where in heads
+        if spec.get("automountServiceAccountToken") is not expected:
+            found.append(f"{where}.automountServiceAccountToken: must be {str(expected).lower()}"
+                         + (" (the autoscaler sidecar needs it)" if expected else ""))
+        for c in spec.get("containers", []) + spec.get("initContainers", []):
+            found += _hardening_problems(f"{where}.containers[{c.get('name')}]", c.get("securityContext"))
+    for where in heads:
+        options = (doc["spec"].get("rayClusterSpec") or doc["spec"]).get("autoscalerOptions") or {}
+        found += _hardening_problems(f"{where.removesuffix('.headGroupSpec.template.spec')}.autoscalerOptions",
+                                     options.get("securityContext"))
+    return found
+
+
+def mlflow_login_problems(doc: dict) -> list[str]:
+    """Pods other than the MLflow server never see the admin password, and log in to MLflow (when
+    they do) as the non-admin user from a Secret; pods that log to MLflow carry the label that
+    NetworkPolicy admits, and no other pod does."""
+    found = []
+    for where, spec, labels in pod_specs(doc):
+        envs = [e for c in spec.get("containers", []) for e in c.get("env", [])]
+        refs = {(e["valueFrom"]["secretKeyRef"]["name"], e["valueFrom"]["secretKeyRef"]["key"])
+                for e in envs if "secretKeyRef" in (e.get("valueFrom") or {})}
+        server = labels.get("app.kubernetes.io/name") == "mlflow"
+        if ADMIN_SECRET in refs and not server:
+            found.append(f"{where}: reads the MLflow admin password; only the MLflow server may")
+        names = {e["name"]: e for e in envs}
+        client = "MLFLOW_TRACKING_URI" in names
+        if client and ("valueFrom" not in names.get("MLFLOW_TRACKING_USERNAME", {})
+                       or "valueFrom" not in names.get("MLFLOW_TRACKING_PASSWORD", {})):
+            found.append(f"{where}: MLFLOW_TRACKING_USERNAME/PASSWORD must come from a Secret (the non-admin user)")
+        if client != (labels.get(MLFLOW_CLIENT_LABEL[0]) == MLFLOW_CLIENT_LABEL[1]):
+            found.append(f"{where}: the label {'='.join(MLFLOW_CLIENT_LABEL)} must be on exactly the pods "
+                         "that log to MLflow")
+    return found
+
+
+def _selects(selector: dict, labels: dict) -> bool:
+    return bool(selector.get("matchLabels")) and all(labels.get(k) == v for k, v in selector["matchLabels"].items())
+
+
+def network_problems(docs: list[tuple[str, dict]]) -> list[str]:
+    """MLflow's pods admit only pods labelled MLFLOW_CLIENT_LABEL on its port, Postgres's only
+    MLflow's pods on its port: a NetworkPolicy each, whose rules name nothing wider (no empty
+    selector, no namespace selector, no address block)."""
+    policies = [d for _, d in docs if d["kind"] == "NetworkPolicy"]
+    expected = {"mlflow": ({"ditlab.io/mlflow-client": "true"}, 5000),
+                "postgres": ({"app.kubernetes.io/name": "mlflow"}, 5432)}
+    found = []
+    for target, (peer, port) in expected.items():
+        mine = [p for p in policies if _selects(p["spec"].get("podSelector", {}), {"app.kubernetes.io/name": target})]
+        if not mine:
+            found.append(f"no NetworkPolicy selects the {target} pods")
+        for policy in mine:
+            name = policy["metadata"]["name"]
+            if "Ingress" not in policy["spec"].get("policyTypes", []):
+                found.append(f"{name}: policyTypes must include Ingress")
+            for rule in policy["spec"].get("ingress", []):
+                sources = rule.get("from") or [{}]  # no `from`: every source
+                for source in sources:
+                    if set(source) != {"podSelector"} or source["podSelector"] != {"matchLabels": peer}:
+                        found.append(f"{name}: admits {source or 'everything'}, only pods labelled {peer} may connect")
+                ports = [p.get("port") for p in rule.get("ports") or [{}]]
+                if ports != [port]:
+                    found.append(f"{name}: admits ports {ports}, only {port}")
+    return found
+
+
 def problems(doc: dict) -> list[str]:
     """Everything wrong with one manifest, by every check above."""
     if doc.get("apiVersion", "").startswith("ray.io/"):
@@ -227,7 +354,8 @@ def problems(doc: dict) -> list[str]:
         found += rayjob_problems(doc) if doc["kind"] == "RayJob" else cluster_spec_problems(doc["spec"], "spec")
     else:
         found = core_problems(doc)
-    return found + container_problems(doc) + secret_problems(doc)
+    return (found + container_problems(doc) + secret_problems(doc) + privilege_problems(doc)
+            + mlflow_login_problems(doc))
 
 
 def kustomization_problems(root: Path = K8S) -> list[str]:
@@ -434,6 +562,27 @@ BROKEN = {
         replicas=9)),
     "a Secret with values": ("Namespace", "ditlab", lambda d: d.update(
         kind="Secret", metadata={"name": "x"}, stringData={"password": "hunter2"})),
+    "privilege escalation allowed": ("Deployment", "mlflow", lambda d: d["spec"]["template"]["spec"]["containers"][0]
+                                     ["securityContext"].update(allowPrivilegeEscalation=True)),
+    "capabilities kept": ("StatefulSet", "postgres", lambda d: d["spec"]["template"]["spec"]["containers"][0]
+                          ["securityContext"].pop("capabilities")),
+    "writable root filesystem": ("RayCluster", "ditlab", lambda d: _head(d)["securityContext"].update(
+        readOnlyRootFilesystem=False)),
+    "no seccomp profile": ("RayJob", "ditlab-train", lambda d: d["spec"]["submitterPodTemplate"]["spec"]
+                           ["securityContext"].pop("seccompProfile")),
+    "unconfined seccomp": ("RayJob", "ditlab-sweep", lambda d: d["spec"]["rayClusterSpec"]["workerGroupSpecs"][0]
+                           ["template"]["spec"]["securityContext"].update(seccompProfile={"type": "Unconfined"})),
+    "service-account token on a worker": ("RayCluster", "ditlab", lambda d: d["spec"]["workerGroupSpecs"][0]
+                                          ["template"]["spec"].pop("automountServiceAccountToken")),
+    "autoscaler sidecar not hardened": ("RayCluster", "ditlab",
+                                        lambda d: d["spec"]["autoscalerOptions"].pop("securityContext")),
+    "Ray logs in as admin": ("RayCluster", "ditlab", lambda d: _head(d)["env"].__setitem__(2, {
+        "name": "MLFLOW_TRACKING_PASSWORD", "valueFrom": {"secretKeyRef": {"name": "ditlab-mlflow",
+                                                                           "key": "admin-password"}}})),
+    "MLflow user as plain text": ("RayCluster", "ditlab", lambda d: _head(d)["env"].__setitem__(1, {
+        "name": "MLFLOW_TRACKING_USERNAME", "value": "admin"})),
+    "MLflow client without the NetworkPolicy label": ("RayJob", "ditlab-sweep", lambda d: d["spec"]["rayClusterSpec"]
+                                                      ["headGroupSpec"]["template"]["metadata"]["labels"].clear()),
 }
 SCHEMA_BROKEN = {
     "misspelt RayCluster field": ("RayCluster", "ditlab",
@@ -470,6 +619,99 @@ def test_manifest_breaking_the_kuberay_schema_is_rejected(case):
 def test_manifest_breaking_the_kubernetes_schema_is_rejected(case):
     kind, name, edit = CORE_BROKEN[case]
     assert core_problems(_break(kind, name, edit)) != []
+
+
+def test_network_policies_admit_only_ray_pods_to_mlflow_and_only_mlflow_to_postgres():
+    assert network_problems(DOCS) == []
+
+
+@pytest.mark.parametrize("case", ["policy removed", "open to every pod", "open to other namespaces", "another port",
+                                  "an address block"])
+def test_broken_network_policies_are_rejected(case):
+    docs = copy.deepcopy(DOCS)
+    (rule,) = next(d for _, d in docs if d["metadata"]["name"] == "mlflow-from-ray-pods")["spec"]["ingress"]
+    if case == "policy removed":
+        docs = [(w, d) for w, d in docs if d["metadata"]["name"] != "postgres-from-mlflow"]
+    elif case == "open to every pod":
+        rule["from"][0]["podSelector"] = {}
+    elif case == "open to other namespaces":
+        rule["from"][0]["namespaceSelector"] = {}
+    elif case == "another port":
+        rule["ports"].append({"protocol": "TCP", "port": 8080})
+    else:
+        rule["from"].append({"ipBlock": {"cidr": "0.0.0.0/0"}})
+    assert network_problems(docs) != []
+
+
+def pinned_image_problems(root: Path = K8S) -> list[str]:
+    """Each `image: NAME@sha256:...` line names the tag it was pinned from in a comment
+    (`# NAME:TAG`), and that tag passes image_problems."""
+    found = []
+    for path in sorted(root.glob("*.yaml")):
+        for number, line in enumerate(path.read_text().splitlines(), 1):
+            if not (m := re.match(r"^\s*(?:- )?image:\s*(\S+@\S+)\s*(?:#\s*(\S+))?", line)):
+                continue
+            image, tag = m.group(1), m.group(2)
+            where = f"{path.name}:{number}"
+            found += [f"{where}: {p}" for p in image_problems(image)]
+            if not tag or tag.rsplit(":", 1)[0] != image.split("@")[0]:
+                found.append(f"{where}: {image} needs its tag as a comment, `# {image.split('@')[0]}:TAG`")
+            else:
+                found += [f"{where}: {p}" for p in image_problems(tag)]
+    return found
+
+
+def test_pinned_images_keep_their_tag_as_a_comment(tmp_path):
+    assert pinned_image_problems() == []
+    assert any("@sha256:" in line for line in (K8S / "postgres.yaml").read_text().splitlines()
+               if "image:" in line), "the third-party image (postgres) is pinned by digest"
+    work = tmp_path / "k8s"
+    shutil.copytree(K8S, work)
+    postgres = work / "postgres.yaml"
+    postgres.write_text(re.sub(r"(image: \S+)\s*#.*", r"\1", postgres.read_text()))
+    assert pinned_image_problems(work) != [], "a digest without its tag is rejected"
+    postgres.write_text(re.sub(r"@sha256:[0-9a-f]+", "@sha256:abc", (K8S / "postgres.yaml").read_text()))
+    assert pinned_image_problems(work) != [], "a short digest is rejected"
+
+
+def _pin_module():
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("pin_images", K8S / "pin_images.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+@pytest.mark.skipif(shutil.which("kubectl") is None, reason="kubectl (with its built-in kustomize) not installed")
+def test_release_manifests_pin_every_image_by_digest(tmp_path):
+    """k8s/pin_images.py's overlay, rendered, names every image by digest. No registry is reachable
+    here: the digest each pushed tag would have is stood in for by the SHA-256 of its reference
+    (pin_images.registry_digest asks the registry at release time)."""
+    import hashlib
+
+    pin = _pin_module()
+    work = tmp_path / "k8s"
+    shutil.copytree(K8S, work)
+    asked = []
+
+    def stand_in(reference: str) -> str:
+        asked.append(reference)
+        return "sha256:" + hashlib.sha256(reference.encode()).hexdigest()
+
+    text = pin.overlay("registry.example.com/ml", stand_in, work)
+    assert sorted(asked) == [f"registry.example.com/ml/ditlab:0.1.0-ray{RAY_VERSION}-{k}" for k in ("cpu", "gpu")]
+    for image in pin.tagged_images(work):
+        assert re.search(rf"digest: sha256:[0-9a-f]{{64}}  # {re.escape(image)}$", text, re.MULTILINE), image
+    (tmp_path / "k8s-release").mkdir()
+    (tmp_path / "k8s-release" / "kustomization.yaml").write_text(text)
+    out = subprocess.run(["kubectl", "kustomize", str(tmp_path / "k8s-release")], capture_output=True, text=True,
+                         timeout=60)
+    assert out.returncode == 0, out.stderr
+    images = {c["image"] for d in yaml.safe_load_all(out.stdout) if d for _, c in containers(d)}
+    assert images and all(re.fullmatch(r"[^@\s]+@sha256:[0-9a-f]{64}", i) for i in images), images
+    with pytest.raises(ValueError, match="not a sha256 digest"):
+        pin.overlay("registry.example.com/ml", lambda reference: "latest", work)
 
 
 def test_kustomization_drift_is_rejected(tmp_path):

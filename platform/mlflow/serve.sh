@@ -12,6 +12,13 @@
 #   MLFLOW_SERVER_ALLOWED_HOSTS    comma-separated Host headers to accept, with ports, e.g.
 #                                  "mlflow:5000,localhost:*"; anything else gets 403
 #   MLFLOW_FLASK_SERVER_SECRET_KEY, MLFLOW_AUTH_ADMIN_PASSWORD   basic auth (admin user "admin")
+# Optional:
+#   MLFLOW_RAY_USERNAME, MLFLOW_RAY_PASSWORD   the non-admin user clients (the Ray pods) log in as:
+#                                  created once the server answers, its password kept in step and
+#                                  its admin flag kept off. Like every user of basic auth it reads
+#                                  all experiments (default_permission READ), creates experiments
+#                                  (and may edit those it created) and runs in them; an experiment
+#                                  someone else created needs an operator's EDIT grant (README).
 # Object-store credentials: the standard variables of the client library (AWS_ACCESS_KEY_ID /
 # AWS_SECRET_ACCESS_KEY, MLFLOW_S3_ENDPOINT_URL for S3-compatible stores; GOOGLE_APPLICATION_CREDENTIALS
 # for GCS) or the node's cloud identity.
@@ -57,4 +64,43 @@ mlflow server \
     --app-name basic-auth &
 server=$!
 trap 'kill -TERM "$server" 2>/dev/null; wait "$server"; rm -f "$auth_config"' TERM INT
+
+# The clients' user, made through the server's own user API as admin (the admin password never
+# leaves this pod). Retried until the server answers; a failure is logged, the server keeps running.
+if [[ -n "${MLFLOW_RAY_USERNAME:-}" && -n "${MLFLOW_RAY_PASSWORD:-}" ]]; then
+    MLFLOW_TRACKING_USERNAME="${MLFLOW_AUTH_ADMIN_USERNAME:-admin}" \
+    MLFLOW_TRACKING_PASSWORD="$MLFLOW_AUTH_ADMIN_PASSWORD" \
+    python - "http://127.0.0.1:${MLFLOW_PORT:-5000}" <<'PY' || echo "serve.sh: could not provision $MLFLOW_RAY_USERNAME" >&2
+import os, sys, time
+from mlflow.exceptions import RestException
+from mlflow.server.auth.client import AuthServiceClient
+
+client = AuthServiceClient(sys.argv[1])
+user, password = os.environ["MLFLOW_RAY_USERNAME"], os.environ["MLFLOW_RAY_PASSWORD"]
+
+
+def provision():
+    try:
+        client.get_user(user)
+        client.update_user_password(user, password)
+    except RestException as err:
+        if err.error_code != "RESOURCE_DOES_NOT_EXIST":
+            raise
+        client.create_user(user, password)  # the server refuses a password under 12 characters
+    client.update_user_admin(user, False)
+
+
+for attempt in range(60):
+    try:
+        provision()
+        break
+    except RestException:  # the server answered and refused: retrying will not help
+        raise
+    except Exception:  # not answering yet
+        if attempt == 59:
+            raise
+        time.sleep(5)
+print(f"serve.sh: MLflow user {user} ready (not admin)", file=sys.stderr)
+PY
+fi
 wait "$server"
