@@ -158,20 +158,25 @@ PLANTED_SECRETS = {name: f"planted-{name.lower()}-{os.urandom(8).hex()}" for nam
     "MLFLOW_TRACKING_PASSWORD", "AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "GITHUB_TOKEN", "DITLAB_API_KEY")}
 
 
+def _blobs(source):
+    """(where, bytes) of a folder's every file (SQLite stores, artifacts, logs, JSON), of a file, or
+    of a string (e.g. a JSON dump)."""
+    if not isinstance(source, Path):
+        return [("text", str(source).encode())]
+    files = [source] if source.is_file() else [p for p in source.rglob("*") if p.is_file() and not p.is_symlink()]
+    return ((str(p), p.read_bytes()) for p in files)
+
+
 def planted_secrets_in(*sources) -> list[str]:
-    """`name: where` for each planted secret found in `sources`: folders (every file under them,
-    read as bytes: SQLite stores, artifacts, logs, JSON), files, or strings (e.g. a JSON dump)."""
-    found = []
-    for source in sources:
-        if isinstance(source, Path):
-            files = [source] if source.is_file() else [p for p in source.rglob("*")
-                                                       if p.is_file() and not p.is_symlink()]
-            blobs = ((str(p), p.read_bytes()) for p in files)
-        else:
-            blobs = [("text", str(source).encode())]
-        for where, blob in blobs:
-            found += [f"{name}: {where}" for name, value in PLANTED_SECRETS.items() if value.encode() in blob]
-    return found
+    """`name: where` for each planted secret found in `sources` (folders, files or strings)."""
+    return [f"{name}: {where}" for source in sources for where, blob in _blobs(source)
+            for name, value in PLANTED_SECRETS.items() if value.encode() in blob]
+
+
+def files_holding(text: str, *sources) -> list[str]:
+    """Where `text` occurs in `sources`: the planted-secret searches' control that they read what
+    they should (a run's id is in its store, a job's name in its logs)."""
+    return [where for source in sources for where, blob in _blobs(source) if text.encode() in blob]
 
 
 def run_cli_json(argv: list[str], cwd: Path, tracking_uri: str, env: dict[str, str] | None = None) -> dict:

@@ -20,7 +20,7 @@ from ditlab import cli
 from ditlab.orchestration import jobs
 from ditlab.orchestration.tracking import git_commit
 
-from conftest import PLANTED_SECRETS, ROOT, free_port, planted_secrets_in
+from conftest import PLANTED_SECRETS, ROOT, files_holding, free_port, planted_secrets_in
 from ray_cluster import VENV_BIN, node_env
 
 TINY = "experiments/tiny.yaml"
@@ -60,7 +60,8 @@ def in_process(capsys, *args: str) -> str:
 
 def test_submission_runs_the_spec_from_the_shipped_working_directory(monkeypatch):
     monkeypatch.setenv("MLFLOW_TRACKING_URI", "http://mlflow.example:5000")
-    monkeypatch.setenv("DITLAB_CACHE_DIR", "/cache/ditlab")
+    monkeypatch.setenv("DITLAB_INCEPTION_WEIGHTS", "/weights/inception.pt")
+    monkeypatch.setenv("DITLAB_CACHE_DIR", "/cache/ditlab")  # a path of this machine: not on the list
     monkeypatch.setenv("UNRELATED_SECRET", "x")
     sub = jobs.build_submission(ROOT / TINY, ["train.steps=9", "tracking.experiment=a b"], "my-run", ROOT,
                                 storage="/shared/runs", extra_env={"EXTRA": "1"})
@@ -68,7 +69,8 @@ def test_submission_runs_the_spec_from_the_shipped_working_directory(monkeypatch
         "python", "-m", "ditlab.cli", "run", TINY, "--name", "my-run", "--no-progress",
         "--set", "train.steps=9", "--set", "tracking.experiment=a b", "--storage", "/shared/runs"]
     env = sub.runtime_env["env_vars"]
-    assert env["MLFLOW_TRACKING_URI"] == "http://mlflow.example:5000" and env["DITLAB_CACHE_DIR"] == "/cache/ditlab"
+    assert env["MLFLOW_TRACKING_URI"] == "http://mlflow.example:5000"
+    assert env["DITLAB_INCEPTION_WEIGHTS"] == "/weights/inception.pt" and "DITLAB_CACHE_DIR" not in env
     assert env["EXTRA"] == "1" and "UNRELATED_SECRET" not in env
     assert env.get("DITLAB_GIT_COMMIT") == git_commit(ROOT)
     assert sub.runtime_env["working_dir"] == str(ROOT)
@@ -276,6 +278,9 @@ def test_no_planted_secret_reaches_the_jobs_their_runs_or_the_cluster(followed_j
     env = infos[0]["runtime_env"]["env_vars"]
     assert env["MLFLOW_TRACKING_URI"] == mlflow_server, "the URI goes without its user and password"
     assert planted_secrets_in(json.dumps(infos), ray_head.temp_dir, mlflow_server.root) == []
+    # The search reads what it should: the job's driver log on the head and its run in the store.
+    run_id = find_run(mlflow_server, name).info.run_id
+    assert files_holding(name, ray_head.temp_dir) and files_holding(run_id, mlflow_server.root)
 
 
 @pytest.mark.e2e

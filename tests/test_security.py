@@ -26,7 +26,7 @@ from ditlab import cli
 from ditlab.orchestration import jobs
 from ditlab.redact import redact_text, redact_uri
 
-from conftest import PLANTED_SECRETS, ROOT, planted_secrets_in
+from conftest import PLANTED_SECRETS, ROOT, files_holding, planted_secrets_in
 
 SECRET = "s3cr3t-Pa55"
 
@@ -102,8 +102,10 @@ def test_the_tiny_run_wrote_no_planted_secret(tiny_run, mlflow_server):
     its summary, its project folder (run folder, result.json, tracking.json, checkpoints) and the
     MLflow store (params, tags, dataset inputs, artifacts) hold none of them."""
     project = Path(tiny_run["run_dir"]).parents[1]
-    assert (project / "runs" / "e2e" / "result.json").is_file()
     assert planted_secrets_in(json.dumps(tiny_run), project, mlflow_server.root) == []
+    # The search reads what it should: the run's id is in its folder's records and in the store.
+    run_id = tiny_run["mlflow_run_id"]
+    assert files_holding(run_id, project / "runs" / "e2e" / "result.json") and files_holding(run_id, mlflow_server.root)
 
 
 def _python(code: str, env: dict[str, str]) -> str:
