@@ -125,6 +125,13 @@ def test_telemetry_is_off_unless_the_user_opts_in():
     assert opted_in == {k: shell.get(k) for k in OFF}
 
 
+def test_dvc_commands_run_in_the_repository_send_no_analytics():
+    """`dvc repro` started by a user (not by ditlab) reads the repository's config."""
+    from dvc.config import Config
+
+    assert Config(dvc_dir=str(ROOT / ".dvc"), validate=True)["core"]["analytics"] is False
+
+
 def test_a_local_ray_instance_uses_token_auth_even_when_the_shell_disables_it():
     code = ("from ditlab.orchestration.ray_session import force_token_auth; force_token_auth()\n"
             "from ray._raylet import AuthenticationMode, get_authentication_mode\n"
