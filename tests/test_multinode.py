@@ -4,6 +4,7 @@ one Ray Train worker on each, ditlab's training loop under DDP over gloo between
 import json
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 
@@ -57,3 +58,42 @@ def test_ranks_hold_identical_weights_after_ddp_steps(ranks):
     assert rank0["final_digest"] == rank1["final_digest"]
     assert rank0["final_digest"] != rank0["initial_digest"], "the steps did not change the weights"
     assert rank0["losses"] == rank1["losses"] and len(rank0["losses"]) >= 1  # all-reduced metrics
+
+
+def test_losing_the_worker_node_fails_the_run_naming_it(two_nodes, ranks, tmp_path):
+    """`ditlab train` with three workers (two on the head, one on the worker node); once its step-2
+    checkpoint is written the worker node's raylet is killed. The run stops within a bounded time
+    with one error line naming the lost node (resources.max_failures is 0: no retry), and its
+    checkpoints stay for a rerun."""
+    import signal
+    import time
+
+    worker = two_nodes.workers[0]
+    env = {**node_env(two_nodes.token), "RAY_TRAIN_V2_ENABLED": "1", "RAY_ADDRESS": two_nodes.gcs_address,
+           "MLFLOW_TRACKING_URI": f"sqlite:///{tmp_path / 'mlflow.db'}", "DITLAB_FAULT_STEP_SECONDS": "0.5"}
+    run_dir = tmp_path / "runs" / "lost"
+    command = [str(Path(sys.executable).parent / "ditlab"), "train", str(ROOT / "experiments" / "tiny.yaml"),
+               "--storage", str(tmp_path / "runs"), "--name", "lost", "--no-progress",
+               *(x for kv in ("resources.num_workers=3", "train.batch_size=15", "train.steps=60",
+                              "train.log_every=1", "train.checkpoint_every=2") for x in ("--set", kv))]
+    proc = subprocess.Popen(command, env=env, cwd=tmp_path, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
+                            text=True)
+    try:
+        deadline = time.monotonic() + 300
+        while not (run_dir / "checkpoint_000002").is_dir():
+            assert proc.poll() is None and time.monotonic() < deadline, f"no checkpoint 2: {proc.communicate()[1]}"
+            time.sleep(0.1)
+        raylets = [p for p in worker.processes() if p.name() == "raylet"]
+        assert len(raylets) == 1, f"worker node {worker.describe()}"
+        raylets[0].send_signal(signal.SIGKILL)
+        _, err = proc.communicate(timeout=240)  # the bound: no hang
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.communicate()
+    # The surviving workers' own errors (a closed gloo connection) reach stderr too, as Ray's log lines.
+    errors = [line for line in err.splitlines() if line.startswith("ditlab: error:")]
+    assert proc.returncode == 1 and len(errors) == 1, err[-3000:]
+    assert errors[0].startswith("ditlab: error: Ray node ") and "was lost during training" in errors[0], errors
+    assert any(node in errors[0] for node in ranks["nodes"]), errors
+    assert (run_dir / "checkpoint_000002" / "checkpoint.pt").is_file()

@@ -43,7 +43,7 @@ def cmd_run(args) -> int:
         return 0
     preflight_or_bad_input(spec)
     from ditlab.orchestration.tracking import TrackingUnavailable  # heavy imports only when needed
-    from ditlab.orchestration.train import RunFolderError, run_experiment
+    from ditlab.orchestration.train import NodeLost, RunFolderError, run_experiment
 
     try:
         with stdout_for(args):
@@ -53,6 +53,13 @@ def cmd_run(args) -> int:
                                      export_dir=args.export, skip_corrupt_checkpoints=args.skip_corrupt_checkpoints)
     except (RunFolderError, TrackingUnavailable) as err:
         raise BadInput(str(err)) from None
+    except NodeLost as err:  # not bad input, but as plain: one line, exit 1
+        import sys
+
+        from ditlab.cli import error_line
+
+        sys.stderr.write(error_line(str(err)))
+        return 1
     emit(args, summary, summary_text(summary))
     return 0
 

@@ -14,6 +14,7 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
+import ray
 import yaml
 from ray.train import UserCallback
 from ray.util.queue import Queue
@@ -226,12 +227,42 @@ def fit(spec: ExperimentSpec, run_name: str, storage: Path, tracker: Tracker, pr
     queue = Queue()
     consumer = MetricsConsumer(queue, tracker, spec.train.steps, progress, last_step=tracker.last_step()).start()
     started = time.perf_counter()
+    nodes = alive_nodes()
     try:
         result = build_trainer(spec, name=run_name, storage=storage, callbacks=[MetricsRelay(queue)],
                                resume_folder=resume_folder).fit()
+    except Exception as err:
+        # Ray declares a node dead a few seconds after its workers' errors name it: wait that long then.
+        lost = node_lost(nodes, run_name, consumer.last_step, wait_seconds=20 if "node" in str(err).lower() else 0)
+        if lost is None:
+            raise
+        raise lost from err
     finally:
         consumer.stop()
     return Path(result.checkpoint.path), consumer.history, {"train_seconds": time.perf_counter() - started}
+
+
+class NodeLost(RuntimeError):
+    """A Ray node that held the run's workers left the cluster mid-run."""
+
+
+def alive_nodes() -> dict[str, str]:
+    """The cluster's alive nodes: id -> address."""
+    return {n["NodeID"]: n.get("NodeManagerAddress", "?") for n in ray.nodes() if n["Alive"]}
+
+
+def node_lost(before: dict[str, str], run_name: str, step: int, wait_seconds: float) -> NodeLost | None:
+    """When training failed: a NodeLost naming the nodes alive at its start that are gone now
+    (waiting up to `wait_seconds` for the cluster to declare one dead), else None."""
+    deadline = time.monotonic() + wait_seconds
+    while not (lost := sorted(before.keys() - alive_nodes().keys())) and time.monotonic() < deadline:
+        time.sleep(1)
+    if not lost:
+        return None
+    names = ", ".join(f"{node} ({before[node]})" for node in lost)
+    return NodeLost(f"Ray node {names} was lost during training (last step logged: {step}); the run's checkpoints "
+                    f"are kept: rerun with --name {run_name} to resume once the cluster has the workers' resources "
+                    "again, or set resources.max_failures to retry on the nodes left")
 
 
 def trained_checkpoint(run_dir: Path, steps: int) -> Path | None:
