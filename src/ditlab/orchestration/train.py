@@ -271,7 +271,8 @@ def trained_checkpoint(run_dir: Path, steps: int) -> Path | None:
     return folders[-1] if folders and folders[-1].name == f"checkpoint_{steps:06d}" else None
 
 
-EXPORTED = ("metrics.json", "history.json", "loss_curve.png")
+# The run's summary files; steps_comparison.png is a distillation run's (Report.plots).
+EXPORTED = ("metrics.json", "history.json", "loss_curve.png", "steps_comparison.png")
 
 
 def export_summary(run_dir: Path, export_dir: Path) -> None:

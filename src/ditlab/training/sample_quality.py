@@ -5,7 +5,8 @@ what a sweep over noise schedules and prediction targets is judged by, and what 
 FID curve in MLflow (`eval/fid`, `eval/kid`).
 
 The budget (`train.eval_samples`, balanced over the classes) is drawn in chunks of CHUNK samples
-with a DDIM sampler of `train.eval_sampler_steps` steps; chunk k is seeded by (evaluation.seed, k)
+with a DDIM sampler of `train.eval_sampler_steps` steps (a distillation student: its own sampler
+and the step count of its round, unguided); chunk k is seeded by (evaluation.seed, k)
 whichever rank draws it, so the figures do not depend on the number of workers. Each rank samples
 and extracts Inception features for chunks rank, rank + W, ...; rank 0 gathers the features, scores
 them against the cached features of the reference split (evaluation/stats.py) and broadcasts the
