@@ -208,7 +208,11 @@ def run_experiment(spec: ExperimentSpec, *, address: str | None = None, storage_
         summary = finish_run(spec, tracker, run_dir, checkpoint, history, timings, progress, evaluate)
     except BaseException as err:
         # Ctrl-C, or SIGTERM from a stopped Ray Job (ray.init's handler turns it into SystemExit).
-        tracker.end("KILLED" if isinstance(err, (KeyboardInterrupt, SystemExit)) else "FAILED")
+        killed = isinstance(err, (KeyboardInterrupt, SystemExit))
+        if not killed:  # why, on the run's page: the last line of a worker's error is its own message
+            lines = [line for line in str(err).splitlines() if line.strip()] or [type(err).__name__]
+            tracker.set_tags({"ditlab.error": lines[-1].strip()[:1000]})
+        tracker.end("KILLED" if killed else "FAILED")
         raise
     write_json(run_dir / "result.json", summary)
     tracker.log_artifact(run_dir / "result.json")
