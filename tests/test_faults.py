@@ -242,3 +242,32 @@ def test_a_killed_driver_resumes_into_the_same_run_past_a_corrupt_checkpoint(ray
     assert client.get_run(run_id).info.status == "FINISHED"
     assert metric_steps(client, run_id, "train/loss") == list(range(1, 7))
     assert (run_dir / "corrupt" / "0" / "checkpoint_000004").is_dir()
+
+
+def test_reports_a_dead_server_never_took_are_spooled_and_sent_by_the_rerun(monkeypatch, tmp_path, capsys):
+    """The tracking server is gone for good: the consumer keeps what MLflow refused, and at the end
+    writes it to the run folder's spool instead of dropping it; the rerun sends it first."""
+    import queue
+
+    from mlflow.tracking import MlflowClient
+
+    from ditlab.orchestration.tracking import Tracker
+    from ditlab.orchestration.train import UNSENT, MetricsConsumer, replay_unsent
+
+    monkeypatch.setenv("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "0")
+    dead_uri = f"http://127.0.0.1:{free_port()}"
+    dead = Tracker(MlflowClient(tracking_uri=dead_uri), "0" * 32, "0", dead_uri)
+    reports: queue.Queue = queue.Queue()
+    consumer = MetricsConsumer(reports, dead, 3, progress=False, last_step=1, spool=tmp_path / UNSENT,
+                               flush_seconds=0).start()
+    for step in (1, 2, 3):  # step 1 was logged before a restart: dropped
+        reports.put({"step": step, "loss": 0.5 / step})
+    with pytest.raises(RuntimeError, match=rf"none of 2 reports .* kept in {tmp_path / UNSENT}"):
+        consumer.stop()
+    assert "ditlab: warning: MLflow did not take step 2" in capsys.readouterr().err
+
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{tmp_path / 'mlflow.db'}")
+    tracker = Tracker.create("faults", "spooled")
+    replay_unsent(tmp_path, tracker)
+    assert metric_steps(tracker.client, tracker.run_id, "train/loss") == [2, 3]
+    assert not (tmp_path / UNSENT).exists()

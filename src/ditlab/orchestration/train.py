@@ -6,6 +6,7 @@ Worker side: orchestration/trainer.py (the one TorchTrainer builder) runs the tr
 
 from __future__ import annotations
 
+import json
 import os
 import shutil
 import sys
@@ -52,14 +53,17 @@ class MetricsConsumer:
     command rerun after the driver died) the workers report the steps since that checkpoint again,
     and reports at or below `last_step` (the MLflow run's highest step so far) are dropped. Reports
     MLflow refuses (its server down for longer than its client retries) are kept and sent with the
-    next ones; `stop` tries them once more for up to `flush_seconds`."""
+    next ones; `stop` tries them again for up to `flush_seconds`, then writes what is left to
+    `spool` (the run folder's unsent_metrics.jsonl), which the rerun with --name sends first
+    (`replay_unsent`)."""
 
     queue: Queue
     tracker: Tracker
     total_steps: int
     progress: bool
     last_step: int = 0
-    flush_seconds: float = 300
+    spool: Path | None = None
+    flush_seconds: float = 120
     history: list[dict] = field(default_factory=list)
     pending: list[dict] = field(default_factory=list)
 
@@ -77,9 +81,15 @@ class MetricsConsumer:
         while self.pending and not self._flush() and time.monotonic() < deadline:
             time.sleep(2)
         if self.pending:
+            where = "they are lost"
+            if self.spool is not None:
+                earlier = self.spool.read_text() if self.spool.is_file() else ""
+                with atomic_path(self.spool, fsync=True) as tmp:
+                    tmp.write_text(earlier + "".join(json.dumps(item) + "\n" for item in self.pending))
+                where = f"kept in {self.spool}: rerun the command with the same --name to send them"
             raise RuntimeError(f"the MLflow tracking server took none of {len(self.pending)} reports in "
                                f"{self.flush_seconds:.0f} s (steps {self.pending[0]['step']:.0f} to "
-                               f"{self.pending[-1]['step']:.0f}); the checkpoints are in the run folder")
+                               f"{self.pending[-1]['step']:.0f}); {where}")
 
     def _flush(self) -> bool:
         """Send the pending reports in step order; False (keeping the rest) when MLflow refuses."""
@@ -109,6 +119,21 @@ class MetricsConsumer:
             bar.update(max(step - bar.n, 0))
             bar.set_postfix(loss=f"{item.get('loss', float('nan')):.4f}", img_s=f"{item.get('images_per_sec', 0):.0f}")
         bar.close()
+
+
+UNSENT = "unsent_metrics.jsonl"
+
+
+def replay_unsent(run_dir: Path, tracker: Tracker) -> None:
+    """Send the reports an earlier attempt could not (MetricsConsumer's spool), then remove it."""
+    spool = run_dir / UNSENT
+    if not spool.is_file():
+        return
+    items = [json.loads(line) for line in spool.read_text().splitlines() if line.strip()]
+    for item in items:
+        tracker.log_metrics({k: v for k, v in item.items() if k != "step"}, int(item["step"]))
+    spool.unlink()
+    print(f"sent {len(items)} reports an earlier attempt kept in {spool}", file=sys.stderr)
 
 
 def open_tracker(spec: ExperimentSpec, run_dir: Path) -> Tracker:
@@ -197,6 +222,7 @@ def run_experiment(spec: ExperimentSpec, *, address: str | None = None, storage_
     if trained is None:
         ensure_ray(address)
     tracker = open_tracker(spec, run_dir)
+    replay_unsent(run_dir, tracker)
     tracker.set_tags(run_tags(spec.data))
     try:
         if trained is None:
@@ -229,7 +255,8 @@ def fit(spec: ExperimentSpec, run_name: str, storage: Path, tracker: Tracker, pr
     reports logged to MLflow (each step once) and shown on the progress bar.
     (final checkpoint folder, reports, timings)"""
     queue = Queue()
-    consumer = MetricsConsumer(queue, tracker, spec.train.steps, progress, last_step=tracker.last_step()).start()
+    consumer = MetricsConsumer(queue, tracker, spec.train.steps, progress, last_step=tracker.last_step(),
+                               spool=storage / run_name / UNSENT).start()
     started = time.perf_counter()
     nodes = alive_nodes()
     try:
