@@ -32,6 +32,7 @@ The teacher's SHA-256 is recorded and checked on resume.
 from __future__ import annotations
 
 import copy
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -83,6 +84,8 @@ def open_teacher(spec: ExperimentSpec):
                                                                                "prediction"))):
         for name in fields:
             mine, theirs = getattr(getattr(spec, section), name), getattr(getattr(teacher.spec, section), name)
+            if name in ("path", "prepared") and mine and theirs:  # the teacher's workers got it made absolute
+                mine, theirs = str(Path(mine).resolve()), str(Path(theirs).resolve())
             if mine != theirs:
                 raise TeacherMismatch(f"{section}.{name}: {mine!r}, but the teacher {where} was trained with "
                                       f"{theirs!r}; a student has its teacher's shape, data and noise process")
