@@ -271,3 +271,20 @@ def test_reports_a_dead_server_never_took_are_spooled_and_sent_by_the_rerun(monk
     replay_unsent(tmp_path, tracker)
     assert metric_steps(tracker.client, tracker.run_id, "train/loss") == [2, 3]
     assert not (tmp_path / UNSENT).exists()
+
+
+class ReplayingReporter(LocalReporter):
+    replays_reports = True  # as Ray Train's reporter (orchestration/trainer.py)
+
+
+def test_a_resumed_run_reports_again_what_came_before_its_checkpoint(tmp_path):
+    """A driver killed after Ray Train recorded the step-4 checkpoint but before it logged the
+    reports up to it would lose them: the resumed workers report the steps since the checkpoint
+    before (their values as first reported), and the driver logs those it lacks."""
+    spec = tiny("train.steps=6", "train.checkpoint_every=2")
+    full = LocalReporter(tmp_path / "full")
+    train(spec, full)
+    resumed = ReplayingReporter()
+    train(spec, resumed, resume_from=str(tmp_path / "full" / "checkpoint_000004"))
+    assert [h["step"] for h in resumed.history] == [1, 2, 3, 4, 5, 6]
+    assert [h["loss"] for h in resumed.history] == [h["loss"] for h in full.history]

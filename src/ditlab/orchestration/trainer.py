@@ -22,7 +22,11 @@ from ditlab.training.loop import Placement, train
 
 
 class RayReporter:
-    """The training loop's Reporter under Ray Train: every rank reports, rank 0 with the bundle."""
+    """The training loop's Reporter under Ray Train: every rank reports, rank 0 with the bundle.
+    A resumed loop reports the steps before its checkpoint again (training/loop.py, replay_reports):
+    the driver logs the ones it missed and drops the others."""
+
+    replays_reports = True
 
     def report(self, metrics: dict[str, float], checkpoint_dir: str | None = None) -> None:
         if checkpoint_dir is None:

@@ -136,6 +136,8 @@ class TrainState:
     step: int = 0
     skipped_steps: int = 0  # steps skipped for a non-finite loss or gradient, over the whole run
     bad_streak: int = 0  # of them, how many in a row up to now
+    # The reports since the checkpoint before the last one, kept in each bundle: see `replay_reports`.
+    recent_reports: list[dict[str, float]] = field(default_factory=list)
 
     @property
     def model(self) -> nn.Module:
@@ -193,6 +195,7 @@ def setup(spec: ExperimentSpec, placement: Placement, resume_from: str | None = 
         restore_rng_state(bundle["rng"])
         state.step = int(bundle["step"])
         state.skipped_steps = int(bundle.get("skipped_steps", 0))  # absent in older bundles
+        state.recent_reports = list(bundle.get("reports", []))
     return state
 
 
@@ -204,6 +207,7 @@ def make_bundle(state: TrainState) -> dict:
         "optimizer": state.task.optimizer.state_dict(),
         "task_state": state.task.extra_state(),
         "skipped_steps": state.skipped_steps,
+        "reports": state.recent_reports,
         "rng": capture_rng_state(),
         "spec": state.spec.to_dict(),
         "model_config": state.task.model_config(),
@@ -318,8 +322,23 @@ def report(state: TrainState, placement: Placement, reporter: Reporter, window: 
         metrics["skipped_steps"] = state.skipped_steps
     metrics.update(maybe_validate(state))  # after the clock: not counted as training time
     metrics.update(maybe_score_samples(state))
-    if not maybe_checkpoint(state, placement, reporter, metrics, force=state.step == state.spec.train.steps):
+    state.recent_reports.append({k: int(v) if k == "step" else float(v) for k, v in metrics.items()})  # plain data
+    if maybe_checkpoint(state, placement, reporter, metrics, force=state.step == state.spec.train.steps):
+        checkpoints = [r["step"] for r in state.recent_reports if r["step"] % state.spec.train.checkpoint_every == 0]
+        older = checkpoints[-2] if len(checkpoints) >= 2 else 0
+        state.recent_reports = [r for r in state.recent_reports if r["step"] > older]
+    else:
         reporter.report(metrics, None)
+
+
+def replay_reports(state: TrainState, reporter: Reporter) -> None:
+    """On a resume, report again what was reported since the checkpoint before the one resumed
+    from. A driver killed between Ray Train recording a checkpoint and logging the reports up to it
+    would otherwise lose those reports for good: training resumes after them. Only for reporters
+    that ask (`replays_reports`, Ray Train's: its driver drops the steps it already logged)."""
+    if getattr(reporter, "replays_reports", False):
+        for metrics in state.recent_reports:
+            reporter.report(dict(metrics), None)
 
 
 def train(spec: ExperimentSpec, reporter: Reporter, placement: Placement | None = None,
@@ -330,6 +349,7 @@ def train(spec: ExperimentSpec, reporter: Reporter, placement: Placement | None 
     `checkpoint_every` steps, and all of them at the end."""
     placement = placement or Placement()
     state = setup(spec, placement, resume_from)
+    replay_reports(state, reporter)
     window: list[dict[str, float]] = []
     tic, images = time.perf_counter(), 0
     while state.step < spec.train.steps:
