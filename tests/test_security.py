@@ -108,6 +108,37 @@ def test_the_tiny_run_wrote_no_planted_secret(tiny_run, mlflow_server):
     assert files_holding(run_id, project / "runs" / "e2e" / "result.json") and files_holding(run_id, mlflow_server.root)
 
 
+@pytest.mark.e2e  # the session's MLflow server; no Ray
+def test_an_evaluation_tracked_with_a_login_in_the_uri_shows_and_stores_it_redacted(mlflow_server, tmp_path, capsys):
+    """`ditlab evaluate` with MLFLOW_TRACKING_URI=http://user:password@server: the run reaches the
+    server, and the password is in none of its output, evaluation.json, or the MLflow store."""
+    import numpy as np
+    from mlflow.tracking import MlflowClient
+    from PIL import Image
+
+    rng = np.random.default_rng(0)
+    for folder in ("clean", "restored"):
+        (tmp_path / folder).mkdir()
+        for i in range(4):
+            Image.fromarray(rng.integers(0, 256, (16, 16, 3), dtype=np.uint8)).save(tmp_path / folder / f"{i}.png")
+    password = f"{SECRET}-{os.urandom(6).hex()}"
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setenv("MLFLOW_TRACKING_URI", mlflow_server.replace("http://", f"http://ditlab:{password}@"))
+        mp.chdir(tmp_path)
+        capsys.readouterr()
+        code = cli.main(["evaluate", "--fake", "restored", "--real", "clean", "--protocol",
+                         str(ROOT / "evaluation" / "reconstruction.yaml"), "--set", "metrics=[mse,psnr]",
+                         "--out", "ev", "--no-progress"])
+    printed = capsys.readouterr()
+    assert code == 0, printed.err
+    summary = json.loads((tmp_path / "ev" / "evaluation.json").read_text())
+    assert summary["mlflow_url"].startswith(mlflow_server.replace("http://", "http://ditlab:***@"))
+    assert MlflowClient(mlflow_server).get_run(summary["mlflow_run_id"]).info.status == "FINISHED"
+    assert password not in printed.out + printed.err
+    assert files_holding(password, tmp_path, mlflow_server.root) == []
+    assert files_holding(summary["mlflow_run_id"], tmp_path / "ev", mlflow_server.root)  # the search's control
+
+
 def _python(code: str, env: dict[str, str]) -> str:
     out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=120)
     assert out.returncode == 0, out.stderr

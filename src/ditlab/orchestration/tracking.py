@@ -28,6 +28,10 @@ from mlflow.tracking import MlflowClient
 from ditlab.config import ExperimentSpec, flatten
 from ditlab.redact import redact_uri
 
+# MLflow prints "View run ... at: URL" when a run ends, the URL built from the tracking URI as
+# given, password included. ditlab prints its own link, redacted (Tracker.url).
+os.environ["MLFLOW_SUPPRESS_PRINTING_URL_TO_STDOUT"] = "true"
+
 # Without this tag MLflow 3.x opens an experiment in its GenAI view; with it, the runs table.
 EXPERIMENT_KIND_TAG = {"mlflow.experimentKind": "custom_model_development"}
 
