@@ -126,7 +126,7 @@ def save_steps_comparison(rows: list[dict], path: str | Path,
         ax.set_xlabel("sampling steps (a guided teacher: 2 forward passes a step)")
         ax.set_ylabel(metric)
         ax.grid(alpha=0.3)
-        ax.legend(fontsize=7)
+        ax.legend(fontsize=7, loc="upper center", bbox_to_anchor=(0.5, -0.2))  # below: never over a point
     if title:
         fig.suptitle(title)
     path = _atomic_savefig(fig, Path(path))
