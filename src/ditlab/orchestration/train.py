@@ -19,6 +19,7 @@ import ray
 import yaml
 from ray.train import UserCallback
 from ray.util.queue import Queue
+from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
 
 from ditlab.atomic import atomic_path, fsync_tree, write_json
 from ditlab.config import ExperimentSpec, SpecError, flatten, from_dict
@@ -75,7 +76,10 @@ class MetricsConsumer:
         return self
 
     def stop(self) -> None:
-        self.queue.put(None)
+        try:
+            self.queue.put(None)
+        except Exception:  # noqa: BLE001  (the queue's actor is gone: its thread has ended)
+            pass
         self._thread.join(timeout=60)
         deadline = time.monotonic() + self.flush_seconds
         while self.pending and not self._flush() and time.monotonic() < deadline:
@@ -254,7 +258,9 @@ def fit(spec: ExperimentSpec, run_name: str, storage: Path, tracker: Tracker, pr
     the newest checkpoint folder there, Ray Train's record having been set aside), with rank 0's
     reports logged to MLflow (each step once) and shown on the progress bar.
     (final checkpoint folder, reports, timings)"""
-    queue = Queue()
+    # The queue's actor on the driver's node: on a node that dies mid-run, the reports would die with it.
+    here = NodeAffinitySchedulingStrategy(ray.get_runtime_context().get_node_id(), soft=True)
+    queue = Queue(actor_options={"num_cpus": 0, "scheduling_strategy": here})
     consumer = MetricsConsumer(queue, tracker, spec.train.steps, progress, last_step=tracker.last_step(),
                                spool=storage / run_name / UNSENT).start()
     started = time.perf_counter()
