@@ -60,8 +60,8 @@ class TeacherMismatch(ValueError):
 
 
 def open_teacher(spec: ExperimentSpec):
-    """The teacher's bundle, its sampling view (EMA weights) and SHA-256, after checking it is a
-    pixel generation checkpoint of the spec's data, model and diffusion process."""
+    """The teacher's sampling view (EMA weights), the guidance to distil and the teacher's SHA-256,
+    after checking it is a pixel generation checkpoint of the spec's data, model and diffusion."""
     from ditlab.atomic import file_digest
     from ditlab.sampling import from_bundle
     from ditlab.training.checkpoint import CheckpointError, load_bundle, resolve_bundle_path
@@ -95,7 +95,7 @@ def open_teacher(spec: ExperimentSpec):
     if guidance != 1.0 and teacher.model.config.class_dropout_prob == 0:
         raise TeacherMismatch(f"distillation.guidance: {guidance}, but the teacher {where} was trained without "
                               "label dropout, so it has no unconditional branch to guide with")
-    return bundle, teacher, guidance, file_digest(path)
+    return teacher, guidance, file_digest(path)
 
 
 class DistillationTask(GenerationTask):
@@ -104,7 +104,7 @@ class DistillationTask(GenerationTask):
     name = "distillation"
 
     def __init__(self, spec: ExperimentSpec, num_classes: int, device: torch.device):
-        bundle, teacher, self.guidance, self.teacher_sha256 = open_teacher(spec)
+        teacher, self.guidance, self.teacher_sha256 = open_teacher(spec)
         super().__init__(spec, num_classes, device)  # builds the spec's DiT: same preset as the teacher's
         self.model.load_state_dict(teacher.model.state_dict())
         self.teacher_clip_x0 = teacher.spec.evaluation.clip_x0
