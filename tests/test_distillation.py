@@ -8,19 +8,19 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-import yaml
 
 from ditlab import cli
 from ditlab.builders import build_diffusion
-from ditlab.config import load
+from ditlab.config import from_dict, load
+from ditlab.evaluation.suite import Reference, dataset_reference
 from ditlab.diffusion.samplers import ddim_trailing_sample, guided_denoiser
 from ditlab.diffusion.schedules import trailing_timesteps
 from ditlab.training import LocalReporter, train
 from ditlab.atomic import file_digest
 from ditlab.training.checkpoint import load_bundle, resolve_bundle_path
-from ditlab.training.tasks.distillation import DistillationTask
+from ditlab.training.tasks.distillation import DistillationTask, open_teacher
 
-from conftest import ROOT
+from conftest import ROOT, write_digits_folder
 from ddp import run_then_resume_on_two_ranks, same_parameters
 
 TINY = ROOT / "experiments" / "tiny.yaml"
@@ -152,32 +152,38 @@ def test_a_resumed_student_must_have_the_same_teacher(student, tmp_path):
         train(spec, LocalReporter(), resume_from=student)
 
 
-@pytest.mark.e2e
-def test_a_student_of_the_shared_tiny_run_trains_under_ray_and_is_tracked(tiny_run, mlflow_server):
-    """`ditlab run` of a distillation spec whose teacher is the shared tiny run (2 Ray Train workers,
-    relative paths resolved for them): the evaluation scores each round's student and the teacher,
-    and the MLflow run records the teacher's hash and the comparison figure."""
-    from mlflow import MlflowClient
-
-    from conftest import run_cli_json
-
-    project = Path(tiny_run["run_dir"]).parents[1]
-    spec = yaml.safe_load((Path(tiny_run["run_dir"]) / "spec.yaml").read_text())
-    spec.update(task="distillation", name="tiny-student",
-                distillation={"teacher": "runs/e2e", "steps": 1, "rounds": 2, "compare_teacher_steps": [2]})
-    for key in ("sampler", "steps", "guidance"):  # the generation run's: a student has its own
-        del spec["evaluation"][key]
-    (project / "student.yaml").write_text(yaml.safe_dump(spec))
-    summary = run_cli_json(["run", "student.yaml", "--json", "--no-progress", "--storage", "runs", "--name", "student"],
-                           project, mlflow_server)
-    figures = summary["metrics"]
+def test_the_evaluation_puts_every_round_beside_the_teacher(student, tmp_path):
+    """Each round's student at its own step count and the teacher at compare_teacher_steps, on one
+    budget (10 samples against 10 test images here: three short Inception passes), and the figure."""
+    bundle = load_bundle(student)
+    bundle["spec"]["distillation"]["compare_teacher_steps"] = [2]
+    spec = from_dict(bundle["spec"])
+    ev = spec.evaluation.model_copy(update={"num_samples": 10, "metrics": ("fid", "conditional_accuracy")})
+    full = dataset_reference(spec.data, "test")
+    reference = Reference(full.images[:10], "10 test images", full.labels[:10], full.classifier)
+    report = DistillationTask.evaluate_checkpoint(bundle, student, ev, reference=reference)
     for key in ("student_1_steps/fid", "student_2_steps/fid", "teacher_2_steps/fid",
                 "student_2_steps/conditional_accuracy", "teacher_2_steps/seconds_per_100"):
-        assert key in figures
-    assert figures["fid"] == figures["student_1_steps/fid"]  # the final student is the run's own figure
-    run = MlflowClient(mlflow_server).get_run(summary["mlflow_run_id"])
-    assert run.info.status == "FINISHED"
-    sha = file_digest(resolve_bundle_path(project / "runs" / "e2e"))
-    assert sha in run.data.tags["ditlab.eval.teacher"]
-    figures = [a.path for a in MlflowClient(mlflow_server).list_artifacts(run.info.run_id, "figures")]
-    assert "figures/steps_comparison.png" in figures
+        assert key in report.figures
+    assert report.figures["fid"] == report.figures["student_1_steps/fid"]  # the final student is the run's own
+    assert load_bundle(student)["task_state"]["teacher_sha256"] in report.notes["teacher"]
+    assert report.plots["steps_comparison"](tmp_path / "steps.png").stat().st_size > 1000
+
+
+def test_a_teacher_trained_under_ray_is_found_by_its_data_path(teacher, tmp_path, monkeypatch):
+    """Ray Train workers store the data path made absolute; the student's relative one is the same
+    folder (found by running a student of a Ray-trained teacher: it was refused)."""
+    from ditlab.data import load_dataset
+    from ditlab.orchestration.trainer import worker_spec
+
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "data").mkdir()
+    write_digits_folder(tmp_path / "data" / "digits-png")
+    folder = ["data.source=folder", "data.path=data/digits-png", "data.test_fraction=0.05"]
+    out = tmp_path / "folder-teacher"
+    reporter = LocalReporter(out)
+    train(from_dict(worker_spec(load(TINY, ["resources.num_workers=1", "train.steps=1", *folder]))), reporter)
+    assert Path(load_bundle(reporter.latest_checkpoint)["spec"]["data"]["path"]).is_absolute()
+    spec = tiny_student(str(reporter.latest_checkpoint), "resources.num_workers=1", *folder)
+    assert len(load_dataset(spec.data, "train"))
+    open_teacher(spec)  # no TeacherMismatch
