@@ -132,7 +132,9 @@ def test_a_student_samples_with_its_own_sampler_and_steps_and_refuses_guidance(s
 
 @pytest.mark.parametrize("override,field", [("model.name=DiT-N/4", "model.name"),
                                             ("diffusion.prediction=eps", "diffusion.prediction"),
-                                            ("distillation.teacher=missing/run", "distillation.teacher")])
+                                            ("distillation.teacher=missing/run", "distillation.teacher"),
+                                            ("distillation.compare_teacher_steps=[8, 0]",
+                                             "distillation.compare_teacher_steps")])
 def test_a_teacher_of_another_shape_or_missing_is_one_error_line(teacher, tmp_path, capsys, monkeypatch, override,
                                                                  field):
     monkeypatch.chdir(tmp_path)

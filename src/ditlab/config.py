@@ -355,6 +355,10 @@ class ExperimentSpec(_Section):
         d = self.distillation
         if not d.teacher:
             raise SpecError("distillation.teacher: required for task distillation (a generation checkpoint)")
+        bad = [n for n in d.compare_teacher_steps if not 1 <= n <= self.diffusion.num_timesteps]
+        if bad:
+            raise SpecError(f"distillation.compare_teacher_steps: {bad} outside [1, diffusion.num_timesteps = "
+                            f"{self.diffusion.num_timesteps}]")
         if self.train.steps % d.rounds:
             raise SpecError(f"train.steps: {self.train.steps} does not split evenly over distillation.rounds "
                             f"({d.rounds})")
