@@ -260,7 +260,8 @@ TASK_DEFAULTS: dict[str, dict[str, dict[str, Any]]] = {
     "autoencoder": {"loss": {"adversarial_weight": 0.5},
                     "evaluation": {"metrics": ["mse", "psnr", "ssim", "lpips", "fid"]}},
     # A student samples with its own sampler and the guidance built in (evaluation.steps: below).
-    "distillation": {"evaluation": {"sampler": "ddim-trailing", "guidance": 1.0}},
+    # No val_loss (the test split is not even loaded): a student's figures are FID and KID.
+    "distillation": {"evaluation": {"sampler": "ddim-trailing", "guidance": 1.0}, "train": {"val_images": 0}},
 }
 
 

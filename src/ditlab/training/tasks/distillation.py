@@ -36,7 +36,6 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from torch import nn
 
 from ditlab.config import EvaluationSpec, ExperimentSpec
 from ditlab.diffusion import guided_denoiser
@@ -108,12 +107,12 @@ class DistillationTask(GenerationTask):
         super().__init__(spec, num_classes, device)  # builds the spec's DiT: same preset as the teacher's
         self.model.load_state_dict(teacher.model.state_dict())
         self.teacher_clip_x0 = teacher.spec.evaluation.clip_x0
-        self.original_teacher = teacher.model.to(device).requires_grad_(False)
         d = spec.distillation
         self.steps_per_round = spec.train.steps // d.rounds
         # Students of finished rounds, by step count: the teacher of the round after each.
         self.students: dict[int, dict[str, torch.Tensor]] = {}
-        self.teacher = self.original_teacher
+        self.teacher = teacher.model.to(device).requires_grad_(False)  # round 1's; later rounds': _enter_round
+        self.validation_data = None  # the diffusion loss does not measure a student (train.val_images: 0 too)
         if self.sample_scorer is not None:
             self.sample_scorer.sampler, self.sample_scorer.guidance = "ddim-trailing", 1.0
         self._enter_round()
@@ -259,10 +258,3 @@ class DistillationTask(GenerationTask):
         report.plots["steps_comparison"] = lambda path: save_steps_comparison(
             rows, path, title=f"{spec.name}: distilled student and teacher, {ev.num_samples} samples each")
         return report
-
-    def validation(self, weights: nn.Module) -> dict[str, float]:
-        return {}  # the diffusion loss does not measure a student: its figures are FID and KID
-
-    @property
-    def validates(self) -> bool:
-        return False
