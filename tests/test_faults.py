@@ -25,7 +25,7 @@ from conftest import ROOT, free_port, mlflow_web, run_cli_json
 from ddp import same_parameters
 from ditlab.atomic import atomic_path
 from ditlab.config import load
-from ditlab.orchestration.train import RunFolderError, prepare_run_dir
+from ditlab.orchestration.train import RunFolderError, lost_peer_error, prepare_run_dir
 from ditlab.training import LocalReporter, TrainingDiverged, load_bundle, save_bundle, train
 
 TINY = ROOT / "experiments" / "tiny.yaml"
@@ -112,6 +112,18 @@ def test_a_corrupt_latest_checkpoint_is_refused_by_name_or_set_aside_with_the_fl
 
 
 # -- the tracking server ---------------------------------------------------------------------------
+
+def test_a_surviving_ranks_error_counts_as_a_lost_peer_and_an_ordinary_failure_does_not():
+    """Which failures make the driver wait for Ray to declare a node dead (and then name it). The gloo
+    line is what CI's node-loss test once got first, before Ray's own word on the node."""
+    assert lost_peer_error("RuntimeError: [gloo/transport/tcp/pair.cc:561] Connection closed by peer "
+                           "[127.0.0.1]:410. This is typically caused by a remote worker crashing.")
+    assert lost_peer_error("recvmsg:Connection reset by peer rpc_code: 14. The task may or may not have "
+                           "been executed on the actor.")
+    assert lost_peer_error("ray.exceptions.ActorDiedError: The actor died because its node has died.")
+    assert not lost_peer_error("ValueError: data.image_size 30 is not divisible by model.patch_size 4")
+    assert not lost_peer_error("TrainingDiverged: 3 steps in a row had a non-finite loss or gradient")
+
 
 def test_an_unreachable_tracking_server_is_an_error_before_anything_starts(monkeypatch, tmp_path):
     from ditlab import cli

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import shutil
 import sys
 import threading
@@ -269,8 +270,10 @@ def fit(spec: ExperimentSpec, run_name: str, storage: Path, tracker: Tracker, pr
         result = build_trainer(spec, name=run_name, storage=storage, callbacks=[MetricsRelay(queue)],
                                resume_folder=resume_folder).fit()
     except Exception as err:
-        # Ray declares a node dead a few seconds after its workers' errors name it: wait that long then.
-        lost = node_lost(nodes, run_name, consumer.last_step, wait_seconds=20 if "node" in str(err).lower() else 0)
+        # Ray declares a node dead some seconds after the surviving workers fail on it: wait that long
+        # when the error looks like a lost peer (on a multi-node cluster), not after any failure.
+        wait = 20 if len(nodes) > 1 and lost_peer_error(str(err)) else 0
+        lost = node_lost(nodes, run_name, consumer.last_step, wait_seconds=wait)
         if lost is None:
             raise
         raise lost from err
@@ -286,6 +289,16 @@ class NodeLost(RuntimeError):
 def alive_nodes() -> dict[str, str]:
     """The cluster's alive nodes: id -> address."""
     return {n["NodeID"]: n.get("NodeManagerAddress", "?") for n in ray.nodes() if n["Alive"]}
+
+
+# What a failure caused by a vanished node says: Ray's own words for a dead node or actor, or a
+# surviving rank's gloo/NCCL error on the closed connection (it can arrive before Ray's).
+LOST_PEER = re.compile(r"node|connection (closed|reset)|actor died|rpc_code: 14|unavailable|remote worker crash",
+                       re.IGNORECASE)
+
+
+def lost_peer_error(text: str) -> bool:
+    return LOST_PEER.search(text) is not None
 
 
 def node_lost(before: dict[str, str], run_name: str, step: int, wait_seconds: float) -> NodeLost | None:
