@@ -33,6 +33,11 @@ class DiTConfig:
     learn_sigma: bool = True
     dropout: float = 0.0
     cond_channels: int = 0  # channels of a conditioning image concatenated to x_t (0: none)
+    # The timestep embedding's frequencies are max_period^(-i / (half - frequency_shift)): 0 in the
+    # DiT paper's code, 1 in diffusers' DiTTransformer2DModel (models/convert.py loads either exactly).
+    frequency_shift: int = 0
+    # eps of the LayerNorm before each block's MLP: 1e-6 in the DiT code, 1e-5 in diffusers' default.
+    mlp_norm_eps: float = 1e-6
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -43,10 +48,10 @@ def modulate(x: torch.Tensor, shift: torch.Tensor, scale: torch.Tensor) -> torch
     return x * (1 + scale.unsqueeze(1)) + shift.unsqueeze(1)
 
 
-def timestep_embedding(t: torch.Tensor, dim: int, max_period: float = 10000.0) -> torch.Tensor:
+def timestep_embedding(t: torch.Tensor, dim: int, max_period: float = 10000.0, shift: int = 0) -> torch.Tensor:
     """Sinusoidal embedding of (possibly fractional) timesteps, as in "Attention Is All You Need"."""
     half = dim // 2
-    freqs = torch.exp(-math.log(max_period) * torch.arange(half, dtype=torch.float32) / half)
+    freqs = torch.exp(-math.log(max_period) * torch.arange(half, dtype=torch.float32) / (half - shift))
     args = t.float()[:, None] * freqs.to(t.device)[None]
     emb = torch.cat([torch.cos(args), torch.sin(args)], dim=-1)
     if dim % 2:
@@ -70,15 +75,16 @@ def sincos_pos_embed_2d(embed_dim: int, grid_size: int) -> np.ndarray:
 class TimestepEmbedder(nn.Module):
     """Scalar timesteps -> vectors: sinusoidal features followed by a two-layer MLP."""
 
-    def __init__(self, hidden_size: int, frequency_size: int = 256):
+    def __init__(self, hidden_size: int, frequency_size: int = 256, frequency_shift: int = 0):
         super().__init__()
         self.frequency_size = frequency_size
+        self.frequency_shift = frequency_shift
         self.mlp = nn.Sequential(
             nn.Linear(frequency_size, hidden_size), nn.SiLU(), nn.Linear(hidden_size, hidden_size)
         )
 
     def forward(self, t: torch.Tensor) -> torch.Tensor:
-        return self.mlp(timestep_embedding(t, self.frequency_size))
+        return self.mlp(timestep_embedding(t, self.frequency_size, shift=self.frequency_shift))
 
 
 class LabelEmbedder(nn.Module):
@@ -131,11 +137,12 @@ class Mlp(nn.Module):
 class DiTBlock(nn.Module):
     """Transformer block with adaLN-Zero conditioning (paper, section 3.2)."""
 
-    def __init__(self, hidden_size: int, num_heads: int, mlp_ratio: float, dropout: float = 0.0):
+    def __init__(self, hidden_size: int, num_heads: int, mlp_ratio: float, dropout: float = 0.0,
+                 mlp_norm_eps: float = 1e-6):
         super().__init__()
         self.norm1 = nn.LayerNorm(hidden_size, elementwise_affine=False, eps=1e-6)
         self.attn = Attention(hidden_size, num_heads, dropout)
-        self.norm2 = nn.LayerNorm(hidden_size, elementwise_affine=False, eps=1e-6)
+        self.norm2 = nn.LayerNorm(hidden_size, elementwise_affine=False, eps=mlp_norm_eps)
         self.mlp = Mlp(hidden_size, int(hidden_size * mlp_ratio), dropout)
         # Regresses shift, scale and gate for both sub-layers from the conditioning vector.
         self.adaLN_modulation = nn.Sequential(nn.SiLU(), nn.Linear(hidden_size, 6 * hidden_size))
@@ -185,11 +192,12 @@ class DiT(nn.Module):
         pos = sincos_pos_embed_2d(h, self.grid_size)
         self.pos_embed = nn.Parameter(torch.from_numpy(pos).float().unsqueeze(0), requires_grad=False)
         # 2. conditioning: timestep and class embeddings are summed into one vector c
-        self.t_embedder = TimestepEmbedder(h)
+        self.t_embedder = TimestepEmbedder(h, frequency_shift=config.frequency_shift)
         self.y_embedder = LabelEmbedder(config.num_classes, h, config.class_dropout_prob)
         # 3. transformer blocks and the output head
         self.blocks = nn.ModuleList(
-            DiTBlock(h, config.num_heads, config.mlp_ratio, config.dropout) for _ in range(config.depth)
+            DiTBlock(h, config.num_heads, config.mlp_ratio, config.dropout, config.mlp_norm_eps)
+            for _ in range(config.depth)
         )
         self.final_layer = FinalLayer(h, p, self.out_channels)
         self.initialize_weights()
