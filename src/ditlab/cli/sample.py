@@ -1,4 +1,5 @@
-"""`ditlab sample CHECKPOINT --out DIR`: class-conditional samples as PNG files plus samples.json."""
+"""`ditlab sample CHECKPOINT --out DIR`: class-conditional samples (a text model: samples of --prompt captions)
+as PNG files plus samples.json."""
 
 from __future__ import annotations
 
@@ -17,6 +18,9 @@ def register(sub, shared) -> None:
                                                 "else 100)")
     sample.add_argument("--out", required=True, help="output folder")
     sample.add_argument("--labels", help="comma-separated class labels, cycled to --num (default: all classes in turn)")
+    sample.add_argument("--prompt", action="append", help="a caption to draw from (text-conditioned checkpoints; "
+                                                          "repeatable, cycled to --num; default: captions of "
+                                                          "--labels in phrasings training never saw)")
     sample.add_argument("--sampler", choices=["ddim", "ddim-trailing", "ddpm"],
                         help="default: the checkpoint's (or --spec's) evaluation.sampler")
     sample.add_argument("--steps", type=int, help="sampling steps (default: the checkpoint's or --spec's "
@@ -52,6 +56,11 @@ def check_flags(args) -> None:
         raise BadInput(f"--guidance: must be a finite number >= 0, got {args.guidance}")
     if args.seed is not None and not 0 <= args.seed < 2**32:
         raise BadInput(f"--seed: must be in [0, 2**32), got {args.seed}")
+    if args.prompt and not all(p.strip() for p in args.prompt):
+        raise BadInput("--prompt: empty caption")
+    if args.prompt and args.labels:
+        raise BadInput("--prompt and --labels: give one of them (a text model draws --labels' classes in "
+                       "captions it never saw in training)")
     fresh_output_folder("--out", args.out, "samples.json")
 
 
@@ -74,6 +83,10 @@ def cmd_sample(args) -> int:
     if task == "distillation" and args.guidance not in (None, 1.0):
         raise BadInput(f"--guidance: {args.guidance}, but {args.checkpoint} is a distilled student with its "
                        f"guidance built in (distillation.guidance); it samples with 1")
+    conditioning = bundle.get("model_config", {}).get("conditioning", "class")
+    if args.prompt and conditioning != "text":
+        raise BadInput(f"--prompt: {args.checkpoint} is a class-conditional checkpoint (model.conditioning: "
+                       f"{conditioning}); give --labels instead")
     try:
         ckpt = from_bundle(bundle, str(args.checkpoint), args.weights)
     except ValueError as err:  # a latent model whose autoencoder is missing or another one
@@ -85,17 +98,22 @@ def cmd_sample(args) -> int:
     num_classes = ckpt.model.config.num_classes
     chosen = parse_labels(args.labels, num_classes)
     labels = torch.tensor(chosen)[torch.arange(num) % len(chosen)] if chosen else balanced_labels(num, num_classes)
+    captions = [args.prompt[i % len(args.prompt)] for i in range(num)] if args.prompt else None
     settings = {"sampler": args.sampler or ev.sampler, "steps": args.steps or ev.steps,
                 "guidance": ev.guidance if args.guidance is None else args.guidance,
                 "seed": ev.seed if args.seed is None else args.seed}
     try:
         images = generate(ckpt, labels, settings["sampler"], settings["steps"], settings["guidance"],
-                          settings["seed"], ev.batch_size, ev.clip_x0, progress=True)
+                          settings["seed"], ev.batch_size, ev.clip_x0, progress=True, captions=captions)
     except ValueError as err:
         raise BadInput(str(err)) from None
-    paths = save_pngs(images, labels, args.out)
+    if captions:  # files named by prompt index: a prompt has no class
+        labels = torch.arange(num) % len(args.prompt)
+    paths = save_pngs(images, labels, args.out, "prompt" if captions else "class")
+    files = [{"path": str(p), "prompt" if captions else "label": captions[i] if captions else int(y)}
+             for i, (p, y) in enumerate(zip(paths, labels.tolist(), strict=True))]
     manifest = {"checkpoint": str(args.checkpoint), "step": ckpt.step, "weights": args.weights, **settings,
-                "files": [{"path": str(p), "label": int(y)} for p, y in zip(paths, labels.tolist(), strict=True)]}
+                "files": files}
     write_json(Path(args.out) / "samples.json", manifest)
     emit(args, manifest, f"wrote {len(paths)} images to {args.out} (manifest: {Path(args.out) / 'samples.json'})")
     return 0

@@ -33,6 +33,11 @@ class DiTConfig:
     learn_sigma: bool = True
     dropout: float = 0.0
     cond_channels: int = 0  # channels of a conditioning image concatenated to x_t (0: none)
+    # "class" (labels) or "text" (captions, models/text.py; num_classes then only counts the data's classes)
+    conditioning: str = "class"
+    text_encoder: str = "learned"
+    text_injection: str = "cross_attention"
+    max_caption_tokens: int = 16
     # The timestep embedding's frequencies are max_period^(-i / (half - frequency_shift)): 0 in the
     # DiT paper's code, 1 in diffusers' DiTTransformer2DModel (models/convert.py loads either exactly).
     frequency_shift: int = 0
@@ -193,7 +198,8 @@ class DiT(nn.Module):
         self.pos_embed = nn.Parameter(torch.from_numpy(pos).float().unsqueeze(0), requires_grad=False)
         # 2. conditioning: timestep and class embeddings are summed into one vector c
         self.t_embedder = TimestepEmbedder(h, frequency_shift=config.frequency_shift)
-        self.y_embedder = LabelEmbedder(config.num_classes, h, config.class_dropout_prob)
+        self.y_embedder = (LabelEmbedder(config.num_classes, h, config.class_dropout_prob)
+                           if config.conditioning == "class" else None)
         # 3. transformer blocks and the output head
         self.blocks = nn.ModuleList(
             DiTBlock(h, config.num_heads, config.mlp_ratio, config.dropout, config.mlp_norm_eps)
@@ -201,10 +207,17 @@ class DiT(nn.Module):
         )
         self.final_layer = FinalLayer(h, p, self.out_channels)
         self.initialize_weights()
+        self.text = None
+        if config.conditioning == "text":
+            from ditlab.models.text import TextConditioning
+
+            self.text = TextConditioning(config)
 
     @property
     def null_class(self) -> int:
-        return self.config.num_classes
+        """The fill value of the null condition: the null class, or for text the padding id (an
+        all-padding caption is the null caption)."""
+        return self.config.num_classes if self.text is None else 0
 
     def initialize_weights(self) -> None:
         """Xavier for linear layers; zero for every adaLN regression and the output layer
@@ -216,7 +229,8 @@ class DiT(nn.Module):
         w = self.x_embedder.weight.data
         nn.init.xavier_uniform_(w.view(w.shape[0], -1))
         nn.init.zeros_(self.x_embedder.bias)
-        nn.init.normal_(self.y_embedder.embedding_table.weight, std=0.02)
+        if self.y_embedder is not None:
+            nn.init.normal_(self.y_embedder.embedding_table.weight, std=0.02)
         for layer in (self.t_embedder.mlp[0], self.t_embedder.mlp[2]):
             nn.init.normal_(layer.weight, std=0.02)
         for block in self.blocks:
@@ -242,7 +256,14 @@ class DiT(nn.Module):
         if cond is not None:
             x = torch.cat([x, cond.to(x.dtype)], dim=1)
         x = self.x_embedder(x).flatten(2).transpose(1, 2) + self.pos_embed
-        c = self.t_embedder(t) + self.y_embedder(y, drop_mask)
-        for block in self.blocks:
+        tokens = None
+        if self.text is None:
+            c = self.t_embedder(t) + self.y_embedder(y, drop_mask)
+        else:  # y: caption inputs (models/text.py)
+            tokens, mask, pooled = self.text.encoder(y, drop_mask)
+            c = self.t_embedder(t) + pooled
+        for i, block in enumerate(self.blocks):
             x = block(x, c)
+            if tokens is not None and len(self.text.cross):
+                x = self.text.cross[i](x, tokens, mask)
         return self.unpatchify(self.final_layer(x, c))

@@ -21,11 +21,18 @@ the adaptive weight keeps that term's gradient at the diffusion loss's size. The
 its optimizer live in the bundle's "task_state". The reported `loss` stays the diffusion loss, so
 runs with and without the term compare; `g_loss`, `d_loss`, `d_weight` (adversarial_weight *
 lambda, 0 before the start) and the mean logits are reported beside it.
+
+With `model.conditioning: text` the same task trains on captions (data/captions.py, models/text.py):
+each step draws one of every image's training captions from the step's generator, after the draws
+above, and the label dropout mask becomes caption dropout (the null caption). Validation scores each
+image with a fixed training caption; evaluation samples captions in phrasings training never saw, so
+`conditional_accuracy` is the accuracy on unseen phrasings.
 """
 
 from __future__ import annotations
 
 import time
+from dataclasses import replace
 from typing import Any
 
 import torch
@@ -34,11 +41,13 @@ from torch import nn
 from ditlab.builders import build_diffusion, build_dit
 from ditlab.config import EvaluationSpec, ExperimentSpec
 from ditlab.data import to_uint8
+from ditlab.data.captions import load_caption_bank
 from ditlab.diffusion import training_losses
+from ditlab.models.text import caption_inputs, check_encoder
 from ditlab.training.sample_quality import SampleQuality
 from ditlab.training.tasks.adversarial import ADVERSARIAL_KEYS, Adversary
 from ditlab.training.tasks.base import Batch, Task
-from ditlab.training.validation import validation_loss, validation_set
+from ditlab.training.validation import ValidationSet, validation_loss, validation_set
 
 
 class GenerationTask(Task):
@@ -59,6 +68,10 @@ class GenerationTask(Task):
         self.optimizer = torch.optim.AdamW([p for p in self.model.parameters() if p.requires_grad], lr=train.lr,
                                            betas=train.adam_betas, weight_decay=train.weight_decay)
         self.validation_data = validation_set(spec.data, train.val_images, test)
+        self.captions = None  # text conditioning: the train split's captions (data/captions.py)
+        if spec.model.conditioning == "text":
+            self.captions = load_caption_bank(spec.data, "train")
+            self.validation_data = captioned_validation_set(spec, self.model.config, self.validation_data)
         self.sample_scorer = None
         if train.eval_every:
             from ditlab.latents import LatentDecoder
@@ -73,6 +86,11 @@ class GenerationTask(Task):
     def preflight(cls, spec: ExperimentSpec) -> None:
         """A latent spec's autoencoder: present, intact, an autoencoder, fit for the data, and its
         latents divisible by the DiT's patch size."""
+        if spec.model.conditioning == "text":
+            from ditlab.data.captions import check_captions
+
+            check_encoder(spec.model.text_encoder)
+            check_captions(spec.data)
         if not spec.latent.autoencoder:
             return
         from ditlab.latents import open_autoencoder
@@ -109,6 +127,9 @@ class GenerationTask(Task):
         noise = torch.randn(batch.images.shape, generator=generator)
         drop = torch.rand(n, generator=generator) < self.spec.model.class_dropout_prob
         t, noise, drop = (v.to(self.device) for v in (t, noise, drop))
+        if self.captions is not None:  # one of each image's training captions, drawn after the above
+            captions = self.captions.draw(batch.indices.cpu(), generator)
+            batch = replace(batch, labels=caption_inputs(self.model.config, captions).to(self.device))
         if self.adversary is None:
             with self.autocast():
                 terms = training_losses(self.forward_model, self.diffusion, batch.images, t, batch.labels, noise, drop)
@@ -179,6 +200,16 @@ class GenerationTask(Task):
 
         ckpt = from_bundle(bundle, source, "ema")
         return score_samples(ckpt, ev or ckpt.spec.evaluation, reference, progress)
+
+
+def captioned_validation_set(spec: ExperimentSpec, config, val: ValidationSet | None) -> ValidationSet | None:
+    """A text model's validation set: each image's first training caption in place of its label."""
+    if val is None:
+        return None
+    from ditlab.data.captions import TRAIN_PHRASINGS, CaptionBank, class_names, fill
+
+    bank = CaptionBank([fill(TRAIN_PHRASINGS, w, n) for w, n in class_names(spec.data)], [])
+    return replace(val, y=caption_inputs(config, bank.first(val.y)))
 
 
 def score_samples(ckpt, ev: EvaluationSpec, reference=None, progress: bool = False):
