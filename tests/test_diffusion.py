@@ -52,7 +52,7 @@ def oracle(d: GaussianDiffusion, point: torch.Tensor):
     return denoise
 
 
-@pytest.mark.parametrize("sampler", ["ddim", "ddpm"])
+@pytest.mark.parametrize("sampler", ["ddim", "ddpm", "dpmpp-2m"])
 @pytest.mark.parametrize("prediction", ["eps", "v"])
 def test_samplers_recover_the_data_point_with_an_exact_denoiser(sampler, prediction):
     d = GaussianDiffusion.from_schedule("linear", 1000, prediction)
@@ -60,6 +60,28 @@ def test_samplers_recover_the_data_point_with_an_exact_denoiser(sampler, predict
     g = torch.Generator().manual_seed(1)
     out = get_sampler(sampler)(oracle(d, point), torch.randn(3, 1, 4, 4, generator=g), d, 20, generator=g)
     assert torch.allclose(out, point.expand(3, -1, -1, -1), atol=1e-3)  # float32 eps -> x0 at t near T
+
+
+def test_dpm_solver_pp_converges_at_second_order_on_the_probability_flow_ode():
+    """Gaussian data N(0, s^2): the exact denoiser is linear, and the probability-flow ODE maps x_T to
+    x_T * s / std(x_T). Going from 50 to 250 steps (h / 5) cuts DPM-Solver++(2M)'s error about 25x
+    (second order) and DDIM's about 5x (first order)."""
+    d = GaussianDiffusion.from_schedule("cosine", 1000, "eps")
+    s = 0.5
+
+    def denoise(x, t):  # eps prediction of the posterior mean of x_0
+        a, sigma = d.coefficients(t, x.ndim)
+        x0 = a * s**2 * x / (a**2 * s**2 + sigma**2)
+        return (x - a * x0) / sigma
+
+    x_T = torch.randn(64, 1, 4, 4, generator=torch.Generator().manual_seed(0), dtype=torch.float64)
+    ab_T = float(d.alphas_cumprod[-1])
+    exact = x_T * s / (ab_T * s**2 + 1 - ab_T) ** 0.5
+    error = {(name, n): (get_sampler(name)(denoise, x_T, d, n, clip_x0=False) - exact).abs().max().item()
+             for name in ("ddim", "dpmpp-2m") for n in (50, 250)}
+    assert error["dpmpp-2m", 50] / error["dpmpp-2m", 250] > 15, error
+    assert error["ddim", 50] / error["ddim", 250] < 7, error
+    assert error["dpmpp-2m", 250] < error["ddim", 250] / 5, error
 
 
 def test_samplers_are_deterministic_given_the_generator():

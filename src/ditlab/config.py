@@ -235,7 +235,7 @@ class EvaluationSpec(_Section):
     name: str = "default"
     metrics: tuple[Metric, ...] = ("fid", "kid", "precision_recall", "classifier_score", "conditional_accuracy")
     num_samples: int = Field(300, ge=0)
-    sampler: Literal["ddim", "ddim-trailing", "ddpm"] = "ddim"
+    sampler: Literal["ddim", "ddim-trailing", "ddpm", "dpmpp-2m"] = "ddim"
     steps: int = Field(50, ge=1)
     guidance: float = Field(2.0, ge=0)
     clip_x0: bool = True

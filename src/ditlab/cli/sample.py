@@ -21,7 +21,7 @@ def register(sub, shared) -> None:
     sample.add_argument("--prompt", action="append", help="a caption to draw from (text-conditioned checkpoints; "
                                                           "repeatable, cycled to --num; default: captions of "
                                                           "--labels in phrasings training never saw)")
-    sample.add_argument("--sampler", choices=["ddim", "ddim-trailing", "ddpm"],
+    sample.add_argument("--sampler", choices=["ddim", "ddim-trailing", "ddpm", "dpmpp-2m"],
                         help="default: the checkpoint's (or --spec's) evaluation.sampler")
     sample.add_argument("--steps", type=int, help="sampling steps (default: the checkpoint's or --spec's "
                                                 "evaluation.steps; a student: its own)")
