@@ -52,6 +52,12 @@ class DataSpec(_Section):
     split_seed: Seed = 0
     prepared: str | None = Field(None, description="folder written by `ditlab data prepare` for this data "
                                                    "section; when set, images are read from it")
+    format: Literal["images", "shards"] = Field("images", description="images: the source held in memory; shards: "
+                                                "path (or name) is a shard set (`ditlab data add --format shards`, "
+                                                "a folder or s3:// URI) streamed through Ray Data")
+    stream: bool = Field(True, description="shards: stream the train split (false: load it in memory)")
+    read_parallelism: int = Field(2, ge=1, description="shards: shard reads in flight at once")
+    prefetch_batches: int = Field(2, ge=0, description="shards: batches each rank keeps ready ahead of its step")
 
     @field_validator("name")
     @classmethod
@@ -61,6 +67,8 @@ class DataSpec(_Section):
     @model_validator(mode="before")
     @classmethod
     def _path_from_name(cls, raw: Any) -> Any:
+        if isinstance(raw, dict) and raw.get("format") == "shards" and "source" not in raw:
+            raw = {**raw, "source": "folder"}  # a shard set is a named dataset like an image folder
         if isinstance(raw, dict) and raw.get("source") == "folder" and raw.get("name") and not raw.get("path"):
             raw = {**raw, "path": f"{DATASETS_ROOT}/{raw['name']}"}
         return raw
@@ -71,6 +79,8 @@ class DataSpec(_Section):
         # so a spec stored in a checkpoint loads on any machine.
         if self.source == "folder" and self.prepared is None and not self.path:
             raise ValueError("path: required when source is 'folder'")
+        if self.format == "shards" and (self.source != "folder" or self.prepared is not None):
+            raise ValueError("format: shards are read from data.path (source folder), not digits or data.prepared")
         return self
 
 

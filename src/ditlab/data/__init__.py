@@ -51,6 +51,12 @@ def load_dataset(data_spec, split: str) -> ImageDataset:
     """`split` is "train", "test" or "all"."""
     if split not in ("train", "test", "all"):
         raise ValueError(f"unknown split {split!r}")
+    if data_spec.format == "shards":  # a shard set is split already: `data add --format shards` did it
+        from ditlab.data.shards import load_split
+
+        images, labels, num_classes = load_split(data_spec.path, split)
+        x = torch.from_numpy(np.ascontiguousarray(images.transpose(0, 3, 1, 2), dtype=np.float32)) / 127.5 - 1.0
+        return ImageDataset(x, torch.as_tensor(labels), num_classes, f"shards:{data_spec.path}")
     if data_spec.prepared:
         from ditlab.data.prepared import load_prepared
 

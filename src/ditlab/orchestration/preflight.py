@@ -14,7 +14,9 @@ def preflight(spec: ExperimentSpec, task_checks: bool = True) -> None:
     """Dataset folder or prepared data present and readable, then (unless `task_checks` is False:
     `ditlab data prepare` needs the data alone) the task's own checks."""
     data = spec.data
-    if data.prepared:
+    if data.format == "shards":
+        check_shards(spec)
+    elif data.prepared:
         from ditlab.data.prepared import PreparedDataError, check_prepared
 
         try:
@@ -35,4 +37,18 @@ def preflight(spec: ExperimentSpec, task_checks: bool = True) -> None:
     try:
         task_class(spec.task).preflight(spec)
     except ValueError as err:
+        raise PreflightError(str(err)) from None
+
+
+def check_shards(spec: ExperimentSpec) -> None:
+    """The shard set fits the spec and every shard matches the manifest (data/shards.py: sizes
+    always, sha256 once per shard version); streaming serves the tasks that train on the images."""
+    from ditlab.data.shards import ShardError, check_shard_set
+
+    if spec.data.stream and (spec.latent.autoencoder or spec.task == "distillation"):
+        raise PreflightError(f"data.format: shards stream images to tasks that train on them; task {spec.task}"
+                             f"{' on latents' if spec.latent.autoencoder else ''} needs data.stream: false")
+    try:
+        check_shard_set(spec.data)
+    except (ShardError, OSError) as err:
         raise PreflightError(str(err)) from None

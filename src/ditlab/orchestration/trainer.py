@@ -9,12 +9,17 @@ from contextlib import nullcontext
 from pathlib import Path
 
 import ray
+import ray.data
 import ray.train
 import torch
-from ray.train import Checkpoint, CheckpointConfig, FailureConfig, LoggingConfig, RunConfig, ScalingConfig
+from ray.data import ExecutionOptions
+from ray.train import (Checkpoint, CheckpointConfig, DataConfig, FailureConfig, LoggingConfig, RunConfig,
+                       ScalingConfig)
 from ray.train.torch import TorchTrainer
 
 from ditlab.config import ExperimentSpec, from_dict
+from ditlab.data.shards import normalize, read_manifest
+from ditlab.data.streaming import ReadShard, shard_reads
 from ditlab.orchestration.console import quiet_train_worker, train_log_level
 from ditlab.training.checkpoint import checkpoint_dirs
 from ditlab.training.faults import fault_environment
@@ -44,7 +49,8 @@ def train_worker(config: dict) -> None:
     torch.set_num_threads(max(1, int(spec.resources.cpus_per_worker)))
     ctx = ray.train.get_context()
     placement = Placement(rank=ctx.get_world_rank(), world_size=ctx.get_world_size(),
-                          device=ray.train.torch.get_device(), wrap_model=ray.train.torch.prepare_model)
+                          device=ray.train.torch.get_device(), wrap_model=ray.train.torch.prepare_model,
+                          stream=ray.train.get_dataset_shard("train") if streams(spec) else None)
     checkpoint = ray.train.get_checkpoint()
     if checkpoint is None and config.get("resume_folder") and checkpoint_dirs(config["resume_folder"]):
         # Ray Train's record was set aside with a corrupt checkpoint: the newest one left.
@@ -61,7 +67,7 @@ def worker_spec(spec: ExperimentSpec) -> dict:
     # With prepared data the images come from `prepared`; `path` then only identifies the source
     # (the prepared manifest records it as written), so it is left as it is.
     key = "prepared" if data.get("prepared") else "path" if data.get("path") else None
-    if key:
+    if key and "://" not in data[key]:  # a URI (s3://) names shared storage already
         data[key] = str(Path(data[key]).resolve())
     latent = raw["latent"]
     if latent.get("autoencoder"):  # a latent spec's autoencoder checkpoint and its latent cache
@@ -72,22 +78,55 @@ def worker_spec(spec: ExperimentSpec) -> dict:
     return raw
 
 
+def streams(spec: ExperimentSpec) -> bool:
+    """Whether the run streams its train split from shards through Ray Data (data/streaming.py)."""
+    return spec.data.format == "shards" and spec.data.stream
+
+
+def stream_datasets(spec: ExperimentSpec) -> dict:
+    """TorchTrainer's datasets and dataset_config for a streaming spec; none for the in-memory path."""
+    if not streams(spec):
+        return {}
+    return {"datasets": {"train": training_stream(spec)},
+            # Order preserved: the split then ignores locality and deals the same shards to the same
+            # ranks in every execution, which is what makes a resumed stream repeat (data/streaming.py).
+            "dataset_config": DataConfig(datasets_to_split=["train"],
+                                         execution_options=ExecutionOptions(preserve_order=True))}
+
+
+def training_stream(spec: ExperimentSpec) -> ray.data.Dataset:
+    """The train split of a shard set as one Ray Dataset running through every epoch the run needs.
+    Read tasks take no CPU slot (Ray Train's workers hold those, and a read is I/O bound);
+    `data.read_parallelism` bounds how many run at once."""
+    location = normalize(spec.data.path)
+    entries = read_manifest(location)["shards"]["train"]
+    rows = shard_reads(spec.train.steps, spec.train.batch_size, sum(e["count"] for e in entries), len(entries),
+                       spec.resources.num_workers)
+    return ray.data.from_items(rows, override_num_blocks=len(rows)).map_batches(
+        ReadShard(location, entries, spec.seed), batch_size=1, batch_format="numpy", num_cpus=0,
+        concurrency=spec.data.read_parallelism)
+
+
 def build_trainer(spec: ExperimentSpec, *, name: str, storage: str | Path, callbacks: list,
-                  checkpoints_kept: int = 2, resume_folder: str | Path | None = None) -> TorchTrainer:
+                  checkpoints_kept: int = 2, resume_folder: str | Path | None = None,
+                  storage_filesystem=None) -> TorchTrainer:
     """A TorchTrainer for `spec` as the Ray Train run `name` under `storage`: rerunning the same
     name and storage resumes from its latest checkpoint (or, when Ray Train has no record of one,
-    from the newest checkpoint folder in `resume_folder`). `callbacks` receive rank 0's reports."""
+    from the newest checkpoint folder in `resume_folder`). `callbacks` receive rank 0's reports.
+    `storage_filesystem`: the pyarrow filesystem `storage` is a path on (object storage, storage.py)."""
     res = spec.resources
     per_worker = {"CPU": res.cpus_per_worker, **({"GPU": 1} if res.use_gpu else {})}
     return TorchTrainer(
         train_worker,
         train_loop_config={"spec": worker_spec(spec), "faults": fault_environment(),
                            "resume_folder": str(resume_folder) if resume_folder else None},
+        **stream_datasets(spec),
         scaling_config=ScalingConfig(num_workers=res.num_workers, use_gpu=res.use_gpu,
                                      resources_per_worker=per_worker),
         run_config=RunConfig(
             name=name,
             storage_path=str(storage),
+            storage_filesystem=storage_filesystem,
             checkpoint_config=CheckpointConfig(num_to_keep=checkpoints_kept),
             failure_config=FailureConfig(max_failures=res.max_failures),
             callbacks=callbacks,

@@ -22,6 +22,7 @@ import yaml
 from ditlab.atomic import file_digest, write_json
 from ditlab.config import DATASETS_ROOT, check_name
 from ditlab.data.prepared import MANIFEST
+from ditlab.data.shards import shards_from_folder
 
 DATASET_FORMAT = "ditlab-dataset/1"
 
@@ -140,10 +141,12 @@ def inspect_image_folder(src: str | Path) -> dict:
     }
 
 
-def add_dataset(src: str | Path, name: str, root: str | Path = DATASETS_ROOT, track: bool = True) -> dict:
+def add_dataset(src: str | Path, name: str, root: str | Path = DATASETS_ROOT, track: bool = True,
+                shards: dict | None = None) -> dict:
     """Copy a validated image folder to <root>/<name> with a manifest, then `dvc add` it.
     Adding the same name again makes a new version of that dataset (the old folder is replaced only
-    once the new one is complete)."""
+    once the new one is complete). With `shards` (resolution, channels, shard_size, test_fraction,
+    split_seed) the folder is written as a shard set instead (data/shards.py), one DVC version too."""
     try:
         check_name(name)
     except ValueError as err:
@@ -156,15 +159,22 @@ def add_dataset(src: str | Path, name: str, root: str | Path = DATASETS_ROOT, tr
     info = inspect_image_folder(src)
     manifest = {"name": name, **{k: v for k, v in info.items() if k != "files"}}
     root.mkdir(parents=True, exist_ok=True)
+    if shards is not None and src.resolve() == dest.resolve():
+        raise VersioningError(f"--format shards: the shard set would replace its own source {str(src)!r}; "
+                              "pick another --name or --root")
     if src.resolve() == dest.resolve():
         write_json(dest / MANIFEST, manifest)
     else:
         staging = Path(tempfile.mkdtemp(prefix=f".{name}.", dir=root))
         try:
-            for rel in info["files"]:
-                (staging / rel).parent.mkdir(parents=True, exist_ok=True)
-                shutil.copy2(src / rel, staging / rel)
-            write_json(staging / MANIFEST, manifest)
+            if shards is not None:
+                manifest = shards_from_folder(src, staging, **shards, extra={
+                    "name": name, "source_sha256": manifest["sha256"], "source_count": manifest["count"]})
+            else:
+                for rel in info["files"]:
+                    (staging / rel).parent.mkdir(parents=True, exist_ok=True)
+                    shutil.copy2(src / rel, staging / rel)
+                write_json(staging / MANIFEST, manifest)
             old = None
             if dest.exists():
                 old = root / f".{name}.replaced"

@@ -14,7 +14,8 @@ weights). Skipped steps are counted (`skipped_steps` in the reports, from the fi
 bad steps is checkpointed.
 
 Randomness is a function of the step: each rank's batch comes from a per-epoch permutation split
-across ranks (DistributedSampler's contract), and the noise, timesteps and dropout of step n come
+across ranks (DistributedSampler's contract; a streamed shard set, data/streaming.py, from a seeded
+block shuffle its ranks resume by skipping), and the noise, timesteps and dropout of step n come
 from a generator seeded by (seed, rank, n). Step n is the same whether the run got there in one go
 or was interrupted and resumed, which is what makes resume exact.
 """
@@ -27,6 +28,7 @@ import tempfile
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from typing import Any
 
 import numpy as np
 import torch
@@ -35,6 +37,7 @@ from torch import nn
 
 from ditlab.config import ExperimentSpec
 from ditlab.data import ImageDataset
+from ditlab.data.streaming import StreamBatches, stream_length
 from ditlab.training.checkpoint import BUNDLE_NAME, capture_rng_state, load_bundle, restore_rng_state, save_bundle
 from ditlab.training.ema import EMA
 from ditlab.training.faults import maybe_exit, pace, poison_batch
@@ -51,6 +54,9 @@ class Placement:
     device: torch.device = field(default_factory=lambda: torch.device("cpu"))
     # Wraps the model for data parallelism (Ray Train's prepare_model -> DDP); identity alone.
     wrap_model: Callable[[nn.Module], nn.Module] = lambda m: m
+    # This rank's share of a shard set's stream (Ray Train's get_dataset_shard) when the spec streams
+    # (data.format shards); None: the train split is held in memory.
+    stream: Any = None
 
 
 class TrainingDiverged(RuntimeError):
@@ -125,13 +131,27 @@ class ShardSampler:
         return self.shard(epoch)[k * self.local_batch : (k + 1) * self.local_batch]
 
 
+class MemoryBatches:
+    """The in-memory path: a dataset held whole, each rank's step drawn by a ShardSampler."""
+
+    def __init__(self, dataset: ImageDataset, sampler: ShardSampler):
+        self.dataset, self.sampler = dataset, sampler
+
+    def __len__(self) -> int:
+        return len(self.dataset)
+
+    def batch(self, step: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """(images, labels, positions in the split) of this rank's share of `step`."""
+        indices = self.sampler.indices(step)
+        return (*self.dataset.batch(indices), indices)
+
+
 @dataclass
 class TrainState:
     spec: ExperimentSpec
     task: Task
     ema: EMA
-    dataset: ImageDataset
-    sampler: ShardSampler
+    source: MemoryBatches | StreamBatches  # this rank's batches, step by step
     guard: FiniteStepGuard
     step: int = 0
     skipped_steps: int = 0  # steps skipped for a non-finite loss or gradient, over the whole run
@@ -176,8 +196,8 @@ def lr_at(step: int, train) -> float:
 def setup(spec: ExperimentSpec, placement: Placement, resume_from: str | None = None) -> TrainState:
     seed_everything(spec.seed + placement.rank)
     kind = task_class(spec.task)
-    dataset = kind.training_data(spec)
-    task = kind(spec, dataset.num_classes, placement.device)
+    dataset = kind.training_data(spec) if placement.stream is None else None
+    task = kind(spec, dataset.num_classes if dataset else stream_length(spec.data)[1], placement.device)
     bundle = load_bundle(resume_from) if resume_from is not None else None
     if bundle is not None:
         task.model.load_state_dict(bundle["model"])
@@ -187,9 +207,8 @@ def setup(spec: ExperimentSpec, placement: Placement, resume_from: str | None = 
     # that, so every rank's EMA starts from the same weights.
     task.wrap(placement.wrap_model)
     ema = EMA(task.model, spec.train.ema_decay, spec.train.ema_warmup)
-    sampler = ShardSampler(len(dataset), spec.train.batch_size // placement.world_size, spec.seed,
-                           placement.rank, placement.world_size)
-    state = TrainState(spec, task, ema, dataset, sampler, FiniteStepGuard(placement.device))
+    source = batch_source(spec, placement, dataset, bundle)
+    state = TrainState(spec, task, ema, source, FiniteStepGuard(placement.device))
     if bundle is not None:
         ema.load_state_dict(bundle["ema"])
         restore_rng_state(bundle["rng"])
@@ -197,6 +216,18 @@ def setup(spec: ExperimentSpec, placement: Placement, resume_from: str | None = 
         state.skipped_steps = int(bundle.get("skipped_steps", 0))  # absent in older bundles
         state.recent_reports = list(bundle.get("reports", []))
     return state
+
+
+def batch_source(spec: ExperimentSpec, placement: Placement, dataset: ImageDataset | None,
+                 bundle: dict | None) -> MemoryBatches | StreamBatches:
+    """The dataset held in memory, or this rank's stream positioned at the step resumed from."""
+    local_batch = spec.train.batch_size // placement.world_size
+    if dataset is not None:
+        return MemoryBatches(dataset, ShardSampler(len(dataset), local_batch, spec.seed, placement.rank,
+                                                   placement.world_size))
+    num_images, num_classes = stream_length(spec.data)
+    return StreamBatches(placement.stream, local_batch, num_images, num_classes,
+                         int(bundle["step"]) if bundle is not None else 0, spec.data.prefetch_batches)
 
 
 def make_bundle(state: TrainState) -> dict:
@@ -219,8 +250,7 @@ def train_step(state: TrainState, placement: Placement) -> dict[str, float] | No
     was skipped for a non-finite loss or gradient (on any rank)."""
     state.task.before_step(state.step, state.ema)
     state.guard.cover(state.task.optimizers())
-    indices = state.sampler.indices(state.step)
-    images, labels = state.dataset.batch(indices)
+    images, labels, indices = state.source.batch(state.step)
     images = poison_batch(images, placement.rank, state.step + 1)
     batch = Batch(images.to(placement.device), labels.to(placement.device), indices)
     lr = lr_at(state.step, state.spec.train)
@@ -317,7 +347,7 @@ def report(state: TrainState, placement: Placement, reporter: Reporter, window: 
     """The window's figures (and validation, sample quality, a checkpoint when due) to the reporter."""
     metrics = window_means(window, placement.device)
     metrics.update(step=state.step, images_per_sec=images_per_sec,
-                   epoch=state.step * state.spec.train.batch_size / len(state.dataset))
+                   epoch=state.step * state.spec.train.batch_size / len(state.source))
     if state.skipped_steps:  # reported from the first skipped step on
         metrics["skipped_steps"] = state.skipped_steps
     metrics.update(maybe_validate(state))  # after the clock: not counted as training time
