@@ -52,7 +52,9 @@ def test_mlflow_run_holds_params_metrics_and_artifacts(run_summary, mlflow_serve
     artifacts = {a.path for a in client.list_artifacts(run.info.run_id)}
     assert {"spec.yaml", "metrics.json", "result.json", "figures"} <= artifacts
     figures = {a.path for a in client.list_artifacts(run.info.run_id, "figures")}
-    assert figures == {"figures/samples.png", "figures/loss_curve.png"}
+    # the interpretability figures (interpret.py) of every generation run's evaluation
+    assert figures == {"figures/samples.png", "figures/loss_curve.png", "figures/attention_maps.png",
+                       "figures/attention_timesteps.png", "figures/denoising_trajectory.png"}
     experiment = client.get_experiment(run.info.experiment_id)
     assert experiment.tags["mlflow.experimentKind"] == "custom_model_development"
 

@@ -256,6 +256,8 @@ class EvaluationSpec(_Section):
     kid: KidSettings = KidSettings()
     precision_recall: PrecisionRecallSettings = PrecisionRecallSettings()
     inception_weights: str | None = Field(None, description="path to Inception weights; default: searched")
+    inspect_samples: int = Field(3, ge=0, le=16, description="samples traced for the attention-map and "
+                                 "denoising-trajectory figures (interpret.py) logged with the evaluation; 0: none")
 
 
 class ResourcesSpec(_Section):

@@ -6,6 +6,8 @@ in common.py.
     ditlab sample CHECKPOINT|RUN --out DIR [--num N] [--spec SPEC] [--labels 0,1,2] [--sampler ddim] [--guidance W]
     ditlab restore CHECKPOINT|RUN --input DIR --out DIR [--sampler ddim] [--steps N] [--json]
     ditlab evaluate --fake DIR|CHECKPOINT [--real DIR|DATASET|PREPARED] [--protocol P | --spec SPEC] [--json]
+    ditlab inspect CHECKPOINT|RUN --out DIR [--num N] [--labels 0,1,2] [--steps N] [--json]
+    ditlab augment CHECKPOINT|RUN --name NAME --out DIR [--per-class N] [--k 5,10,20] [--seeds 5] [--no-dvc] [--json]
     ditlab data prepare SPEC --out DIR | ditlab data add DIR --name NAME [--no-dvc]
     ditlab submit SPEC --address http://HEAD:8265 [--set a.b=c ...] [--name NAME] [--follow] [--json]
     ditlab jobs list|status ID|logs ID [--follow]|stop ID --address http://HEAD:8265
@@ -20,13 +22,13 @@ import argparse
 import sys
 from types import SimpleNamespace
 
-from ditlab.cli import cluster, data, evaluate, restore, run, sample, tune
+from ditlab.cli import augment, cluster, data, evaluate, inspect, restore, run, sample, tune
 from ditlab.cli.common import (EXIT_BAD_INPUT, BadInput, address_flag, dry_run_flag, json_flag, overrides_flag,
                                parent, progress_flag, verbose_flag)
 from ditlab.config import SpecError
 from ditlab.orchestration.console import configure_console
 
-COMMAND_MODULES = (run, data, sample, restore, evaluate, cluster, tune)
+COMMAND_MODULES = (run, data, sample, restore, evaluate, inspect, augment, cluster, tune)
 
 
 def _spec_positional(p: argparse.ArgumentParser) -> None:

@@ -234,4 +234,8 @@ def score_samples(ckpt, ev: EvaluationSpec, reference=None, progress: bool = Fal
     report.figures.update(eval_num_samples=float(len(labels)), eval_sampling_seconds=sampling_seconds)
     report.notes["sampler"] = f"{ev.sampler}, {ev.steps} steps, guidance {ev.guidance}, seed {ev.seed}, EMA weights"
     report.title = f"EMA samples, {ev.sampler} {ev.steps} steps, guidance {ev.guidance}"
+    if ev.inspect_samples:  # attention maps and the denoising trajectory, traced when first written
+        from ditlab.interpret import report_plots
+
+        report.plots.update(report_plots(ckpt, ev, ev.inspect_samples))
     return report
