@@ -1,0 +1,130 @@
+"""Benchmark: what Ray Train costs per step, how 1 -> 2 workers scale here, and what scaling to expect
+for DiT-XL/2 on a GPU cluster, worked out on paper.
+
+    python benchmarks/ray_scaling.py [--steps 200] [--skip-ray] [--paper-only]
+
+Three runs of the quickstart model (DiT-Ti/4 on 16x16 digits, 64 images a worker, one thread a
+worker), timed by the training loop's own images/s (median over its log windows after the first,
+so start-up and the first window's warm-up are left out):
+  1. in-process: ditlab.training.train, no Ray;
+  2. TorchTrainer with 1 worker (`ditlab train`, same loop): Ray Train's overhead is 1 - (2) / (1);
+  3. TorchTrainer with 2 workers (global batch 128): DDP's per-worker images/s, and the scaling
+     efficiency (2-worker images/s) / (2 x 1-worker images/s).
+Each `ditlab train` runs against a throw-away SQLite MLflow store in a temporary folder.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import subprocess
+import sys
+import tempfile
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).parent))
+
+from common import header, table  # noqa: E402
+
+ROOT = Path(__file__).resolve().parents[1]
+SPEC = ROOT / "experiments" / "quickstart.yaml"
+
+
+def overrides(steps: int, workers: int) -> list[str]:
+    return [f"train.steps={steps}", "train.log_every=20", f"train.checkpoint_every={steps}", "train.val_images=0",
+            "train.eval_every=null", f"train.batch_size={64 * workers}", f"resources.num_workers={workers}",
+            "resources.cpus_per_worker=1"]
+
+
+def steady_images_per_sec(history: list[dict]) -> float:
+    """Median images/s of the log windows after the first (warm-up)."""
+    rates = [h["images_per_sec"] for h in history if "images_per_sec" in h][1:]
+    return statistics.median(rates)
+
+
+def in_process(steps: int) -> float:
+    import torch
+
+    from ditlab.config import load
+    from ditlab.training import LocalReporter, train
+
+    torch.set_num_threads(1)  # as each Ray worker (cpus_per_worker 1)
+    spec = load(SPEC, overrides(steps, 1))
+    with tempfile.TemporaryDirectory() as tmp:
+        reporter = LocalReporter(tmp)
+        train(spec, reporter)
+    return steady_images_per_sec(reporter.history)
+
+
+def under_ray(steps: int, workers: int) -> float:
+    with tempfile.TemporaryDirectory() as tmp:
+        env = {**os.environ, "MLFLOW_TRACKING_URI": f"sqlite:///{tmp}/mlflow.db"}
+        sets = [x for kv in overrides(steps, workers) for x in ("--set", kv)]
+        proc = subprocess.run([str(Path(sys.executable).parent / "ditlab"), "train", str(SPEC), "--storage", tmp,
+                               "--name", "bench", "--no-progress", "--json", *sets],
+                              env=env, cwd=tmp, capture_output=True, text=True)
+        if proc.returncode:
+            sys.exit(f"ditlab train failed:\n{proc.stderr[-3000:]}")
+        history = json.loads((Path(tmp) / "bench" / "history.json").read_text())["history"]
+    return steady_images_per_sec(history)
+
+
+# -- on paper: DiT-XL/2 data-parallel on GPUs ---------------------------------------------------------
+
+PARAMS_XL2 = 675e6            # DiT-XL/2 parameters (DiT paper, table 4: 675M)
+GFLOP_FORWARD_XL2 = 2 * 118.6  # per 256px image: 118.6 GMACs (table 1) = 237.2 GFLOP
+H100_BF16_DENSE = 989e12       # NVIDIA H100 SXM datasheet, dense bf16
+MFU = 0.40                     # an assumed, typical model FLOPs utilisation for a DiT of this size
+NVLINK_BUSBW = 360e9           # intra-node NCCL all-reduce bus bandwidth, H100 NVLink (nccl-tests, order of)
+IB_BUSBW = 45e9                # inter-node bus bandwidth per GPU, one 400 Gb/s NIC per GPU (order of)
+
+
+def paper_estimate(per_gpu_batch: int = 32, grad_bytes: int = 4) -> list[dict]:
+    """Step time and scaling efficiency of DDP for DiT-XL/2 at 256px, from gradient bytes, ring
+    all-reduce traffic 2 (N-1)/N x bytes at the slowest link's bus bandwidth, and compute time at MFU.
+    Efficiency assumes no overlap (a lower bound) and full overlap of the all-reduce with backward
+    (the upper bound DDP's buckets approach)."""
+    compute = 3 * GFLOP_FORWARD_XL2 * 1e9 * per_gpu_batch / (H100_BF16_DENSE * MFU)  # forward + 2x backward
+    rows = []
+    for gpus, busbw, link in ((8, NVLINK_BUSBW, "NVLink, 1 node"), (64, IB_BUSBW, "InfiniBand, 8 nodes")):
+        comm = 2 * (gpus - 1) / gpus * PARAMS_XL2 * grad_bytes / busbw
+        rows.append({"gpus": gpus, "link": link, "grad_GB": PARAMS_XL2 * grad_bytes / 1e9, "compute_ms": 1e3 * compute,
+                     "allreduce_ms": 1e3 * comm, "eff_no_overlap": compute / (compute + comm),
+                     "eff_full_overlap": min(1.0, compute / comm), "img_s_no_overlap":
+                     gpus * per_gpu_batch / (compute + comm)})
+    return rows
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--steps", type=int, default=200)
+    parser.add_argument("--paper-only", action="store_true", help="print only the GPU-cluster estimate")
+    parser.add_argument("--json", help="also write the figures here")
+    args = parser.parse_args()
+    out: dict = {"paper": paper_estimate(), "paper_bf16_grads": paper_estimate(grad_bytes=2)}
+    if not args.paper_only:
+        local = in_process(args.steps)
+        one, two = under_ray(args.steps, 1), under_ray(args.steps, 2)
+        out["measured"] = [
+            {"run": "in-process, 1 thread", "img_s_per_worker": local, "img_s_total": local},
+            {"run": "TorchTrainer, 1 worker", "img_s_per_worker": one, "img_s_total": one},
+            {"run": "TorchTrainer, 2 workers (DDP)", "img_s_per_worker": two, "img_s_total": 2 * two}]
+        out["ray_overhead"] = 1 - one / local
+        out["scaling_efficiency_2"] = 2 * two / (2 * one)
+        print(header(f"Ray Train overhead and 1 -> 2 worker scaling, quickstart model, {args.steps} steps"))
+        print(table(out["measured"], ["run", "img_s_per_worker", "img_s_total"]))
+        print(f"Ray Train overhead per step: {100 * out['ray_overhead']:.1f}%  (target <= 5%)")
+        print(f"2-worker scaling efficiency: {100 * out['scaling_efficiency_2']:.1f}%\n")
+    print(header("on paper: DiT-XL/2 256px DDP, 32 images per GPU, H100 at 40% MFU"))
+    for name in ("paper", "paper_bf16_grads"):
+        print(f"## gradients in {'fp32' if name == 'paper' else 'bf16'}")
+        print(table(out[name], ["gpus", "link", "grad_GB", "compute_ms", "allreduce_ms", "eff_no_overlap",
+                                "eff_full_overlap", "img_s_no_overlap"]))
+    if args.json:
+        Path(args.json).write_text(json.dumps(out, indent=1))
+
+
+if __name__ == "__main__":
+    main()
