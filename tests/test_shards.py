@@ -90,8 +90,7 @@ def test_checksums_are_hashed_once_per_shard_version(tmp_path, cache, monkeypatc
 def test_bad_shards_refused_before_ray(case, tmp_path, cache, monkeypatch, capsys, no_ray):  # noqa: F811
     root = digit_shards(tmp_path / "s")
     monkeypatch.chdir(tmp_path)
-    argv = ["run", TINY, "--set", "data.source=folder", "--set", "data.format=shards", "--set", f"data.path={root}",
-            "--set", "data.resolution=8"]
+    argv = ["run", TINY, "--set", "data.format=shards", "--set", f"data.path={root}", "--set", "data.resolution=8"]
     if case == "checksum":
         shard = root / "test" / "00000.npz"
         data = bytearray(shard.read_bytes())

@@ -67,8 +67,10 @@ class DataSpec(_Section):
     @model_validator(mode="before")
     @classmethod
     def _path_from_name(cls, raw: Any) -> Any:
-        if isinstance(raw, dict) and raw.get("format") == "shards" and "source" not in raw:
-            raw = {**raw, "source": "folder"}  # a shard set is a named dataset like an image folder
+        if isinstance(raw, dict) and raw.get("format") == "shards":
+            # A shard set is a named dataset like an image folder: `--set data.format=shards` on a
+            # digits spec (the quickstart) switches the source with it.
+            raw = {**raw, "source": "folder"}
         if isinstance(raw, dict) and raw.get("source") == "folder" and raw.get("name") and not raw.get("path"):
             raw = {**raw, "path": f"{DATASETS_ROOT}/{raw['name']}"}
         return raw
@@ -79,8 +81,8 @@ class DataSpec(_Section):
         # so a spec stored in a checkpoint loads on any machine.
         if self.source == "folder" and self.prepared is None and not self.path:
             raise ValueError("path: required when source is 'folder'")
-        if self.format == "shards" and (self.source != "folder" or self.prepared is not None):
-            raise ValueError("format: shards are read from data.path (source folder), not digits or data.prepared")
+        if self.format == "shards" and self.prepared is not None:
+            raise ValueError("format: shards are read from data.path, not from data.prepared")
         return self
 
 
