@@ -125,6 +125,14 @@ class TrainSpec(_Section):
     ema_decay: float = Field(0.999, ge=0, lt=1)
     ema_warmup: bool = True
     precision: Literal["fp32", "bf16"] = "fp32"
+    # Memory and speed switches (BENCHMARKS.md has their measured effect).
+    grad_accumulation: int = Field(1, ge=1, description="micro-batches each worker's batch is split into, one backward "
+                                                        "each, gradients summed before the step: less activation "
+                                                        "memory, the same update up to float rounding (generation)")
+    grad_checkpointing: bool = Field(False, description="recompute each DiT block's activations in the backward "
+                                                        "pass instead of keeping them: less memory, more compute")
+    compile: bool = Field(False, description="torch.compile the trained model; pays back its compile time only "
+                                             "on long runs")
     log_every: int = Field(10, ge=1)
     checkpoint_every: int = Field(100, ge=1)
     # Validation loss on a fixed slice of the test split (training/validation.py).
@@ -377,6 +385,13 @@ class ExperimentSpec(_Section):
                 f"train.batch_size: {self.train.batch_size} does not split evenly over "
                 f"resources.num_workers={self.resources.num_workers}"
             )
+        if self.train.grad_accumulation > 1:
+            if self.task != "generation" or self.loss.adversarial_weight:
+                raise SpecError("train.grad_accumulation: micro-batches are for task generation without an "
+                                f"adversarial term (task {self.task})")
+            if self.train.grad_accumulation > self.train.batch_size // self.resources.num_workers:
+                raise SpecError(f"train.grad_accumulation: {self.train.grad_accumulation} micro-batches exceed "
+                                f"each worker's {self.train.batch_size // self.resources.num_workers} images")
         return self
 
     def _check_distillation(self) -> None:

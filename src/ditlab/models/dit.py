@@ -15,6 +15,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import nn
+from torch.utils.checkpoint import checkpoint
 
 
 @dataclass(frozen=True)
@@ -207,6 +208,8 @@ class DiT(nn.Module):
         )
         self.final_layer = FinalLayer(h, p, self.out_channels)
         self.initialize_weights()
+        # Set by the trainer (train.grad_checkpointing): recompute block activations in the backward pass.
+        self.gradient_checkpointing = False
         self.text = None
         if config.conditioning == "text":
             from ditlab.models.text import TextConditioning
@@ -262,8 +265,9 @@ class DiT(nn.Module):
         else:  # y: caption inputs (models/text.py)
             tokens, mask, pooled = self.text.encoder(y, drop_mask)
             c = self.t_embedder(t) + pooled
+        recompute = self.gradient_checkpointing and torch.is_grad_enabled()
         for i, block in enumerate(self.blocks):
-            x = block(x, c)
+            x = checkpoint(block, x, c, use_reentrant=False) if recompute else block(x, c)
             if tokens is not None and len(self.text.cross):
                 x = self.text.cross[i](x, tokens, mask)
         return self.unpatchify(self.final_layer(x, c))

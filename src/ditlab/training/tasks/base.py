@@ -12,7 +12,7 @@ from __future__ import annotations
 
 from abc import ABC, abstractmethod
 from collections.abc import Callable
-from contextlib import AbstractContextManager
+from contextlib import AbstractContextManager, nullcontext
 from dataclasses import dataclass
 from typing import Any, ClassVar
 
@@ -72,8 +72,13 @@ class Task(ABC):
         return [self.optimizer] + ([self.adversary.optimizer] if self.adversary else [])
 
     def wrap(self, wrap_model: Callable[[nn.Module], nn.Module]) -> None:
-        """Distribute the trained modules (DDP under Ray Train). Called once, after any resume."""
+        """Distribute the trained modules (DDP under Ray Train), with the spec's gradient checkpointing
+        and torch.compile. Called once, after any resume."""
+        if hasattr(self.model, "gradient_checkpointing"):
+            self.model.gradient_checkpointing = self.spec.train.grad_checkpointing
         self.forward_model = wrap_model(self.model)
+        if self.spec.train.compile:
+            self.forward_model = torch.compile(self.forward_model)
         if self.adversary:
             self.adversary.wrap(wrap_model)
 
@@ -104,10 +109,36 @@ class Task(ABC):
         """Mixed precision for forward passes (`train.precision`)."""
         return torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.spec.train.precision == "bf16")
 
+    def accumulate(self, losses: Callable[[slice], dict[str, torch.Tensor]], n: int,
+                   optimizer: torch.optim.Optimizer, params) -> tuple[dict[str, torch.Tensor], float]:
+        """One optimizer step over n samples in `train.grad_accumulation` micro-batches: `losses(s)`
+        gives the per-sample terms (a "loss" among them) of samples s; each micro-batch's share of the
+        batch mean is backpropagated, DDP all-reducing on the last only. Then clip and step as
+        `optimize`. (every micro-batch's terms, concatenated; the gradient norm)"""
+        k = self.spec.train.grad_accumulation
+        if k == 1:
+            with self.autocast():
+                terms = losses(slice(0, n))
+            return terms, self.optimize(terms["loss"].mean(), optimizer, params)
+        optimizer.zero_grad(set_to_none=True)
+        bounds = torch.linspace(0, n, k + 1).round().long().tolist()
+        parts = []
+        for i in range(k):
+            last = i == k - 1
+            no_sync = getattr(self.forward_model, "no_sync", None)
+            with (nullcontext() if last or no_sync is None else no_sync()), self.autocast():
+                terms = losses(slice(bounds[i], bounds[i + 1]))
+            (terms["loss"].mean() * ((bounds[i + 1] - bounds[i]) / n)).backward()
+            parts.append({key: v.detach() for key, v in terms.items()})
+        return {key: torch.cat([p[key] for p in parts]) for key in parts[0]}, self.clip_and_step(optimizer, params)
+
     def optimize(self, loss: torch.Tensor, optimizer: torch.optim.Optimizer, params) -> float:
         """Backward, clip to `train.grad_clip`, step; the gradient norm before clipping."""
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
+        return self.clip_and_step(optimizer, params)
+
+    def clip_and_step(self, optimizer: torch.optim.Optimizer, params) -> float:
         grad_norm = nn.utils.clip_grad_norm_(params, self.spec.train.grad_clip or float("inf"))
         optimizer.step()
         return float(grad_norm)

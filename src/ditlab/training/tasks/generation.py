@@ -133,9 +133,11 @@ class GenerationTask(Task):
             captions = self.captions.draw(batch.indices.cpu(), generator, self.spec.model.word_dropout)
             batch = replace(batch, labels=caption_inputs(self.model.config, captions).to(self.device))
         if self.adversary is None:
-            with self.autocast():
-                terms = training_losses(self.forward_model, self.diffusion, batch.images, t, batch.labels, noise, drop)
-            grad_norm = self.optimize(terms["loss"].mean(), self.optimizer, self.model.parameters())
+            def losses(s: slice) -> dict[str, torch.Tensor]:  # of samples s (micro-batches: train.grad_accumulation)
+                return training_losses(self.forward_model, self.diffusion, batch.images[s], t[s], batch.labels[s],
+                                       noise[s], drop[s])
+
+            terms, grad_norm = self.accumulate(losses, n, self.optimizer, self.model.parameters())
             return {**{k: float(v.detach().mean()) for k, v in terms.items()}, "grad_norm": grad_norm}
         return self.adversarial_step(batch, t, noise, drop)
 
