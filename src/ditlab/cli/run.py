@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from ditlab.cli.common import (BadInput, emit, load_spec, preflight_or_bad_input, safe_name, stdout_for,
                                writable_folder)
+from ditlab.storage import StorageError, check_storage, is_remote
 
 
 def register(sub, shared) -> None:
@@ -12,7 +13,8 @@ def register(sub, shared) -> None:
     train = sub.add_parser("train", parents=shared.spec_command,
                            help="as run, without the final evaluation (the DVC pipeline's train stage)")
     for p in (run, train):
-        p.add_argument("--storage", default="runs", help="where runs and checkpoints are kept (default: ./runs)")
+        p.add_argument("--storage", default="runs", help="where runs and checkpoints are kept: a folder, or object "
+                                                         "storage as s3://BUCKET/PREFIX (default: ./runs)")
         p.add_argument("--name", help="run name; rerunning with the same name resumes from its last checkpoint")
         p.add_argument("--restart-if-changed", action="store_true",
                        help="if the run folder --name holds a run of another spec, start it over (default: error)")
@@ -26,11 +28,18 @@ def register(sub, shared) -> None:
 
 def check_folders(args) -> None:
     """--name is one folder inside --storage, which is a folder; a run folder that is a link is
-    refused (--restart-if-changed removes run folders)."""
+    refused (--restart-if-changed removes run folders). An s3:// --storage: its bucket exists and
+    takes the credentials, checked before Ray starts."""
     safe_name("--name", args.name)
-    storage = writable_folder("--storage", args.storage)
     if args.export:
         writable_folder("--export", args.export)
+    if is_remote(args.storage):
+        try:
+            check_storage("--storage", args.storage)
+        except StorageError as err:
+            raise BadInput(str(err)) from None
+        return
+    storage = writable_folder("--storage", args.storage)
     if args.name and (storage / args.name).is_symlink():
         raise BadInput(f"--name: {str(storage / args.name)!r} is a symbolic link; a run folder must be a folder "
                        "inside --storage")

