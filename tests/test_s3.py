@@ -24,6 +24,7 @@ from pathlib import Path
 import pytest
 
 from conftest import ROOT, free_port
+from test_bad_input import no_ray, refused  # noqa: F401 (no_ray is a fixture)
 
 BUCKET = "ditlab"
 TINY = ROOT / "experiments" / "tiny.yaml"
@@ -87,7 +88,8 @@ def objects(variables: dict[str, str], prefix: str) -> dict[str, bytes]:
 # -- bad input ---------------------------------------------------------------------------------------
 
 @pytest.mark.parametrize("case", ["missing bucket", "wrong secret key", "unknown key id"])
-def test_unusable_storage_is_one_error_line_naming_the_url_before_anything_starts(s3, case, monkeypatch, tmp_path):
+def test_unusable_storage_is_one_error_line_naming_the_url_before_anything_starts(s3, case, monkeypatch, tmp_path,
+                                                                                  no_ray):  # noqa: F811
     from ditlab import cli
 
     url = "s3://no-such-bucket/runs" if case == "missing bucket" else f"s3://{BUCKET}/runs"
@@ -107,6 +109,49 @@ def test_unusable_storage_is_one_error_line_naming_the_url_before_anything_start
     assert s3["AWS_SECRET_ACCESS_KEY"] not in lines[0] and "not-the-secret" not in lines[0]
     assert list(tmp_path.iterdir()) == [], "nothing written, the tracking store included"
     assert not objects(s3, "runs/"), "nothing written to the bucket"
+
+
+# -- data shards ---------------------------------------------------------------------------------------
+
+def test_a_shard_set_on_s3_is_checked_and_read_as_the_local_one(s3, tmp_path, monkeypatch, capsys, no_ray):  # noqa: F811
+    """The same shard set on disk and in the bucket: the checks before a run and the reader give the
+    same manifest and arrays. A shard changed in the bucket, a missing bucket and wrong credentials
+    are each one error line naming the s3:// URL, before Ray."""
+    import numpy as np
+    from pyarrow import fs
+    from test_shards import digit_shards
+
+    from ditlab.config import DataSpec
+    from ditlab.data.shards import check_shard_set, load_split, read_manifest
+    from ditlab.storage import filesystem
+
+    local = digit_shards(tmp_path / "shards")
+    for name, value in s3.items():
+        monkeypatch.setenv(name, value)
+    monkeypatch.setenv("DITLAB_CACHE_DIR", str(tmp_path / "cache"))
+    monkeypatch.chdir(tmp_path)
+    url = f"s3://{BUCKET}/shards/digits"
+    bucket, path = filesystem(url)
+    fs.copy_files(str(local), path, destination_filesystem=bucket)
+    assert check_shard_set(DataSpec(format="shards", path=url, resolution=8)) == read_manifest(str(local))
+    for split in ("train", "test"):
+        (images, labels, _), (want_images, want_labels, _) = load_split(url, split), load_split(str(local), split)
+        assert np.array_equal(images, want_images) and np.array_equal(labels, want_labels)
+
+    def run_on(location: str) -> list[str]:
+        return ["run", str(TINY), "--set", "data.format=shards", "--set", f"data.path={location}",
+                "--set", "data.resolution=8"]
+
+    shard = bytearray((local / "test" / "00000.npz").read_bytes())
+    shard[len(shard) // 2] ^= 0xFF  # same size, another checksum
+    with bucket.open_output_stream(f"{path}/test/00000.npz") as out:
+        out.write(bytes(shard))
+    assert f"shard '{url}/test/00000.npz' does not match its checksum" in refused(run_on(url), capsys)
+    assert "data.path: s3://no-such-bucket/shards: bucket 'no-such-bucket' does not exist" in refused(
+        run_on("s3://no-such-bucket/shards"), capsys)
+    monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", "not-the-secret")
+    assert f"data.path: {url}: the credentials are refused" in refused(run_on(url), capsys)
+    assert not (tmp_path / "runs").exists()
 
 
 # -- the DVC remote -----------------------------------------------------------------------------------

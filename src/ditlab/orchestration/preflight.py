@@ -44,7 +44,13 @@ def check_shards(spec: ExperimentSpec) -> None:
     """The shard set fits the spec and every shard matches the manifest (data/shards.py: sizes
     always, sha256 once per shard version); streaming serves the tasks that train on the images."""
     from ditlab.data.shards import ShardError, check_shard_set
+    from ditlab.storage import StorageError, check_storage, is_remote
 
+    if is_remote(spec.data.path):  # a missing bucket or refused credentials, said as such
+        try:
+            check_storage("data.path", spec.data.path)
+        except StorageError as err:
+            raise PreflightError(str(err)) from None
     if spec.data.stream and (spec.latent.autoencoder or spec.task == "distillation"):
         raise PreflightError(f"data.format: shards stream images to tasks that train on them; task {spec.task}"
                              f"{' on latents' if spec.latent.autoencoder else ''} needs data.stream: false")
