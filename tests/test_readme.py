@@ -10,7 +10,8 @@ can, in README order:
   RAY_API_SERVER_ADDRESS): each must get past its local checks (spec, overrides, working
   directory) and fail only on the one-line "cannot reach" error naming that address;
 - `sample` and `evaluate` of image folders (e2e, `test_examples_run_in_readme_order`): for real,
-  one after the other, so an evaluation sees exactly what the README's sampling wrote;
+  one after the other, so an evaluation sees exactly what the README's sampling wrote; `inspect`
+  too (a few samples of the tiny run's checkpoint);
 - `evaluate` of a checkpoint and `restore`: parsed and checked statically (below); running them
   samples hundreds of images (test_e2e.py runs that path on the tiny run).
 
@@ -60,9 +61,10 @@ PAIRED_FOLDERS = ("restored/", "ground_truth/")
 # What each command gets here: see the module docstring.
 DRY_RUN = {"run", "train", "tune", "data prepare", "data encode"}
 CLUSTER = {"submit", "jobs"}
-RUN_IN_E2E = {"sample", "evaluate"}
+RUN_IN_E2E = {"sample", "evaluate", "inspect"}
 STATIC_ONLY = {"restore": "needs a restoration checkpoint, which no shared fixture trains",
-               "data add": "copies a folder into data/ and runs dvc add"}
+               "data add": "copies a folder into data/ and runs dvc add",
+               "augment": "samples N images a class and runs dvc add (tests/test_augment.py runs it)"}
 
 
 # --- reading the READMEs ----------------------------------------------------------------------
@@ -530,4 +532,4 @@ def test_examples_run_in_readme_order(tiny_run, mlflow_server, tmp_path):
         code, _, err = run_cli(argv, tmp_path, {"MLFLOW_TRACKING_URI": mlflow_server})
         assert code == 0, f"{command}: exit {code}: {err.strip()[-800:]}"
         ran.append(command.kind)
-    assert ran.count("sample") >= 2 and ran.count("evaluate") >= 3, ran
+    assert ran.count("sample") >= 2 and ran.count("evaluate") >= 3 and "inspect" in ran, ran

@@ -41,7 +41,7 @@ from torch import nn
 from ditlab.data import to_uint8
 from ditlab.diffusion import get_sampler, guided_denoiser
 
-# (images [S, C, H, W] in [-1, 1]) -> the same as uint8 [S, H, W, C]: a latent model's decoder in front.
+# A latent model's decoder: latents [S, c, h, w] -> images [S, C, H, W] in [-1, 1].
 Decoder = Callable[[torch.Tensor], torch.Tensor]
 DEFAULT_SAMPLES = 3
 DEFAULT_TIMESTEPS = 4  # chosen timesteps of attention_timesteps.png
@@ -155,7 +155,7 @@ def trace(model: nn.Module, diffusion, labels: torch.Tensor, sampler: str = "ddi
     recorder = _Recorder([p for make in PROBE_FACTORIES for p in make(model)], keep=len(labels))
     timesteps, x0s = [], []
 
-    def recorded(x_t, t):
+    def recorded(x_t, t):  # every sampler here makes one network evaluation a step
         recorder.new_step()
         timesteps.append(int(t[0]))
         return denoise(x_t, t)
