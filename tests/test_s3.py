@@ -23,7 +23,7 @@ from pathlib import Path
 
 import pytest
 
-from conftest import ROOT, free_port
+from conftest import ROOT, free_port, mlflow_web, run_cli_json
 from test_bad_input import no_ray, refused  # noqa: F401 (no_ray is a fixture)
 
 BUCKET = "ditlab"
@@ -188,3 +188,68 @@ def test_dvc_remote_on_s3_push_clone_pull_and_nothing_to_repro(s3, tmp_path):
     assert UP_TO_DATE in clone.dvc("repro")
     tracked = [p for p in clone.path.rglob("*") if p.is_file() and ".git" not in p.parts and "cache" not in p.parts]
     assert not [str(p) for p in tracked if s3["AWS_SECRET_ACCESS_KEY"].encode() in p.read_bytes()]
+
+
+# -- Ray Train checkpoints and MLflow artifacts --------------------------------------------------------
+
+@pytest.mark.e2e
+def test_a_run_on_s3_interrupted_and_resumed_keeps_every_file_there_and_no_secret_anywhere(
+        s3, ray_session, tmp_path, monkeypatch):
+    """`ditlab train --storage s3://ditlab/runs`, tracked on an MLflow server whose artifacts go to
+    s3://ditlab/mlartifacts. Its driver (a process joined to this session's Ray) is killed with
+    SIGKILL once Ray Train has recorded a checkpoint on s3://: nothing of the run is on this
+    machine. The same command again, with steps 1-2 now poisoned (NaN), resumes from the
+    checkpoint on s3:// (no step skipped: 1-2 were not trained again) into the same MLflow run, and
+    ends with every file of the run folder and every MLflow artifact in the bucket."""
+    from mlflow.tracking import MlflowClient
+
+    for name, value in s3.items():  # this process's, the MLflow server's and the killed driver's
+        monkeypatch.setenv(name, value)
+    root = tmp_path / "mlflow"
+    root.mkdir()
+    args = ["train", str(TINY), "--storage", f"s3://{BUCKET}/runs", "--name", "resumed", "--no-progress",
+            "--json", "--set", "train.steps=6", "--set", "train.log_every=1", "--set", "train.checkpoint_every=2",
+            "--set", "resources.num_workers=1"]
+    with mlflow_web("server", root, "--workers", "1", "--artifacts-destination", f"s3://{BUCKET}/mlartifacts") as uri:
+        env = {**os.environ, "RAY_ADDRESS": ray_session.get_runtime_context().gcs_address, "RAY_AUTH_MODE": "token",
+               "MLFLOW_TRACKING_URI": uri, "DITLAB_FAULT_STEP_SECONDS": "1"}
+        driver = subprocess.Popen([str(Path(sys.executable).parent / "ditlab"), *args], cwd=tmp_path, env=env,
+                                  stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+        try:
+            deadline = time.monotonic() + 180
+            while "runs/resumed/checkpoint_manager_snapshot.json" not in objects(s3, "runs/resumed/"):
+                assert driver.poll() is None and time.monotonic() < deadline, "no checkpoint recorded"
+                time.sleep(0.2)
+        finally:
+            driver.kill()
+            first_output = driver.communicate()[1]
+        stored = objects(s3, "runs/resumed/")
+        assert "runs/resumed/tracking.json" in stored and "runs/resumed/result.json" not in stored, first_output
+        run_id = json.loads(stored["runs/resumed/tracking.json"])["run_id"]
+
+        summary = run_cli_json(args, tmp_path, uri, env={"DITLAB_FAULT_NAN_AT_STEPS": "1-2"})
+        assert summary["mlflow_run_id"] == run_id
+        assert summary["run_dir"] == f"s3://{BUCKET}/runs/resumed"
+        assert summary["checkpoint"] == f"s3://{BUCKET}/runs/resumed/checkpoint_000006"
+        mlflow = MlflowClient(tracking_uri=uri)
+        assert mlflow.get_run(run_id).info.status == "FINISHED"
+        assert sorted(m.step for m in mlflow.get_metric_history(run_id, "train/loss")) == [1, 2, 3, 4, 5, 6]
+        assert not mlflow.get_metric_history(run_id, "train/skipped_steps"), "steps 1-2 were trained again"
+
+    stored = objects(s3, "")
+    for name in ("spec.yaml", "tracking.json", "result.json", "checkpoint_000006/checkpoint.pt"):
+        assert f"runs/resumed/{name}" in stored, name
+    artifacts = [k for k in stored if k.startswith("mlartifacts/")]
+    assert any(k.endswith(f"{run_id}/artifacts/result.json") for k in artifacts), artifacts
+    assert any(k.endswith("figures/loss_curve.png") for k in artifacts), artifacts
+    assert not (root / "artifacts").exists(), "MLflow's artifacts went to the bucket"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["mlflow"], "no run folder here"
+
+    secret = s3["AWS_SECRET_ACCESS_KEY"].encode()
+    ray_logs = Path(ray_session._private.worker._global_node.get_logs_dir_path())
+    places = {f"s3://{k}": v for k, v in stored.items()}
+    places["ditlab output"] = (first_output + json.dumps(summary)).encode()
+    for folder in (root, ray_logs):  # the MLflow store and its log, Ray's logs
+        places.update({str(p): p.read_bytes() for p in folder.rglob("*") if p.is_file() and not p.is_symlink()})
+    assert any(run_id.encode() in blob for where, blob in places.items() if "mlflow.db" in where), "store read"
+    assert [where for where, blob in places.items() if secret in blob] == []
