@@ -111,6 +111,16 @@ def test_unusable_storage_is_one_error_line_naming_the_url_before_anything_start
     assert not objects(s3, "runs/"), "nothing written to the bucket"
 
 
+@pytest.mark.parametrize("argv", [["tune", str(ROOT / "experiments" / "sweeps" / "quickstart.yaml"), "--storage"],
+                                  ["train", str(TINY), "--export"]])
+def test_options_that_take_a_local_folder_refuse_an_s3_url(argv, tmp_path, monkeypatch, capsys, no_ray):  # noqa: F811
+    """Only run/train --storage take object storage; elsewhere s3://... would become a local folder 's3:'."""
+    monkeypatch.chdir(tmp_path)
+    line = refused([*argv, f"s3://{BUCKET}/x"], capsys)
+    assert f"{argv[-1]}: 's3://{BUCKET}/x' is a URL; this option takes a local folder" in line
+    assert list(tmp_path.iterdir()) == []
+
+
 # -- data shards ---------------------------------------------------------------------------------------
 
 def test_a_shard_set_on_s3_is_checked_and_read_as_the_local_one(s3, tmp_path, monkeypatch, capsys, no_ray):  # noqa: F811

@@ -68,7 +68,11 @@ def safe_name(flag: str, name: str | None) -> str | None:
 
 def writable_folder(flag: str, path: str) -> Path:
     """`path` as a folder to create or write into: a file in its place, or in place of one of its
-    parents, is refused by name before anything is written."""
+    parents, is refused by name before anything is written; so is a URL (only `ditlab run` and
+    `ditlab train` take object storage: their --storage s3://...)."""
+    if "://" in str(path):
+        raise BadInput(f"{flag}: {path!r} is a URL; this option takes a local folder (object storage is for "
+                       "`ditlab run` and `ditlab train --storage s3://...`)")
     p = Path(path)
     existing = next((q for q in (p, *p.parents) if q.exists()), None)
     if existing is not None and not existing.is_dir():
