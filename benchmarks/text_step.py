@@ -33,7 +33,8 @@ for r in range(6):
         opt.zero_grad()
         loss.backward()
         opt.step()
-        if r: times[k].append(time.perf_counter() - tic)
+        if r:  # round 0 warms up
+            times[k].append(time.perf_counter() - tic)
 for k in models:
     n = sum(p.numel() for p in models[k][0].parameters())
     print(f"{k}: {statistics.median(times[k])*1000:.1f} ms/step, {n/1e6:.2f}M parameters")
