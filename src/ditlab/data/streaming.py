@@ -90,9 +90,10 @@ class StreamBatches:
         if step != self._step:
             raise RuntimeError(f"stream batches are drawn in order: asked for step {step} at {self._step}")
         batch = self._next()
-        images = torch.from_numpy(np.ascontiguousarray(batch["image"].transpose(0, 3, 1, 2)))
-        return (images.float() / 127.5 - 1.0, torch.from_numpy(batch["label"]).long(),
-                torch.from_numpy(batch["index"]).long())
+        # Copied, not shared: Ray hands out read-only arrays, which torch will not wrap.
+        images = torch.from_numpy(np.array(batch["image"].transpose(0, 3, 1, 2), order="C"))
+        return (images.float() / 127.5 - 1.0, torch.tensor(batch["label"], dtype=torch.long),
+                torch.tensor(batch["index"], dtype=torch.long))
 
 
 def stream_length(data_spec) -> tuple[int, int]:

@@ -104,7 +104,7 @@ def training_stream(spec: ExperimentSpec) -> ray.data.Dataset:
                        spec.resources.num_workers)
     return ray.data.from_items(rows, override_num_blocks=len(rows)).map_batches(
         ReadShard(location, entries, spec.seed), batch_size=1, batch_format="numpy", num_cpus=0,
-        concurrency=spec.data.read_parallelism)
+        compute=ray.data.TaskPoolStrategy(size=spec.data.read_parallelism))
 
 
 def build_trainer(spec: ExperimentSpec, *, name: str, storage: str | Path, callbacks: list,
