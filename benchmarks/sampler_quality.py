@@ -40,7 +40,7 @@ def main() -> None:
         sampler, steps = run.split(":")
         ev = ckpt.spec.evaluation.model_copy(update={"sampler": sampler, "steps": int(steps),
                                                      "num_samples": args.num, "metrics": metrics})
-        figures = score_samples(ckpt, ev).figures
+        figures = score_samples(ckpt, ev, progress=True).figures
         rows.append({"sampler": sampler, "steps": int(steps), "fid": figures["fid"],
                      "accuracy": figures.get("conditional_accuracy", float("nan")),
                      "seconds": figures["eval_sampling_seconds"]})

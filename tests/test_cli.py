@@ -25,7 +25,7 @@ def leaf_parsers(parser: argparse.ArgumentParser, path=()):
 def test_every_command_takes_json_and_verbose():
     commands = dict(leaf_parsers(cli.build_parser()))
     assert {c[0] for c in commands} == {"run", "train", "data", "sample", "restore", "evaluate", "inspect",
-                                        "augment", "submit", "jobs", "tune"}
+                                        "augment", "convert", "submit", "jobs", "tune"}
     for words, parser in commands.items():
         flags = {opt for action in parser._actions for opt in action.option_strings}
         assert "--verbose" in flags, words

@@ -4,6 +4,8 @@ an all-zero adaLN-Zero initialisation."""
 
 from __future__ import annotations
 
+import json
+
 import pytest
 import torch
 
@@ -92,19 +94,30 @@ def test_facebook_layout_differs_only_in_the_patch_embedder(model, inputs, tmp_p
     assert torch.equal(outputs(load_dit(tmp_path / "0000100.pt"), inputs), expected)
 
 
-def test_a_ditlab_checkpoint_loads_its_ema_weights_and_converts():
-    checkpoint = ROOT / "tests" / "data" / "legacy_checkpoint" / "checkpoint.pt"
-    model = load_dit(checkpoint)
+def test_ditlab_convert_writes_a_checkpoints_ema_weights_in_both_layouts(tmp_path, capsys):
+    from ditlab import cli
+    from ditlab.models.convert import from_ditlab
     from ditlab.training.checkpoint import load_bundle
 
+    checkpoint = ROOT / "tests" / "data" / "legacy_checkpoint" / "checkpoint.pt"
+    model = from_ditlab(load_bundle(checkpoint))
     ema = load_bundle(checkpoint)["ema"]["model"]
     assert torch.equal(model.blocks[0].attn.qkv.weight, ema["blocks.0.attn.qkv.weight"])
-    g = torch.Generator().manual_seed(3)
     c = model.config
-    x = torch.randn(2, c.in_channels, c.input_size, c.input_size, generator=g)
+    x = torch.randn(2, c.in_channels, c.input_size, c.input_size, generator=torch.Generator().manual_seed(3))
     args = (x, torch.tensor([3, 700]), torch.tensor([0, 1]))
-    with torch.no_grad():
-        assert (to_diffusers(model)(*args).sample - model(*args)).abs().max().item() <= TOLERANCE
+    expected = outputs(model, args)
+    for layout, out in (("diffusers", tmp_path / "dit"), ("facebook", tmp_path / "dit.pt")):
+        assert cli.main(["convert", str(checkpoint.parent), "--to", layout, "--out", str(out), "--json"]) == 0
+        result = json.loads(capsys.readouterr().out)
+        assert result["source_layout"] == "ditlab" and result["out"] == str(out)
+        assert (outputs(load_dit(out), args) - expected).abs().max().item() <= TOLERANCE
+    # Back from facebook's layout to diffusers': the source is read as what it is.
+    assert cli.main(["convert", str(tmp_path / "dit.pt"), "--to", "diffusers", "--out", str(tmp_path / "d2")]) == 0
+    assert (outputs(load_dit(tmp_path / "d2"), args) - expected).abs().max().item() <= TOLERANCE
+    capsys.readouterr()
+    assert cli.main(["convert", str(checkpoint), "--to", "facebook", "--out", str(tmp_path / "dit.pt")]) == 2
+    assert capsys.readouterr().err.startswith("ditlab: error: --out: ")
 
 
 def test_weights_that_are_not_a_dit_are_refused_by_name(tmp_path):
@@ -113,3 +126,6 @@ def test_weights_that_are_not_a_dit_are_refused_by_name(tmp_path):
         load_dit(tmp_path / "other.pt")
     with pytest.raises(ConversionError, match="no such file"):
         load_dit(tmp_path / "missing.pt")
+    (tmp_path / "notes.pt").write_text("not a tensor file")
+    with pytest.raises(ConversionError, match="not a torch state dict"):
+        load_dit(tmp_path / "notes.pt")

@@ -22,13 +22,13 @@ import argparse
 import sys
 from types import SimpleNamespace
 
-from ditlab.cli import augment, cluster, data, evaluate, inspect, restore, run, sample, tune
+from ditlab.cli import augment, cluster, convert, data, evaluate, inspect, restore, run, sample, tune
 from ditlab.cli.common import (EXIT_BAD_INPUT, BadInput, address_flag, dry_run_flag, json_flag, overrides_flag,
                                parent, progress_flag, verbose_flag)
 from ditlab.config import SpecError
 from ditlab.orchestration.console import configure_console
 
-COMMAND_MODULES = (run, data, sample, restore, evaluate, inspect, augment, cluster, tune)
+COMMAND_MODULES = (run, data, sample, restore, evaluate, inspect, augment, convert, cluster, tune)
 
 
 def _spec_positional(p: argparse.ArgumentParser) -> None:

@@ -14,8 +14,9 @@ Two layouts exist in the wild:
   We keep the last two as `DiTConfig.frequency_shift` and `mlp_norm_eps`, so a converted model
   computes what its source computed, to float rounding.
 
-`load_dit(path)` reads any of the three (ours being a ditlab checkpoint bundle) and `save_dit`
-writes any of them. diffusers is needed only for its own layout: `pip install 'ditlab[bench]'`.
+`load_dit(path)` reads either, `save_dit` writes either, `from_ditlab` takes a loaded ditlab
+checkpoint bundle; `ditlab convert` does it all from the command line. diffusers is needed only
+for its own layout: `pip install 'ditlab[bench]'`.
 """
 
 from __future__ import annotations
@@ -193,6 +194,16 @@ def from_diffusers(peer) -> DiT:
     return model.eval()
 
 
+def from_ditlab(bundle: dict) -> DiT:
+    """The EMA weights (what it samples with) of a loaded ditlab checkpoint bundle, as a DiT."""
+    try:
+        model = DiT(DiTConfig(**bundle["model_config"]))
+    except TypeError:
+        raise ConversionError("the checkpoint's model is not a DiT (an autoencoder?)") from None
+    model.load_state_dict(bundle["ema"]["model"])
+    return model.eval()
+
+
 # -- files -------------------------------------------------------------------------------------------
 
 def detect_layout(path: str | Path) -> str:
@@ -208,8 +219,7 @@ def detect_layout(path: str | Path) -> str:
 
 
 def load_dit(path: str | Path, layout: str | None = None, num_heads: int | None = None) -> DiT:
-    """The DiT stored at `path` in any layout (`layout` None: detected); the EMA weights of a ditlab
-    checkpoint, the ones it samples with."""
+    """The DiT stored at `path` in the facebook or diffusers layout (`layout` None: detected)."""
     layout = layout or detect_layout(path)
     if layout == "diffusers":
         peer = _diffusers().from_pretrained(str(path))
@@ -219,15 +229,8 @@ def load_dit(path: str | Path, layout: str | None = None, num_heads: int | None 
                 block.norm1.emb.time_proj.downscale_freq_shift = json.loads(sidecar.read_text())["frequency_shift"]
         return from_diffusers(peer)
     if layout == "ditlab":
-        from ditlab.training.checkpoint import load_bundle  # checks the bundle's format and checksum
-
-        bundle = load_bundle(path)
-        try:
-            model = DiT(DiTConfig(**bundle["model_config"]))
-        except TypeError:
-            raise ConversionError(f"{path}: the checkpoint's model is not a DiT") from None
-        model.load_state_dict(bundle["ema"]["model"])
-        return model.eval()
+        raise ConversionError(f"{path} is a ditlab checkpoint: read it with ditlab.training.load_bundle and "
+                              "from_ditlab (checksum checked), or convert it with `ditlab convert`")
     if layout == "facebook":
         obj = _torch_load(Path(path))
         # A released model is the state dict itself; a checkpoint of DiT's train.py holds it as "ema".
@@ -253,7 +256,10 @@ def save_dit(model: DiT, path: str | Path, layout: str) -> Path:
 
 
 def _torch_load(path: Path) -> dict:
-    obj = torch.load(path, map_location="cpu", weights_only=True)
+    try:
+        obj = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as err:  # torch raises several types for files that are not its own
+        raise ConversionError(f"{path}: not a torch state dict or checkpoint ({type(err).__name__})") from None
     if not isinstance(obj, dict):
         raise ConversionError(f"{path}: not a state dict or checkpoint")
     return obj
