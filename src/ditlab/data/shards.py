@@ -117,8 +117,8 @@ def _write_shard(out_dir: Path, split: str, index: int, images: np.ndarray, labe
 def shards_from_folder(src: str | Path, out_dir: str | Path, resolution: int, channels: int, shard_size: int,
                        test_fraction: float, split_seed: int, extra: dict | None = None) -> dict:
     """An image folder (one subfolder per class) as a shard set: the stratified split of
-    `ditlab.data.stratified_split`, images center-cropped and resized as training would, decoded one
-    shard at a time (memory: one shard, not the folder)."""
+    `ditlab.data.stratified_split` (the train split in a seeded random order), images center-cropped
+    and resized as training would, decoded one shard at a time (memory: one shard, not the folder)."""
     import torch
 
     from ditlab.data import stratified_split, to_uint8
@@ -126,6 +126,9 @@ def shards_from_folder(src: str | Path, out_dir: str | Path, resolution: int, ch
 
     files, labels, classes = scan_image_folder(src)
     train, test = stratified_split(labels, test_fraction, split_seed)
+    # The folder lists images class by class; the stream shuffles whole shards, so each shard must
+    # already be a random mix of the classes (else a batch would hold one or two classes).
+    train = np.random.default_rng([split_seed, 1]).permutation(train)
 
     def chunks(indices: np.ndarray) -> Iterator[tuple[np.ndarray, np.ndarray]]:
         for start in range(0, len(indices), shard_size):
