@@ -207,7 +207,8 @@ class GenerationTask(Task):
 
 
 def captioned_validation_set(spec: ExperimentSpec, config, val: ValidationSet | None) -> ValidationSet | None:
-    """A text model's validation set: each image's first training caption in place of its label."""
+    """A text model's validation set: the first training phrasing of each image's class in place of its
+    label (fixed, so val_loss compares across steps; a folder's captions.jsonl is not used here)."""
     if val is None:
         return None
     from ditlab.data.captions import TRAIN_PHRASINGS, CaptionBank, class_names, fill
