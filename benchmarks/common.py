@@ -14,7 +14,7 @@ import statistics
 import sys
 import time
 from collections.abc import Callable
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 
 import torch
 from torch.utils.flop_counter import FlopCounterMode, sdpa_backward_flop_count, sdpa_flop_count
@@ -71,7 +71,7 @@ def header(title: str) -> str:
     gpu = torch.cuda.get_device_name() if torch.cuda.is_available() else "no GPU"
     return (f"# {title}\n# command: python {command}\n# machine: {os.cpu_count()} CPUs ({cpu}), {gpu}, "
             f"torch {torch.__version__}, {torch.get_num_threads()} threads\n"
-            f"# date: {datetime.now(timezone.utc):%Y-%m-%d %H:%M} UTC")
+            f"# date: {datetime.now(UTC):%Y-%m-%d %H:%M} UTC")
 
 
 def table(rows: list[dict], columns: list[str]) -> str:
@@ -81,6 +81,6 @@ def table(rows: list[dict], columns: list[str]) -> str:
 
     cells = [[cell(r.get(c, "")) for c in columns] for r in rows]
     widths = [max(len(c), *(len(row[i]) for row in cells)) for i, c in enumerate(columns)]
-    lines = ["  ".join(c.ljust(w) for c, w in zip(columns, widths))]
-    lines += ["  ".join(v.ljust(w) for v, w in zip(row, widths)) for row in cells]
+    lines = ["  ".join(c.ljust(w) for c, w in zip(columns, widths, strict=True))]
+    lines += ["  ".join(v.ljust(w) for v, w in zip(row, widths, strict=True)) for row in cells]
     return "\n".join(lines)
