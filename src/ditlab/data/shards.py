@@ -16,7 +16,8 @@ and endpoint from the standard AWS variables), so the same code runs on a laptop
 Checksums: a shard's bytes must hash to the manifest's sha256. Checking every shard on every start
 would read the whole set (1.5 GB for 500k CIFAR-size images), so `check_shard_set` compares sizes
 always (one listing) and hashes a shard only when its (URI, size, mtime) has not been verified
-before on this machine (a small JSON cache under $DITLAB_CACHE_DIR). Each worker also hashes every
+before on this machine (a small JSON cache under $DITLAB_CACHE_DIR; a file modified less than 2 s
+before its check is not cached, since S3 keeps mtimes to the second). Each worker also hashes every
 shard it reads (the bytes are in memory then; about 1 s per GB), so a shard changed behind the
 cache's back fails its reader rather than training on wrong data.
 """
@@ -27,6 +28,7 @@ import hashlib
 import io
 import json
 import os
+import time
 from collections.abc import Iterable, Iterator
 from pathlib import Path
 
@@ -215,6 +217,9 @@ def check_shard_set(data_spec) -> dict:
     return manifest
 
 
+RACY_NS = 2_000_000_000  # files modified this recently are hashed again at the next check
+
+
 def _check_entry(location: str, entry: dict, cache: _VerifiedCache) -> None:
     from pyarrow import fs
 
@@ -229,7 +234,10 @@ def _check_entry(location: str, entry: dict, cache: _VerifiedCache) -> None:
     if not cache.has(key):
         if hashlib.sha256(read_bytes(where)).hexdigest() != entry["sha256"]:
             raise ShardError(f"shard {where!r} does not match its checksum in the manifest")
-        cache.add(key)
+        # A shard rewritten within its store's mtime resolution (a second on S3) after this check would
+        # keep its key: trust the hash only for files older than that ("racily clean", as git does).
+        if time.time_ns() - info.mtime_ns > RACY_NS:
+            cache.add(key)
 
 
 class _VerifiedCache:
