@@ -5,11 +5,9 @@ STAMP := $(VENV)/.ditlab-installed
 
 .PHONY: quickstart test test-fast lint pipeline clean-runs
 
-# --no-compile: pip would byte-compile every installed file (torch, ray: 50 s of a 141 s install
-# here); Python compiles the modules it imports on first use instead.
 $(STAMP): pyproject.toml
 	test -x $(VENV)/bin/python || $(PYTHON) -m venv $(VENV)
-	$(VENV)/bin/pip install --no-compile -e '.[dev]'
+	$(VENV)/bin/pip install -e '.[dev]'
 	touch $(STAMP)
 
 ## quickstart: train, sample and evaluate the quickstart spec on the embedded digits data
