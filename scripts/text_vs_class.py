@@ -23,7 +23,7 @@ from ditlab.atomic import write_json
 from ditlab.data import to_uint8
 from ditlab.data.captions import TRAIN_PHRASINGS, CaptionBank, class_names, fill
 from ditlab.evaluation.images import as_rgb_uint8
-from ditlab.evaluation.plots import _atomic_savefig, _pyplot
+from ditlab.evaluation.plots import pyplot, save_png
 from ditlab.evaluation.suite import dataset_reference
 from ditlab.sampling import balanced_labels, generate, load_for_sampling
 
@@ -62,7 +62,7 @@ def compare(text_run: Path, class_run: Path, num: int) -> list[dict]:
 
 
 def plot(rows: list[dict], path: Path, num: int, settings: str) -> Path:
-    plt = _pyplot()
+    plt = pyplot()
     fig, ax = plt.subplots(figsize=(6, 4))
     names = {"text_unseen_phrasings": "text, unseen phrasings", "text_training_phrasings": "text, training phrasings",
              "class_labels": "class labels"}
@@ -76,7 +76,7 @@ def plot(rows: list[dict], path: Path, num: int, settings: str) -> Path:
     ax.grid(alpha=0.3)
     ax.legend(fontsize=8, loc="lower right")
     ax.set_title(f"Text vs class conditioning, same steps ({settings})", fontsize=9)
-    path = _atomic_savefig(fig, path)
+    path = save_png(fig, path)
     plt.close(fig)
     return path
 

@@ -40,6 +40,7 @@ from torch import nn
 
 from ditlab.data import to_uint8
 from ditlab.diffusion import get_sampler, guided_denoiser
+from ditlab.evaluation.plots import pyplot, save_png
 
 # A latent model's decoder: latents [S, c, h, w] -> images [S, C, H, W] in [-1, 1].
 Decoder = Callable[[torch.Tensor], torch.Tensor]
@@ -188,21 +189,9 @@ def chosen_steps(total: int, count: int) -> list[int]:
 # -- figures ---------------------------------------------------------------------------------------
 
 
-def _pyplot():
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    return plt
-
-
 def _save(fig, path: Path) -> Path:
-    from ditlab.atomic import atomic_path
-
-    with atomic_path(path) as tmp:
-        fig.savefig(tmp, format="png", dpi=110, bbox_inches="tight")
-    _pyplot().close(fig)
+    save_png(fig, path)
+    pyplot().close(fig)
     return path
 
 
@@ -247,7 +236,7 @@ def attention_grid_figure(maps: np.ndarray, headers: list[np.ndarray], header_ti
     from matplotlib.cm import ScalarMappable
     from matplotlib.colors import Normalize
 
-    plt = _pyplot()
+    plt = pyplot()
     groups, layers, heads = maps.shape[:3]
     vmax = max(float(maps.max()), 1e-12)
     canvas = attention_canvas(maps, headers, vmax)
@@ -297,7 +286,7 @@ def save_attention_timesteps(tr: Trace, path: Path, count: int = DEFAULT_TIMESTE
 
 def save_trajectory(tr: Trace, path: Path, count: int = DEFAULT_TRAJECTORY) -> Path:
     """One row per sample: the predicted x0 at `count` steps, then the final sample."""
-    plt = _pyplot()
+    plt = pyplot()
     picked = chosen_steps(len(tr.timesteps), count)
     rows, cols = len(tr.labels), len(picked) + 1
     fig, axes = plt.subplots(rows, cols, figsize=(0.9 * cols + 0.6, 0.9 * rows + 0.6), squeeze=False)
@@ -319,7 +308,7 @@ def save_token_attention(maps: np.ndarray, tokens: list[str], images: np.ndarray
                          title: str = "cross-attention per caption token") -> Path:
     """For text conditioning: maps [S, tokens, g, g] (how much each image patch attends to each
     caption token), one row per sample, its image first, one column per token."""
-    plt = _pyplot()
+    plt = pyplot()
     rows, cols = maps.shape[0], maps.shape[1] + 1
     fig, axes = plt.subplots(rows, cols, figsize=(0.9 * cols + 1.0, 0.9 * rows + 0.6), squeeze=False)
     vmax = float(maps.max())

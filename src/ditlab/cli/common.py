@@ -103,6 +103,16 @@ def stdout_for(args) -> Iterator[None]:
         yield
 
 
+def check_sampling_flags(args) -> None:
+    """--steps, --guidance and --seed of the commands that sample (sample, inspect)."""
+    if args.steps is not None and args.steps < 1:
+        raise BadInput(f"--steps: must be at least 1, got {args.steps}")
+    if args.guidance is not None and not 0 <= args.guidance < float("inf"):
+        raise BadInput(f"--guidance: must be a finite number >= 0, got {args.guidance}")
+    if args.seed is not None and not 0 <= args.seed < 2**32:
+        raise BadInput(f"--seed: must be in [0, 2**32), got {args.seed}")
+
+
 def emit(args, result, text: str) -> None:
     """The command's result: JSON on stdout with --json, else `text`."""
     print(json.dumps(result, sort_keys=True) if args.json else text)

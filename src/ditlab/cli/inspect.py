@@ -8,7 +8,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from ditlab.cli.common import BadInput, emit, fresh_output_folder
+from ditlab.cli.common import BadInput, check_sampling_flags, emit, fresh_output_folder
 from ditlab.config import SAMPLING_TASKS
 
 MANIFEST = "inspect.json"
@@ -58,12 +58,7 @@ def check_flags(args) -> None:
     """The flags that need no checkpoint, checked before anything loads or is written."""
     if not 1 <= args.num <= 16:
         raise BadInput(f"--num: must be in [1, 16] (a few samples to look at), got {args.num}")
-    if args.steps is not None and args.steps < 1:
-        raise BadInput(f"--steps: must be at least 1, got {args.steps}")
-    if args.guidance is not None and not 0 <= args.guidance < float("inf"):
-        raise BadInput(f"--guidance: must be a finite number >= 0, got {args.guidance}")
-    if args.seed is not None and not 0 <= args.seed < 2**32:
-        raise BadInput(f"--seed: must be in [0, 2**32), got {args.seed}")
+    check_sampling_flags(args)
     fresh_output_folder("--out", args.out, MANIFEST)
 
 

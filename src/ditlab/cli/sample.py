@@ -5,7 +5,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from ditlab.cli.common import BadInput, emit, fresh_output_folder
+from ditlab.cli.common import BadInput, check_sampling_flags, emit, fresh_output_folder
 from ditlab.config import SAMPLING_TASKS, load
 
 
@@ -48,14 +48,9 @@ def parse_labels(text: str | None, num_classes: int) -> list[int] | None:
 
 def check_flags(args) -> None:
     """The flags that need no checkpoint, checked before anything loads or is written."""
-    if args.steps is not None and args.steps < 1:
-        raise BadInput(f"--steps: must be at least 1, got {args.steps}")
     if args.num is not None and args.num < 1:
         raise BadInput(f"--num: must be at least 1, got {args.num}")
-    if args.guidance is not None and not 0 <= args.guidance < float("inf"):
-        raise BadInput(f"--guidance: must be a finite number >= 0, got {args.guidance}")
-    if args.seed is not None and not 0 <= args.seed < 2**32:
-        raise BadInput(f"--seed: must be in [0, 2**32), got {args.seed}")
+    check_sampling_flags(args)
     if args.prompt and not all(p.strip() for p in args.prompt):
         raise BadInput("--prompt: empty caption")
     if args.prompt and args.labels:

@@ -9,7 +9,8 @@ import numpy as np
 from ditlab.atomic import atomic_path
 
 
-def _pyplot():
+def pyplot():
+    """matplotlib.pyplot on the Agg backend (no display), imported on first use."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -18,7 +19,8 @@ def _pyplot():
     return plt
 
 
-def _atomic_savefig(fig, path: Path) -> Path:
+def save_png(fig, path: Path) -> Path:
+    """Write `fig` to `path` as PNG atomically (temp file, then rename)."""
     with atomic_path(path) as tmp:
         fig.savefig(tmp, format="png", dpi=110, bbox_inches="tight")
     return path
@@ -39,7 +41,7 @@ def save_sample_grid(images_uint8: np.ndarray, path: str | Path, title: str = ""
                      nrow: int = 10) -> Path:
     """The first `limit` samples, `nrow` a row; with balanced labels 0..K-1 and 10 a row each column
     is one class."""
-    plt = _pyplot()
+    plt = pyplot()
     images_uint8 = images_uint8[:limit]
     nrow = min(nrow, len(images_uint8))
     canvas = grid(images_uint8, nrow)
@@ -49,14 +51,14 @@ def save_sample_grid(images_uint8: np.ndarray, path: str | Path, title: str = ""
     ax.set_axis_off()
     if title:
         ax.set_title(title)
-    path = _atomic_savefig(fig, Path(path))
+    path = save_png(fig, Path(path))
     plt.close(fig)
     return path
 
 
 def save_loss_curve(history: list[dict], path: str | Path) -> Path:
     """Training loss per logged step; with a learned variance also its two terms (mse, vb)."""
-    plt = _pyplot()
+    plt = pyplot()
     fig, ax = plt.subplots(figsize=(6, 3.5))
     steps = [h["step"] for h in history]
     keys = ("loss", "mse", "vb") if history and "vb" in history[0] else ("loss",)
@@ -68,7 +70,7 @@ def save_loss_curve(history: list[dict], path: str | Path) -> Path:
     ax.set_yscale("log")
     ax.grid(alpha=0.3)
     ax.legend()
-    path = _atomic_savefig(fig, Path(path))
+    path = save_png(fig, Path(path))
     plt.close(fig)
     return path
 
@@ -77,7 +79,7 @@ def save_trial_curves(curves: list[dict], path: str | Path, metric: str, title: 
     """A sweep's comparison figure: `metric` over steps, one line per trial. Each curve is
     {"label", "steps", "values", "state"}; stopped trials end with a cross, failed ones dashed, and
     the curve labelled best (state "best") is drawn thick."""
-    plt = _pyplot()
+    plt = pyplot()
     fig, ax = plt.subplots(figsize=(7, 4))
     for curve in curves:
         if not curve["steps"]:
@@ -97,7 +99,7 @@ def save_trial_curves(curves: list[dict], path: str | Path, metric: str, title: 
     ax.legend(fontsize=7, loc="upper right", ncol=1 if len(curves) <= 8 else 2)
     if title:
         ax.set_title(title)
-    path = _atomic_savefig(fig, Path(path))
+    path = save_png(fig, Path(path))
     plt.close(fig)
     return path
 
@@ -107,7 +109,7 @@ def save_steps_comparison(rows: list[dict], path: str | Path,
     """Figures against sampling steps, one line per model: a distilled student and its teacher.
     Each row is {"model", "steps", "seconds_per_100", <metric>: value, ...}; the legend gives each
     model's sampling time per 100 images at its fewest and most steps."""
-    plt = _pyplot()
+    plt = pyplot()
     metrics = tuple(m for m in metrics if any(m in r for r in rows))
     fig, axes = plt.subplots(1, len(metrics), figsize=(5 * len(metrics), 3.5), squeeze=False)
     models = list(dict.fromkeys(r["model"] for r in rows))
@@ -129,6 +131,6 @@ def save_steps_comparison(rows: list[dict], path: str | Path,
         ax.legend(fontsize=7, loc="upper center", bbox_to_anchor=(0.5, -0.2))  # below: never over a point
     if title:
         fig.suptitle(title)
-    path = _atomic_savefig(fig, Path(path))
+    path = save_png(fig, Path(path))
     plt.close(fig)
     return path
