@@ -51,7 +51,9 @@ def check_shards(spec: ExperimentSpec) -> None:
             check_storage("data.path", spec.data.path)
         except StorageError as err:
             raise PreflightError(str(err)) from None
-    if spec.data.stream and (spec.latent.autoencoder or spec.task == "distillation"):
+    from ditlab.training.tasks import task_class
+
+    if spec.data.stream and not task_class(spec.task).streams(spec):
         raise PreflightError(f"data.format: shards stream images to tasks that train on them; task {spec.task}"
                              f"{' on latents' if spec.latent.autoencoder else ''} needs data.stream: false")
     try:

@@ -60,6 +60,12 @@ class Task(ABC):
         return None
 
     @classmethod
+    def streams(cls, spec: ExperimentSpec) -> bool:
+        """Whether the task can train on a shard set streamed through Ray Data (data.format: shards):
+        it must train on the images themselves, one batch at a time."""
+        return not spec.latent.autoencoder
+
+    @classmethod
     def training_data(cls, spec: ExperimentSpec) -> ImageDataset:
         """What the loop draws batches from: the train split of the spec's data (a latent
         generation spec: its encoded latents)."""

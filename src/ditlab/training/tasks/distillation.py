@@ -118,6 +118,10 @@ class DistillationTask(GenerationTask):
         self._enter_round()
 
     @classmethod
+    def streams(cls, spec: ExperimentSpec) -> bool:
+        return False  # students train on the teacher's samples of the images held in memory
+
+    @classmethod
     def preflight(cls, spec: ExperimentSpec) -> None:
         open_teacher(spec)
 
