@@ -130,14 +130,15 @@ def mlflow_server(tmp_path_factory):
         yield ServerURI(uri, root)
 
 
-# The one `ditlab run` that test_e2e.py and test_dashboard.py share: the tiny spec with 2 Ray Train
-# workers, in a project folder of its own (a git repository), on a dataset added with
-# `ditlab data add` and named relative to that folder (workers run elsewhere: they must get it as an
-# absolute path), tracked on the mlflow_server. A small test split keeps the one-off reference
-# feature extraction short.
+# The one `ditlab run` that test_e2e.py, test_dashboard.py, test_console.py, test_security.py and
+# test_readme.py share: the tiny spec with 2 Ray Train workers, run as a user runs it (the `ditlab`
+# command in a process of its own, starting its own local Ray instance, progress bars on), in a
+# project folder of its own (a git repository), on a dataset added with `ditlab data add` and named
+# relative to that folder (workers run elsewhere: they must get it as an absolute path), tracked on
+# the mlflow_server. A small test split keeps the one-off reference feature extraction short.
+DITLAB = str(Path(sys.executable).parent / "ditlab")
 TINY_RUN_ARGS = ["run", str(ROOT / "experiments" / "tiny.yaml"), "--json", "--storage", "runs", "--name", "e2e",
-                 "--no-progress", "--set", "data.test_fraction=0.05", "--set", "data.source=folder",
-                 "--set", "data.name=digits-png"]
+                 "--set", "data.test_fraction=0.05", "--set", "data.source=folder", "--set", "data.name=digits-png"]
 
 
 def write_digits_folder(root: Path) -> None:
@@ -202,8 +203,10 @@ def run_cli_json(argv: list[str], cwd: Path, tracking_uri: str, env: dict[str, s
 
 
 @pytest.fixture(scope="session")
-def tiny_run(ray_session, mlflow_server, tmp_path_factory) -> dict:
-    """The summary `ditlab run --json` printed (its run_dir is <project>/runs/e2e)."""
+def tiny_run_process(mlflow_server, tmp_path_factory) -> subprocess.CompletedProcess:
+    """`ditlab run --json` of the tiny spec (TINY_RUN_ARGS) as its own process, with planted secrets
+    (and MLFLOW_TRACKING_USERNAME) in its environment; stdout and stderr decoded, a bar's \r redraws
+    kept as they are. Its run folder is <project>/runs/e2e."""
     project = tmp_path_factory.mktemp("project")
     write_digits_folder(project / "incoming")
     run_cli_json(["data", "add", "incoming", "--name", "digits-png", "--no-dvc", "--json"], project, mlflow_server)
@@ -211,5 +214,20 @@ def tiny_run(ray_session, mlflow_server, tmp_path_factory) -> dict:
     subprocess.run([*git, "init", "-q"], check=True)
     subprocess.run([*git, "add", "data"], check=True)
     subprocess.run([*git, "commit", "-qm", "data"], check=True)
-    return run_cli_json(TINY_RUN_ARGS, project, mlflow_server,
-                        env={"MLFLOW_TRACKING_USERNAME": "ditlab", **PLANTED_SECRETS})
+    env = {k: v for k, v in os.environ.items() if k not in ("DITLAB_VERBOSE", "RAY_ADDRESS")}
+    env.update(MLFLOW_TRACKING_URI=mlflow_server, MLFLOW_TRACKING_USERNAME="ditlab", **PLANTED_SECRETS)
+    # Bytes, decoded here: text mode would turn the bars' \r into line breaks.
+    proc = subprocess.run([DITLAB, *TINY_RUN_ARGS], cwd=project, env=env, capture_output=True, timeout=600)
+    stdout, stderr = proc.stdout.decode(errors="replace"), proc.stderr.decode(errors="replace")
+    assert proc.returncode == 0, f"ditlab {' '.join(TINY_RUN_ARGS)} exited {proc.returncode}:\n{stderr[-3000:]}"
+    return subprocess.CompletedProcess(proc.args, proc.returncode, stdout, stderr)
+
+
+@pytest.fixture(scope="session")
+def tiny_run(tiny_run_process) -> dict:
+    """The summary the shared tiny run printed: exactly one JSON line on stdout."""
+    import json
+
+    lines = tiny_run_process.stdout.splitlines()
+    assert len(lines) == 1, f"--json must print exactly one line on stdout, got {len(lines)}"
+    return json.loads(lines[0])

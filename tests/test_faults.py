@@ -215,8 +215,9 @@ def test_worker_crash_nan_step_and_tracking_outage_lose_and_repeat_nothing(ray_s
 @pytest.mark.e2e
 def test_a_killed_driver_resumes_into_the_same_run_past_a_corrupt_checkpoint(ray_session, mlflow_server, tmp_path,
                                                                             monkeypatch):
-    """SIGKILL a `ditlab train` process (joined to this session's Ray) once its step-4 checkpoint is
-    written, and flip a byte of that checkpoint. The same command refuses, naming it; with
+    """SIGKILL a `ditlab train --verbose` process (joined to this session's Ray) once its step-4
+    checkpoint is written (--verbose: Ray Train's line per report, hidden by default, reached its
+    stderr by then), and flip a byte of that checkpoint. The same command refuses, naming it; with
     --skip-corrupt-checkpoints it resumes from step 2 into the same MLflow run, which ends FINISHED
     with each step logged once."""
     from ditlab import cli
@@ -227,7 +228,7 @@ def test_a_killed_driver_resumes_into_the_same_run_past_a_corrupt_checkpoint(ray
     env = {"RAY_ADDRESS": ray_session.get_runtime_context().gcs_address, "RAY_AUTH_MODE": "token",
            "MLFLOW_TRACKING_URI": mlflow_server, "DITLAB_FAULT_STEP_SECONDS": "0.5"}
     run_dir = tmp_path / "runs" / "killed"
-    driver = subprocess.Popen([str(DITLAB), *args], cwd=tmp_path, env={**os.environ, **env},
+    driver = subprocess.Popen([str(DITLAB), *args, "--verbose"], cwd=tmp_path, env={**os.environ, **env},
                               stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
     try:
         wait_for(lambda: (run_dir / "checkpoint_000004" / "checkpoint.pt.sha256").exists() or driver.poll() is not None,
@@ -236,6 +237,7 @@ def test_a_killed_driver_resumes_into_the_same_run_past_a_corrupt_checkpoint(ray
         driver.send_signal(signal.SIGKILL)
         _, driver_err = driver.communicate()
     assert driver.returncode == -signal.SIGKILL, driver_err[-3000:]
+    assert "Reporting training result" in driver_err, driver_err[-3000:]
     bundle = run_dir / "checkpoint_000004" / "checkpoint.pt"
     raw = bytearray(bundle.read_bytes())
     raw[-20] ^= 0xFF

@@ -97,12 +97,12 @@ def test_submit_refuses_a_credential_in_env(capsys, assignment):
 
 
 @pytest.mark.e2e
-def test_the_tiny_run_wrote_no_planted_secret(tiny_run, mlflow_server):
+def test_the_tiny_run_wrote_no_planted_secret(tiny_run, tiny_run_process, mlflow_server):
     """conftest.tiny_run ran with PLANTED_SECRETS (and MLFLOW_TRACKING_USERNAME) in its environment:
-    its summary, its project folder (run folder, result.json, tracking.json, checkpoints) and the
-    MLflow store (params, tags, dataset inputs, artifacts) hold none of them."""
+    its stdout and stderr, its project folder (run folder, result.json, tracking.json, checkpoints)
+    and the MLflow store (params, tags, dataset inputs, artifacts) hold none of them."""
     project = Path(tiny_run["run_dir"]).parents[1]
-    assert planted_secrets_in(json.dumps(tiny_run), project, mlflow_server.root) == []
+    assert planted_secrets_in(tiny_run_process.stdout, tiny_run_process.stderr, project, mlflow_server.root) == []
     # The search reads what it should: the run's id is in its folder's records and in the store.
     run_id = tiny_run["mlflow_run_id"]
     assert files_holding(run_id, project / "runs" / "e2e" / "result.json") and files_holding(run_id, mlflow_server.root)

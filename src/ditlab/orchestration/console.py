@@ -91,8 +91,8 @@ def train_log_level() -> str:
 
 def quiet_train_worker(verbose: bool | None = None) -> None:
     """Call first thing in the Ray Train worker function (runs on every worker, every attempt).
-    Hides Ray Train V2's per-report INFO line unless `verbose` (default: $DITLAB_VERBOSE, which a
-    local Ray instance's workers inherit from the driver; a Ray Job gets DITLAB_VERBOSE from `ditlab submit`)."""
+    Hides Ray Train V2's per-report INFO line unless `verbose` (the driver's choice, which
+    trainer.build_trainer sends in the worker config; default: $DITLAB_VERBOSE)."""
     if verbose if verbose is not None else verbose_requested():
         return
     try:

@@ -20,7 +20,7 @@ from ray.train.torch import TorchTrainer
 from ditlab.config import ExperimentSpec, from_dict
 from ditlab.data.shards import normalize, read_manifest
 from ditlab.data.streaming import ReadShard, shard_reads
-from ditlab.orchestration.console import quiet_train_worker, train_log_level
+from ditlab.orchestration.console import quiet_train_worker, train_log_level, verbose_requested
 from ditlab.training.checkpoint import checkpoint_dirs
 from ditlab.training.faults import fault_environment
 from ditlab.training.loop import Placement, train
@@ -43,7 +43,9 @@ class RayReporter:
 
 def train_worker(config: dict) -> None:
     """Runs on each Ray Train worker: the loop, resumed from the run's latest checkpoint if any."""
-    quiet_train_worker()  # a worker process of its own: the driver's console settings do not reach it
+    # A worker process of its own: the driver's console settings do not reach it, so the driver's
+    # --verbose choice travels in the config (a cluster's workers do not inherit its environment).
+    quiet_train_worker(config.get("verbose"))
     os.environ.update(config.get("faults", {}))  # fault-injection hooks (training/faults.py): tests only
     spec = from_dict(config["spec"], "spec sent to worker")
     torch.set_num_threads(max(1, int(spec.resources.cpus_per_worker)))
@@ -118,7 +120,7 @@ def build_trainer(spec: ExperimentSpec, *, name: str, storage: str | Path, callb
     per_worker = {"CPU": res.cpus_per_worker, **({"GPU": 1} if res.use_gpu else {})}
     return TorchTrainer(
         train_worker,
-        train_loop_config={"spec": worker_spec(spec), "faults": fault_environment(),
+        train_loop_config={"spec": worker_spec(spec), "faults": fault_environment(), "verbose": verbose_requested(),
                            "resume_folder": str(resume_folder) if resume_folder else None},
         **stream_datasets(spec),
         scaling_config=ScalingConfig(num_workers=res.num_workers, use_gpu=res.use_gpu,
