@@ -1,5 +1,5 @@
 """`ditlab data prepare SPEC --out DIR`, `ditlab data add DIR --name NAME` and `ditlab data encode
-SPEC`; each writes a JSON record of its result (manifest.json; the latent cache's meta.json)."""
+SPEC`; each writes a JSON record of its result (manifest.json; the latent cache's manifest.json)."""
 
 from __future__ import annotations
 

@@ -52,12 +52,11 @@ def load_dataset(data_spec, split: str) -> ImageDataset:
     if split not in ("train", "test", "all"):
         raise ValueError(f"unknown split {split!r}")
     if data_spec.format == "shards":  # a shard set is split already: `data add --format shards` did it
-        from ditlab.data.shards import load_split
+        from ditlab.data.shards import load_float_split
 
-        images, labels, num_classes = load_split(data_spec.path, split)
-        x = torch.from_numpy(np.ascontiguousarray(images.transpose(0, 3, 1, 2), dtype=np.float32))
-        del images  # scaled in place: peak memory is the uint8 split plus one float32 copy
-        return ImageDataset(x.div_(127.5).sub_(1.0), torch.as_tensor(labels), num_classes, f"shards:{data_spec.path}")
+        # Scaled in place: peak memory is the uint8 split plus one float32 copy.
+        images, labels, manifest = load_float_split(data_spec.path, split)
+        return ImageDataset(images, labels, int(manifest["num_classes"]), f"shards:{data_spec.path}")
     if data_spec.prepared:
         from ditlab.data.prepared import load_prepared
 

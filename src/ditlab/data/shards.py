@@ -2,9 +2,14 @@
 
 Layout of a shard set (written by `ditlab data add DIR --name NAME --format shards`):
 
-    manifest.json          format, image shape, classes, split, and per shard: file, count, offset, bytes, sha256
+    manifest.json          format, dtype, layout, image shape, classes, split, and per shard: file, count,
+                           offset, bytes, sha256
     train/00000.npz ...    uncompressed npz: "images" uint8 [n, R, R, C], "labels" int64 [n]
     test/00000.npz ...
+
+The latent cache (ditlab/latents.py) is a shard set of the same format: "images" are float16
+latents [n, H, W, C], and its manifest adds the scale factor they are multiplied by on the batch
+(`to_float`). A manifest without "dtype" (sets written before it was recorded) is uint8.
 
 Why npz of uint8 and not Parquet: images and labels of a shard travel together under one checksum,
 reading one needs numpy only (no per-image decode, no tensor extension types), and an uncompressed
@@ -29,7 +34,7 @@ import io
 import json
 import os
 import time
-from collections.abc import Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from pathlib import Path
 
 import numpy as np
@@ -79,18 +84,19 @@ def read_bytes(location: str) -> bytes:
 
 
 def write_shards(out_dir: str | Path, splits: dict[str, Iterable[tuple[np.ndarray, np.ndarray]]],
-                 classes: list[str], extra: dict | None = None) -> dict:
-    """Write each split's chunks of (uint8 images [n, R, R, C], int64 labels [n]) as one shard per
-    chunk under out_dir/<split>/, then the manifest (last: a folder without one is no shard set).
-    Returns the manifest."""
+                 classes: list[str], extra: dict | Callable[[], dict] | None = None, dtype: str = "uint8") -> dict:
+    """Write each split's chunks of (images [n, R, R, C] of `dtype`, int64 labels [n]) as one shard
+    per chunk under out_dir/<split>/, then the manifest (last: a folder without one is no shard set).
+    `extra`: more manifest fields, or a function giving them once every shard is written (fields
+    computed from the data as it streams by: a latent cache's scale factor). Returns the manifest."""
     out_dir = Path(out_dir)
     shards: dict[str, list[dict]] = {}
     shape = None
     for split, chunks in splits.items():
         shards[split], offset = [], 0
         for i, (images, labels) in enumerate(chunks):
-            if images.dtype != np.uint8 or images.ndim != 4 or len(images) != len(labels):
-                raise ShardError(f"shard {split}/{i}: want uint8 [n, R, R, C] images and n labels")
+            if images.dtype != np.dtype(dtype) or images.ndim != 4 or len(images) != len(labels):
+                raise ShardError(f"shard {split}/{i}: want {dtype} [n, R, R, C] images and n labels")
             if shape is None:
                 shape = list(images.shape[1:])
             elif list(images.shape[1:]) != shape:
@@ -98,8 +104,9 @@ def write_shards(out_dir: str | Path, splits: dict[str, Iterable[tuple[np.ndarra
             shards[split].append(_write_shard(out_dir, split, i, images, labels, offset))
             offset += len(images)
     counts = {split: sum(s["count"] for s in entries) for split, entries in shards.items()}
-    manifest = {"format": FORMAT, "image_shape": shape, "classes": classes, "num_classes": len(classes),
-                "counts": counts, "shards": shards, **(extra or {})}
+    fields = extra() if callable(extra) else extra or {}
+    manifest = {"format": FORMAT, "dtype": dtype, "layout": "NHWC", "image_shape": shape, "classes": classes,
+                "num_classes": len(classes), "counts": counts, "shards": shards, **fields}
     write_json(out_dir / MANIFEST, manifest)
     return manifest
 
@@ -180,15 +187,42 @@ def load_shard(location: str, entry: dict) -> tuple[np.ndarray, np.ndarray]:
         return npz["images"], npz["labels"]
 
 
-def load_split(location: str, split: str) -> tuple[np.ndarray, np.ndarray, int]:
-    """A whole split in memory: (images uint8 [N, R, R, C], labels, num_classes); for the test split
+def read_split(location: str, split: str) -> tuple[np.ndarray, np.ndarray, dict]:
+    """A whole split in memory as stored: (images [N, R, R, C], labels, manifest); for the test split
     and for sets small enough to hold (`data.stream: false`)."""
     location = normalize(location)
     manifest = read_manifest(location)
     parts = [load_shard(location, e) for s in (SPLITS if split == "all" else (split,)) for e in manifest["shards"][s]]
-    images = np.concatenate([p[0] for p in parts]) if parts else np.zeros((0, *manifest["image_shape"]), np.uint8)
+    empty = np.zeros((0, *manifest["image_shape"]), manifest.get("dtype", "uint8"))
+    images = np.concatenate([p[0] for p in parts]) if parts else empty
     labels = np.concatenate([p[1] for p in parts]) if parts else np.zeros(0, np.int64)
+    return images, labels, manifest
+
+
+def load_split(location: str, split: str) -> tuple[np.ndarray, np.ndarray, int]:
+    """(images as stored, labels, num_classes) of a split (`read_split`)."""
+    images, labels, manifest = read_split(location, split)
     return images, labels, int(manifest["num_classes"])
+
+
+def to_float(images: np.ndarray, manifest: dict):
+    """Stored images [n, R, R, C] -> the float32 [n, C, R, R] tensor training sees: uint8 pixels to
+    [-1, 1], float16 latents to float32 times the manifest's scale factor. Always a copy (Ray hands
+    out read-only arrays, which torch will not wrap), scaled in place: one float32 array at the peak."""
+    import torch
+
+    x = torch.from_numpy(np.ascontiguousarray(images.transpose(0, 3, 1, 2), dtype=np.float32))
+    if manifest.get("dtype", "uint8") == "uint8":
+        return x.div_(127.5).sub_(1.0)
+    return x.mul_(float(manifest["scale_factor"]))
+
+
+def load_float_split(location: str, split: str):
+    """(float32 images [N, C, R, R] as training sees them, labels int64 tensor, manifest) of a split."""
+    import torch
+
+    images, labels, manifest = read_split(location, split)
+    return to_float(images, manifest), torch.as_tensor(labels), manifest
 
 
 # -- checks before a run -------------------------------------------------------------------------
@@ -199,6 +233,9 @@ def check_shard_set(data_spec) -> dict:
     there with its recorded size and checksum (sha256 only for shards not verified before)."""
     location = normalize(data_spec.path)
     manifest = read_manifest(location)
+    if manifest.get("dtype", "uint8") != "uint8":
+        raise ShardError(f"data.path: {location!r} holds {manifest['dtype']} arrays (a latent cache?), "
+                         "not uint8 images")
     want = [data_spec.resolution, data_spec.resolution, data_spec.channels]
     if manifest["image_shape"] != want:
         got = "x".join(map(str, manifest["image_shape"]))
@@ -209,6 +246,12 @@ def check_shard_set(data_spec) -> dict:
         if key in manifest and manifest[key] != getattr(data_spec, key):
             raise ShardError(f"data.{key}: shard set {location!r} was split with {key}={manifest[key]}, the spec "
                              f"says {getattr(data_spec, key)}")
+    return verify_shards(location, manifest)
+
+
+def verify_shards(location: str, manifest: dict) -> dict:
+    """Every shard of the set at `location` is there with the manifest's size and checksum (sha256
+    only for shards not verified before on this machine); returns the manifest."""
     cache = _VerifiedCache()
     for split in SPLITS:
         for entry in manifest["shards"][split]:

@@ -11,7 +11,8 @@ stream and skips the batches before its step (it reads them again: seeding plus 
 
 Images stay uint8 through the object store and the prefetch queue; they become float in [-1, 1]
 only as a batch (`StreamBatches.batch`), so a worker's memory is a few shards plus a few batches,
-whatever the size of the set.
+whatever the size of the set. A latent cache streams the same way: float16 latents, made float32
+and multiplied by the cache's scale factor on the batch (data/shards.py, `to_float`).
 """
 
 from __future__ import annotations
@@ -19,7 +20,7 @@ from __future__ import annotations
 import numpy as np
 import torch
 
-from ditlab.data.shards import load_shard, normalize, read_manifest
+from ditlab.data.shards import load_shard, to_float
 
 # No Ray here (data/ stays free of the orchestrator): orchestration/trainer.py builds the Ray Dataset
 # from `shard_reads` and `ReadShard`, and the loop reads whatever `iter_batches` it is handed.
@@ -63,11 +64,12 @@ def shard_reads(steps: int, batch_size: int, num_images: int, num_shards: int, w
 
 class StreamBatches:
     """This rank's batches, in step order, from its share of the stream (a Ray DataIterator, or
-    anything with the same `iter_batches`). Resuming at `start_step` skips that many batches."""
+    anything with the same `iter_batches`) of the shard set `manifest` describes. Resuming at
+    `start_step` skips that many batches."""
 
-    def __init__(self, stream, local_batch: int, num_images: int, num_classes: int, start_step: int = 0,
-                 prefetch_batches: int = 2):
-        self.num_images, self.num_classes = num_images, num_classes
+    def __init__(self, stream, local_batch: int, manifest: dict, start_step: int = 0, prefetch_batches: int = 2):
+        self.manifest = manifest
+        self.num_images, self.num_classes = int(manifest["counts"]["train"]), int(manifest["num_classes"])
         self._batches = iter(stream.iter_batches(batch_size=local_batch, drop_last=True, batch_format="numpy",
                                                  prefetch_batches=prefetch_batches))
         self._step = 0
@@ -86,18 +88,10 @@ class StreamBatches:
         return batch
 
     def batch(self, step: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """(images float [B, C, R, R] in [-1, 1], labels, indices) of `step`; steps come in order."""
+        """(images float [B, C, R, R]: pixels in [-1, 1] or scaled latents, labels, indices) of `step`;
+        steps come in order."""
         if step != self._step:
             raise RuntimeError(f"stream batches are drawn in order: asked for step {step} at {self._step}")
         batch = self._next()
-        # Copied, not shared: Ray hands out read-only arrays, which torch will not wrap.
-        images = torch.from_numpy(np.array(batch["image"].transpose(0, 3, 1, 2), order="C"))
-        return (images.float() / 127.5 - 1.0, torch.tensor(batch["label"], dtype=torch.long),
+        return (to_float(batch["image"], self.manifest), torch.tensor(batch["label"], dtype=torch.long),
                 torch.tensor(batch["index"], dtype=torch.long))
-
-
-def stream_length(data_spec) -> tuple[int, int]:
-    """(train images, classes) of the shard set: what the loop needs without reading a shard."""
-    manifest = read_manifest(normalize(data_spec.path))
-    return int(manifest["counts"]["train"]), int(manifest["num_classes"])
-

@@ -54,8 +54,8 @@ def check_shards(spec: ExperimentSpec) -> None:
     from ditlab.training.tasks import task_class
 
     if spec.data.stream and not task_class(spec.task).streams(spec):
-        raise PreflightError(f"data.format: shards stream images to tasks that train on them; task {spec.task}"
-                             f"{' on latents' if spec.latent.autoencoder else ''} needs data.stream: false")
+        raise PreflightError(f"data.format: shards stream images to tasks that train on them; task {spec.task} "
+                             "needs data.stream: false")
     try:
         check_shard_set(spec.data)
     except (ShardError, OSError) as err:

@@ -18,12 +18,13 @@ from ray.train import (Checkpoint, CheckpointConfig, DataConfig, FailureConfig, 
 from ray.train.torch import TorchTrainer
 
 from ditlab.config import ExperimentSpec, from_dict
-from ditlab.data.shards import normalize, read_manifest
+from ditlab.data.shards import read_manifest
 from ditlab.data.streaming import ReadShard, shard_reads
 from ditlab.orchestration.console import quiet_train_worker, train_log_level, verbose_requested
 from ditlab.training.checkpoint import checkpoint_dirs
 from ditlab.training.faults import fault_environment
 from ditlab.training.loop import Placement, train
+from ditlab.training.tasks import task_class
 
 
 class RayReporter:
@@ -97,10 +98,10 @@ def stream_datasets(spec: ExperimentSpec) -> dict:
 
 
 def training_stream(spec: ExperimentSpec) -> ray.data.Dataset:
-    """The train split of a shard set as one Ray Dataset running through every epoch the run needs.
-    Read tasks take no CPU slot (Ray Train's workers hold those, and a read is I/O bound);
-    `data.read_parallelism` bounds how many run at once."""
-    location = normalize(spec.data.path)
+    """The train split of a shard set (the task's: the data, or a latent spec's latent cache) as one
+    Ray Dataset running through every epoch the run needs. Read tasks take no CPU slot (Ray Train's
+    workers hold those, and a read is I/O bound); `data.read_parallelism` bounds how many run at once."""
+    location = task_class(spec.task).stream_location(spec)
     entries = read_manifest(location)["shards"]["train"]
     rows = shard_reads(spec.train.steps, spec.train.batch_size, sum(e["count"] for e in entries), len(entries),
                        spec.resources.num_workers)

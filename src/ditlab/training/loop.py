@@ -37,7 +37,8 @@ from torch import nn
 
 from ditlab.config import ExperimentSpec
 from ditlab.data import ImageDataset
-from ditlab.data.streaming import StreamBatches, stream_length
+from ditlab.data.shards import read_manifest
+from ditlab.data.streaming import StreamBatches
 from ditlab.training.checkpoint import BUNDLE_NAME, capture_rng_state, load_bundle, restore_rng_state, save_bundle
 from ditlab.training.ema import EMA
 from ditlab.training.faults import maybe_exit, pace, poison_batch
@@ -196,8 +197,12 @@ def lr_at(step: int, train) -> float:
 def setup(spec: ExperimentSpec, placement: Placement, resume_from: str | None = None) -> TrainState:
     seed_everything(spec.seed + placement.rank)
     kind = task_class(spec.task)
-    dataset = kind.training_data(spec) if placement.stream is None else None
-    task = kind(spec, dataset.num_classes if dataset else stream_length(spec.data)[1], placement.device)
+    if placement.stream is None:
+        dataset = kind.training_data(spec)
+        num_classes = dataset.num_classes
+    else:  # what the loop needs of a streamed set, without reading a shard
+        dataset, num_classes = None, int(read_manifest(kind.stream_location(spec))["num_classes"])
+    task = kind(spec, num_classes, placement.device)
     bundle = load_bundle(resume_from) if resume_from is not None else None
     if bundle is not None:
         task.model.load_state_dict(bundle["model"])
@@ -225,9 +230,9 @@ def batch_source(spec: ExperimentSpec, placement: Placement, dataset: ImageDatas
     if dataset is not None:
         return MemoryBatches(dataset, ShardSampler(len(dataset), local_batch, spec.seed, placement.rank,
                                                    placement.world_size))
-    num_images, num_classes = stream_length(spec.data)
-    return StreamBatches(placement.stream, local_batch, num_images, num_classes,
-                         int(bundle["step"]) if bundle is not None else 0, spec.data.prefetch_batches)
+    manifest = read_manifest(task_class(spec.task).stream_location(spec))
+    return StreamBatches(placement.stream, local_batch, manifest, int(bundle["step"]) if bundle is not None else 0,
+                         spec.data.prefetch_batches)
 
 
 def make_bundle(state: TrainState) -> dict:

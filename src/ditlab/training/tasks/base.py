@@ -62,8 +62,16 @@ class Task(ABC):
     @classmethod
     def streams(cls, spec: ExperimentSpec) -> bool:
         """Whether the task can train on a shard set streamed through Ray Data (data.format: shards):
-        it must train on the images themselves, one batch at a time."""
-        return not spec.latent.autoencoder
+        it must train on the set's images (or latents) one batch at a time."""
+        return True
+
+    @classmethod
+    def stream_location(cls, spec: ExperimentSpec) -> str:
+        """The shard set a streaming run reads its train split from (a path or URI): the spec's data
+        (a latent generation spec: its latent cache, built here when missing)."""
+        from ditlab.data.shards import normalize
+
+        return normalize(spec.data.path)
 
     @classmethod
     def training_data(cls, spec: ExperimentSpec) -> ImageDataset:

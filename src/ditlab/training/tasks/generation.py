@@ -87,7 +87,7 @@ class GenerationTask(Task):
     @classmethod
     def preflight(cls, spec: ExperimentSpec) -> None:
         """A latent spec's autoencoder: present, intact, an autoencoder, fit for the data, and its
-        latents divisible by the DiT's patch size."""
+        latents divisible by the DiT's patch size; its latent cache, if written, intact."""
         if spec.model.conditioning == "text":
             from ditlab.data.captions import check_captions
 
@@ -95,14 +95,16 @@ class GenerationTask(Task):
             check_captions(spec.data)
         if not spec.latent.autoencoder:
             return
-        from ditlab.latents import open_autoencoder
+        from ditlab.latents import check_latent_cache, open_autoencoder
         from ditlab.models.registry import PRESETS
 
-        channels, size, _ = open_autoencoder(spec).latent_shape
+        autoencoder = open_autoencoder(spec)
+        channels, size, _ = autoencoder.latent_shape
         patch = PRESETS[spec.model.name].patch_size
         if size % patch:
             raise ValueError(f"model.name: the {size}x{size}x{channels} latents of latent.autoencoder are not "
                              f"divisible by the patch size {patch} of {spec.model.name}")
+        check_latent_cache(spec, autoencoder)
 
     @classmethod
     def training_data(cls, spec: ExperimentSpec):
@@ -111,6 +113,15 @@ class GenerationTask(Task):
         from ditlab.latents import load_latent_split
 
         return load_latent_split(spec, "train")[0]
+
+    @classmethod
+    def stream_location(cls, spec: ExperimentSpec) -> str:
+        """On latents the stream reads the latent cache (a shard set too), encoding it first if missing."""
+        if not spec.latent.autoencoder:
+            return super().stream_location(spec)
+        from ditlab.latents import ensure_latent_cache
+
+        return str(ensure_latent_cache(spec)[0])
 
     def check_latent_record(self, state: dict[str, Any]) -> None:
         """On resume: the latents must come from the autoencoder the checkpoint was trained on."""
