@@ -55,7 +55,8 @@ class DataSpec(_Section):
     format: Literal["images", "shards"] = Field("images", description="images: the source held in memory; shards: "
                                                 "path (or name) is a shard set (`ditlab data add --format shards`, "
                                                 "a folder or s3:// URI) streamed through Ray Data")
-    stream: bool = Field(True, description="shards: stream the train split (false: load it in memory)")
+    stream: bool = Field(True, description="shards: stream the train split, or a latent spec's latent cache "
+                                           "(false: load it in memory)")
     read_parallelism: int = Field(2, ge=1, description="shards: shard reads in flight at once")
     prefetch_batches: int = Field(2, ge=0, description="shards: batches each rank keeps ready ahead of its step")
 
@@ -180,8 +181,9 @@ class LatentSpec(_Section):
 
     autoencoder: str | None = Field(None, description="checkpoint of a `task: autoencoder` run; when set, the DiT "
                                                       "trains on its latents and samples are decoded to pixels")
-    cache: str = Field("cache/latents", description="where encoded datasets are kept, one folder per "
-                                                    "(autoencoder hash, dataset version)")
+    cache: str = Field("cache/latents", description="where encoded datasets are kept, one folder of float16 "
+                                                    "latent shards per (autoencoder hash, dataset version); "
+                                                    "streamed when data.format is shards and data.stream is true")
     channels: int | None = Field(None, ge=1, description="the latent channels the spec expects; checked against "
                                                          "the autoencoder's (default: whatever it has)")
 
