@@ -112,6 +112,9 @@ def test_a_shard_set_is_encoded_shard_by_shard_and_its_latents_stream_as_held(tm
     preflight(spec)  # streaming a latent spec is no longer refused
     folder, manifest, _ = ensure_latent_cache(spec)
     assert GenerationTask.streams(spec) and GenerationTask.stream_location(spec) == str(folder)
+    monkeypatch.chdir(tmp_path)  # read tasks run in folders of their own: a relative latent.cache is made absolute
+    relative = spec.model_copy(update={"latent": spec.latent.model_copy(update={"cache": "cache"})})
+    assert GenerationTask.stream_location(relative) == str(folder)
     entries = manifest["shards"]["train"]
     assert [e["count"] for e in entries] == [e["count"] for e in read_manifest(str(source))["shards"]["train"]]
     held = load_latent_split(spec, "train")[0]

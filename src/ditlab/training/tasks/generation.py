@@ -116,12 +116,14 @@ class GenerationTask(Task):
 
     @classmethod
     def stream_location(cls, spec: ExperimentSpec) -> str:
-        """On latents the stream reads the latent cache (a shard set too), encoding it first if missing."""
+        """On latents the stream reads the latent cache (a shard set too), encoding it first if missing;
+        made absolute, as read tasks run in folders of their own."""
         if not spec.latent.autoencoder:
             return super().stream_location(spec)
+        from ditlab.data.shards import normalize
         from ditlab.latents import ensure_latent_cache
 
-        return str(ensure_latent_cache(spec)[0])
+        return normalize(ensure_latent_cache(spec)[0])
 
     def check_latent_record(self, state: dict[str, Any]) -> None:
         """On resume: the latents must come from the autoencoder the checkpoint was trained on."""
