@@ -238,7 +238,7 @@ def install(tmp: Path, folder: Path) -> dict | None:
     if (first := find_cache(folder)) is not None:
         return first
     if folder.exists():  # a cache of the older latents.pt layout: replaced, never read
-        shutil.rmtree(folder)
+        shutil.rmtree(folder, ignore_errors=True)  # (another worker may be removing it too)
     try:
         tmp.rename(folder)
     except OSError:
