@@ -17,6 +17,7 @@ import json
 import os
 import subprocess
 import sys
+import tempfile
 import time
 import urllib.request
 from pathlib import Path
@@ -205,21 +206,32 @@ def test_dvc_remote_on_s3_push_clone_pull_and_nothing_to_repro(s3, tmp_path):
 @pytest.mark.e2e
 def test_a_run_on_s3_interrupted_and_resumed_keeps_every_file_there_and_no_secret_anywhere(
         s3, ray_session, tmp_path, monkeypatch):
-    """`ditlab train --storage s3://ditlab/runs`, tracked on an MLflow server whose artifacts go to
-    s3://ditlab/mlartifacts. Its driver (a process joined to this session's Ray) is killed with
-    SIGKILL once Ray Train has recorded a checkpoint on s3://: nothing of the run is on this
-    machine. The same command again, with steps 1-2 now poisoned (NaN), resumes from the
-    checkpoint on s3:// (no step skipped: 1-2 were not trained again) into the same MLflow run, and
-    ends with every file of the run folder and every MLflow artifact in the bucket."""
+    """`ditlab train --storage s3://ditlab/runs` on a shard set in s3://ditlab/data, streamed
+    through Ray Data, tracked on an MLflow server whose artifacts go to s3://ditlab/mlartifacts.
+    This session's Ray was started before the S3 variables were set: its workers and read tasks
+    reach the bucket only through the filesystems the driver hands them. The driver (a process
+    joined to this session's Ray) is killed with SIGKILL once Ray Train has recorded a checkpoint on
+    s3://: nothing of the run is on this machine. The same command again, with steps 1-2 now
+    poisoned (NaN), resumes from the checkpoint on s3:// (no step skipped: 1-2 were not trained
+    again) into the same MLflow run, and ends with every file of the run folder and every MLflow
+    artifact in the bucket."""
     from mlflow.tracking import MlflowClient
+    from pyarrow import fs
+    from test_shards import digit_shards
+
+    from ditlab.storage import filesystem
 
     for name, value in s3.items():  # this process's, the MLflow server's and the killed driver's
         monkeypatch.setenv(name, value)
+    with tempfile.TemporaryDirectory() as local:
+        bucket, path = filesystem(f"s3://{BUCKET}/data/digits")
+        fs.copy_files(str(digit_shards(Path(local) / "digits")), path, destination_filesystem=bucket)
     root = tmp_path / "mlflow"
     root.mkdir()
     args = ["train", str(TINY), "--storage", f"s3://{BUCKET}/runs", "--name", "resumed", "--no-progress",
             "--json", "--set", "train.steps=6", "--set", "train.log_every=1", "--set", "train.checkpoint_every=2",
-            "--set", "resources.num_workers=1"]
+            "--set", "resources.num_workers=1", "--set", "data.format=shards",
+            "--set", f"data.path=s3://{BUCKET}/data/digits"]
     with mlflow_web("server", root, "--workers", "1", "--artifacts-destination", f"s3://{BUCKET}/mlartifacts") as uri:
         env = {**os.environ, "RAY_ADDRESS": ray_session.get_runtime_context().gcs_address, "RAY_AUTH_MODE": "token",
                "MLFLOW_TRACKING_URI": uri, "DITLAB_FAULT_STEP_SECONDS": "1"}
@@ -228,12 +240,14 @@ def test_a_run_on_s3_interrupted_and_resumed_keeps_every_file_there_and_no_secre
         try:
             deadline = time.monotonic() + 180
             while "runs/resumed/checkpoint_manager_snapshot.json" not in objects(s3, "runs/resumed/"):
-                assert driver.poll() is None and time.monotonic() < deadline, "no checkpoint recorded"
+                if driver.poll() is not None or time.monotonic() > deadline:
+                    break
                 time.sleep(0.2)
         finally:
             driver.kill()
             first_output = driver.communicate()[1]
         stored = objects(s3, "runs/resumed/")
+        assert "runs/resumed/checkpoint_manager_snapshot.json" in stored, f"no checkpoint recorded:\n{first_output[-3000:]}"
         assert "runs/resumed/tracking.json" in stored and "runs/resumed/result.json" not in stored, first_output
         run_id = json.loads(stored["runs/resumed/tracking.json"])["run_id"]
 

@@ -67,11 +67,40 @@ def join(location: str, *parts: str) -> str:
     return "/".join([str(location).rstrip("/"), *parts])
 
 
+# Object-storage filesystems this process was handed by its driver (`use_filesystems`), by the
+# location they serve. A Ray worker on a node without the AWS variables reads s3:// through the
+# driver's filesystem object, which carries the endpoint and credentials (as Ray Train's
+# storage_filesystem does for checkpoints: storage.py); they never travel as text or environment.
+_HANDED: dict[str, object] = {}
+
+
 def filesystem(location: str):
-    """(pyarrow FileSystem, path inside it) for a local path or a URI."""
+    """(pyarrow FileSystem, path inside it) for a local path or a URI: an s3:// URI through the
+    handed filesystem that serves it, else one configured from the standard AWS variables."""
+    location = normalize(location)
+    if is_uri(location):
+        from ditlab.storage import SCHEME, filesystem as s3_filesystem
+
+        for prefix, fsys in _HANDED.items():
+            if location == prefix or location.startswith(prefix.rstrip("/") + "/"):
+                return fsys, location[len(SCHEME):].strip("/")
+        if location.startswith(SCHEME):
+            return s3_filesystem(location)
     from pyarrow import fs
 
-    return fs.FileSystem.from_uri(normalize(location))
+    return fs.FileSystem.from_uri(location)
+
+
+def handed_filesystems(location: str) -> dict[str, object]:
+    """What a driver hands its workers (`use_filesystems`) so that they read `location` as it does:
+    its object-storage filesystem; nothing for a local path (a cluster shares those by mount)."""
+    location = normalize(location)
+    return {location: filesystem(location)[0]} if is_uri(location) else {}
+
+
+def use_filesystems(handed: dict[str, object]) -> None:
+    """Read the locations in `handed` through their filesystems in this process (a worker)."""
+    _HANDED.update(handed)
 
 
 def read_bytes(location: str) -> bytes:

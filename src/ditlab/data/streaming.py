@@ -20,7 +20,7 @@ from __future__ import annotations
 import numpy as np
 import torch
 
-from ditlab.data.shards import load_shard, to_float
+from ditlab.data.shards import handed_filesystems, load_shard, to_float, use_filesystems
 
 # No Ray here (data/ stays free of the orchestrator): orchestration/trainer.py builds the Ray Dataset
 # from `shard_reads` and `ReadShard`, and the loop reads whatever `iter_batches` it is handed.
@@ -46,8 +46,11 @@ class ReadShard:
 
     def __init__(self, location: str, entries: list[dict], seed: int):
         self.location, self.entries, self.seed = location, entries, seed
+        # Built here, in the driver: a read task runs on any node, with or without AWS variables.
+        self.filesystems = handed_filesystems(location)
 
     def __call__(self, row: dict) -> dict:
+        use_filesystems(self.filesystems)
         epoch, slot = int(row["epoch"][0]), int(row["slot"][0])
         shard = int(epoch_order(self.seed, epoch, len(self.entries))[slot])
         entry = self.entries[shard]

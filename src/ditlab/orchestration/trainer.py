@@ -18,7 +18,7 @@ from ray.train import (Checkpoint, CheckpointConfig, DataConfig, FailureConfig, 
 from ray.train.torch import TorchTrainer
 
 from ditlab.config import ExperimentSpec, from_dict
-from ditlab.data.shards import read_manifest
+from ditlab.data.shards import handed_filesystems, read_manifest, use_filesystems
 from ditlab.data.streaming import ReadShard, shard_reads
 from ditlab.orchestration.console import quiet_train_worker, train_log_level, verbose_requested
 from ditlab.training.checkpoint import checkpoint_dirs
@@ -48,6 +48,7 @@ def train_worker(config: dict) -> None:
     # --verbose choice travels in the config (a cluster's workers do not inherit its environment).
     quiet_train_worker(config.get("verbose"))
     os.environ.update(config.get("faults", {}))  # fault-injection hooks (training/faults.py): tests only
+    use_filesystems(config.get("filesystems", {}))  # the driver's, for data on s3:// (the test split)
     spec = from_dict(config["spec"], "spec sent to worker")
     torch.set_num_threads(max(1, int(spec.resources.cpus_per_worker)))
     ctx = ray.train.get_context()
@@ -122,6 +123,7 @@ def build_trainer(spec: ExperimentSpec, *, name: str, storage: str | Path, callb
     return TorchTrainer(
         train_worker,
         train_loop_config={"spec": worker_spec(spec), "faults": fault_environment(), "verbose": verbose_requested(),
+                           "filesystems": handed_filesystems(spec.data.path) if spec.data.path else {},
                            "resume_folder": str(resume_folder) if resume_folder else None},
         **stream_datasets(spec),
         scaling_config=ScalingConfig(num_workers=res.num_workers, use_gpu=res.use_gpu,
