@@ -184,3 +184,27 @@ def test_two_ranks_stream_and_resume_the_same_batches(ray_session, tmp_path):
     epoch = [sum(runs[0][:5], []) for runs in ranks]  # 400 images, 2 x 5 batches of 40: one epoch
     assert sorted(epoch[0] + epoch[1]) == list(range(400))
     assert sum(ranks[0][0][5:], []) != epoch[0]  # the second epoch comes in another order
+
+
+def test_the_evaluation_reference_reads_only_the_head_of_a_large_train_split(tmp_path, monkeypatch):
+    """The classifier behind conditional accuracy learns from the first CLASSIFIER_TRAIN_LIMIT train
+    images of a shard set, read shard by shard: the shards past them are never read (here they are
+    corrupt, and the reference is still built). The reference split itself is read whole, as stored."""
+    from ditlab.data.shards import read_split
+    from ditlab.evaluation import suite
+
+    root = digit_shards(tmp_path / "shards")  # 400 train images in shards of 100, 50 test
+    for name in ("train/00002.npz", "train/00003.npz"):
+        shard = bytearray((root / name).read_bytes())
+        shard[len(shard) // 2] ^= 0xFF
+        (root / name).write_bytes(bytes(shard))
+    with pytest.raises(ShardError, match="00002.npz"):
+        read_split(str(root), "train")
+    head, head_labels, _ = read_split(str(root), "train", limit=150)
+    assert len(head) == len(head_labels) == 150 and head.dtype == np.uint8
+
+    monkeypatch.setattr(suite, "CLASSIFIER_TRAIN_LIMIT", 150)
+    ref = suite.dataset_reference(DataSpec(format="shards", path=str(root), resolution=8), "test")
+    test_images, test_labels, _ = read_split(str(root), "test")
+    assert np.array_equal(ref.images[..., :1], test_images) and np.array_equal(ref.labels, test_labels)
+    assert ref.classifier.accuracy(ref.images, ref.labels) > 0.7  # 150 digits teach it most classes

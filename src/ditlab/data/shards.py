@@ -216,12 +216,21 @@ def load_shard(location: str, entry: dict) -> tuple[np.ndarray, np.ndarray]:
         return npz["images"], npz["labels"]
 
 
-def read_split(location: str, split: str) -> tuple[np.ndarray, np.ndarray, dict]:
+def read_split(location: str, split: str, limit: int | None = None) -> tuple[np.ndarray, np.ndarray, dict]:
     """A whole split in memory as stored: (images [N, R, R, C], labels, manifest); for the test split
-    and for sets small enough to hold (`data.stream: false`)."""
+    and for sets small enough to hold (`data.stream: false`). With `limit`, its first `limit` images
+    only, reading no shard past them (a train split is stored in seeded random order, so its head
+    is a random sample of it)."""
     location = normalize(location)
     manifest = read_manifest(location)
-    parts = [load_shard(location, e) for s in (SPLITS if split == "all" else (split,)) for e in manifest["shards"][s]]
+    parts, held = [], 0
+    for entry in (e for s in (SPLITS if split == "all" else (split,)) for e in manifest["shards"][s]):
+        if limit is not None and held >= limit:
+            break
+        parts.append(load_shard(location, entry))
+        held += len(parts[-1][1])
+    if limit is not None and held > limit:
+        parts[-1] = (parts[-1][0][: limit - held], parts[-1][1][: limit - held])
     empty = np.zeros((0, *manifest["image_shape"]), manifest.get("dtype", "uint8"))
     images = np.concatenate([p[0] for p in parts]) if parts else empty
     labels = np.concatenate([p[1] for p in parts]) if parts else np.zeros(0, np.int64)
