@@ -123,9 +123,14 @@ class Attention(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         b, n, c = x.shape
-        qkv = self.qkv(x).reshape(b, n, 3, self.num_heads, c // self.num_heads).permute(2, 0, 3, 1, 4)
+        # Split the fused projection on its last axis, then view each part as heads: the same
+        # numbers as permuting a [b, n, 3, heads, d] view, but q, k and v reach the attention kernel
+        # with the strides it prefers; 15% less time for the attention sub-layer's forward and
+        # backward at DiT-S/2 on CPU (BENCHMARKS.md).
+        q, k, v = (t.view(b, n, self.num_heads, c // self.num_heads).transpose(1, 2)
+                   for t in self.qkv(x).split(c, dim=-1))
         p = self.dropout if self.training else 0.0
-        out = F.scaled_dot_product_attention(qkv[0], qkv[1], qkv[2], dropout_p=p)
+        out = F.scaled_dot_product_attention(q, k, v, dropout_p=p)
         return self.proj(out.transpose(1, 2).reshape(b, n, c))
 
 
