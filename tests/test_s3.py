@@ -247,7 +247,8 @@ def test_a_run_on_s3_interrupted_and_resumed_keeps_every_file_there_and_no_secre
             driver.kill()
             first_output = driver.communicate()[1]
         stored = objects(s3, "runs/resumed/")
-        assert "runs/resumed/checkpoint_manager_snapshot.json" in stored, f"no checkpoint recorded:\n{first_output[-3000:]}"
+        snapshot = "runs/resumed/checkpoint_manager_snapshot.json"
+        assert snapshot in stored, f"no checkpoint recorded:\n{first_output[-3000:]}"
         assert "runs/resumed/tracking.json" in stored and "runs/resumed/result.json" not in stored, first_output
         run_id = json.loads(stored["runs/resumed/tracking.json"])["run_id"]
 
