@@ -172,11 +172,15 @@ def test_two_ranks_stream_and_resume_the_same_batches(ray_session, tmp_path):
     root = digit_shards(tmp_path / "s", shard_size=50)
     spec = from_dict({"data": {"format": "shards", "path": str(root), "resolution": 8},
                       "train": {"steps": 10, "batch_size": 80}, "resources": {"num_workers": 2}}, "test spec")
+    datasets = stream_datasets(spec)
+    # Ray Data's bars and execution-plan lines would print between ditlab's bar's updates.
+    context = datasets["datasets"]["train"].context
+    assert not context.enable_progress_bars and not context.print_on_execution_start
     trainer = TorchTrainer(record_batches, train_loop_config={"spec": spec.to_dict(), "resume_at": 7,
                                                               "out": str(tmp_path)},
                            scaling_config=ScalingConfig(num_workers=2, resources_per_worker={"CPU": 1}),
                            run_config=RunConfig(name="shards", storage_path=str(tmp_path / "ray")),
-                           **stream_datasets(spec))
+                           **datasets)
     trainer.fit()
     ranks = [{int(k): v for k, v in json.loads((tmp_path / f"rank{r}.json").read_text()).items()} for r in (0, 1)]
     for runs in ranks:

@@ -102,6 +102,11 @@ def training_stream(spec: ExperimentSpec) -> ray.data.Dataset:
     """The train split of a shard set (the task's: the data, or a latent spec's latent cache) as one
     Ray Dataset running through every epoch the run needs. Read tasks take no CPU slot (Ray Train's
     workers hold those, and a read is I/O bound); `data.read_parallelism` bounds how many run at once."""
+    # Ray Data's progress bars and its "Starting execution" and "Execution plan" lines come from the
+    # split coordinator, through log_to_driver, between our bar's updates (about 50 lines for a
+    # short run): off unless --verbose. Ray Data then says once, as a warning, that its bars are off.
+    context = ray.data.DataContext.get_current()
+    context.enable_progress_bars = context.print_on_execution_start = verbose_requested()
     location = task_class(spec.task).stream_location(spec)
     entries = read_manifest(location)["shards"]["train"]
     rows = shard_reads(spec.train.steps, spec.train.batch_size, sum(e["count"] for e in entries), len(entries),
