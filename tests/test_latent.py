@@ -102,7 +102,7 @@ def test_a_shard_set_is_encoded_shard_by_shard_and_its_latents_stream_as_held(tm
     same images, before and after a resume."""
     from test_shards import digit_shards
 
-    from ditlab.data.shards import load_split
+    from ditlab.data.shards import read_split
     from ditlab.orchestration.preflight import preflight
 
     monkeypatch.setenv("DITLAB_CACHE_DIR", str(tmp_path / "verified"))
@@ -118,15 +118,15 @@ def test_a_shard_set_is_encoded_shard_by_shard_and_its_latents_stream_as_held(tm
     entries = manifest["shards"]["train"]
     assert [e["count"] for e in entries] == [e["count"] for e in read_manifest(str(source))["shards"]["train"]]
     held = load_latent_split(spec, "train")[0]
-    assert held.labels.tolist() == load_split(str(source), "train")[1].tolist()
+    assert held.labels.tolist() == read_split(str(source), "train")[1].tolist()
     stream = LocalReads(ReadShard(str(folder), entries, spec.seed),
                         shard_reads(spec.train.steps, spec.train.batch_size, 400, len(entries), 1))
-    streamed = batch_source(spec, Placement(stream=stream), None, None)
+    streamed = batch_source(spec, Placement(stream=stream), None, None, manifest)
     assert isinstance(streamed, StreamBatches) and len(streamed) == 400
     for step in range(3):
         images, labels, indices = streamed.batch(step)
         assert torch.equal(images, held.images[indices]) and torch.equal(labels, held.labels[indices])
-    resumed = batch_source(spec, Placement(stream=stream), None, {"step": 2})
+    resumed = batch_source(spec, Placement(stream=stream), None, {"step": 2}, manifest)
     assert torch.equal(resumed.batch(2)[0], images)
 
 

@@ -133,7 +133,7 @@ def test_a_shard_set_on_s3_is_checked_and_read_as_the_local_one(s3, tmp_path, mo
     from test_shards import digit_shards
 
     from ditlab.config import DataSpec
-    from ditlab.data.shards import check_shard_set, load_split, read_manifest
+    from ditlab.data.shards import check_shard_set, read_manifest, read_split
     from ditlab.storage import filesystem
 
     local = digit_shards(tmp_path / "shards")
@@ -146,7 +146,7 @@ def test_a_shard_set_on_s3_is_checked_and_read_as_the_local_one(s3, tmp_path, mo
     fs.copy_files(str(local), path, destination_filesystem=bucket)
     assert check_shard_set(DataSpec(format="shards", path=url, resolution=8)) == read_manifest(str(local))
     for split in ("train", "test"):
-        (images, labels, _), (want_images, want_labels, _) = load_split(url, split), load_split(str(local), split)
+        (images, labels, _), (want_images, want_labels, _) = read_split(url, split), read_split(str(local), split)
         assert np.array_equal(images, want_images) and np.array_equal(labels, want_labels)
 
     def run_on(location: str) -> list[str]:

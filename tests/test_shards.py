@@ -15,7 +15,7 @@ from ditlab import cli
 from ditlab.config import DataSpec, from_dict
 from ditlab.data import load_dataset
 from ditlab.data.digits import load_digits_arrays
-from ditlab.data.shards import ShardError, check_shard_set, chunked, load_split, read_manifest, write_shards
+from ditlab.data.shards import ShardError, check_shard_set, chunked, read_manifest, read_split, write_shards
 from ditlab.data.streaming import ReadShard, epochs_needed
 
 from conftest import ROOT
@@ -91,7 +91,7 @@ def test_checksums_are_hashed_once_per_shard_version(tmp_path, cache, monkeypatc
     with pytest.raises(ShardError, match=f"shard '{shard}' does not match its checksum"):
         check_shard_set(spec)
     with pytest.raises(ShardError, match=f"shard '{shard}' does not match its checksum"):
-        load_split(str(root), "train")  # a reader checks what it reads too
+        read_split(str(root), "train")  # a reader checks what it reads too
     # Put back just now: hashed, but not trusted later (S3 keeps mtimes to the second, so a rewrite in
     # the same second would keep its key): the next check hashes it again.
     data[-30] ^= 0xFF
@@ -152,8 +152,9 @@ def record_batches(config: dict) -> None:
     placement = Placement(rank=ctx.get_world_rank(), world_size=ctx.get_world_size(),
                           stream=ray.train.get_dataset_shard("train"))
     runs = {}
+    manifest = read_manifest(spec.data.path)
     for start in (0, config["resume_at"]):
-        source = batch_source(spec, placement, None, {"step": start})
+        source = batch_source(spec, placement, None, {"step": start}, manifest)
         runs[start] = [source.batch(step)[2].tolist() for step in range(start, spec.train.steps)]
     Path(config["out"], f"rank{placement.rank}.json").write_text(json.dumps(runs))
 
@@ -194,7 +195,6 @@ def test_the_evaluation_reference_reads_only_the_head_of_a_large_train_split(tmp
     """The classifier behind conditional accuracy learns from the first CLASSIFIER_TRAIN_LIMIT train
     images of a shard set, read shard by shard: the shards past them are never read (here they are
     corrupt, and the reference is still built). The reference split itself is read whole, as stored."""
-    from ditlab.data.shards import read_split
     from ditlab.evaluation import suite
 
     root = digit_shards(tmp_path / "shards")  # 400 train images in shards of 100, 50 test

@@ -237,12 +237,6 @@ def read_split(location: str, split: str, limit: int | None = None) -> tuple[np.
     return images, labels, manifest
 
 
-def load_split(location: str, split: str) -> tuple[np.ndarray, np.ndarray, int]:
-    """(images as stored, labels, num_classes) of a split (`read_split`)."""
-    images, labels, manifest = read_split(location, split)
-    return images, labels, int(manifest["num_classes"])
-
-
 def to_float(images: np.ndarray, manifest: dict):
     """Stored images [n, R, R, C] -> the float32 [n, C, R, R] tensor training sees: uint8 pixels to
     [-1, 1], float16 latents to float32 times the manifest's scale factor. Always a copy (Ray hands

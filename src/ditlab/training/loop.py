@@ -198,10 +198,11 @@ def setup(spec: ExperimentSpec, placement: Placement, resume_from: str | None = 
     seed_everything(spec.seed + placement.rank)
     kind = task_class(spec.task)
     if placement.stream is None:
-        dataset = kind.training_data(spec)
+        dataset, manifest = kind.training_data(spec), None
         num_classes = dataset.num_classes
-    else:  # what the loop needs of a streamed set, without reading a shard
-        dataset, num_classes = None, int(read_manifest(kind.stream_location(spec))["num_classes"])
+    else:  # what the loop needs of a streamed set, without reading a shard: its manifest, read once
+        dataset, manifest = None, read_manifest(kind.stream_location(spec))
+        num_classes = int(manifest["num_classes"])
     task = kind(spec, num_classes, placement.device)
     bundle = load_bundle(resume_from) if resume_from is not None else None
     if bundle is not None:
@@ -212,7 +213,7 @@ def setup(spec: ExperimentSpec, placement: Placement, resume_from: str | None = 
     # that, so every rank's EMA starts from the same weights.
     task.wrap(placement.wrap_model)
     ema = EMA(task.model, spec.train.ema_decay, spec.train.ema_warmup)
-    source = batch_source(spec, placement, dataset, bundle)
+    source = batch_source(spec, placement, dataset, bundle, manifest)
     state = TrainState(spec, task, ema, source, FiniteStepGuard(placement.device))
     if bundle is not None:
         ema.load_state_dict(bundle["ema"])
@@ -224,13 +225,13 @@ def setup(spec: ExperimentSpec, placement: Placement, resume_from: str | None = 
 
 
 def batch_source(spec: ExperimentSpec, placement: Placement, dataset: ImageDataset | None,
-                 bundle: dict | None) -> MemoryBatches | StreamBatches:
-    """The dataset held in memory, or this rank's stream positioned at the step resumed from."""
+                 bundle: dict | None, manifest: dict | None = None) -> MemoryBatches | StreamBatches:
+    """The dataset held in memory, or this rank's stream (of the shard set `manifest` describes)
+    positioned at the step resumed from."""
     local_batch = spec.train.batch_size // placement.world_size
     if dataset is not None:
         return MemoryBatches(dataset, ShardSampler(len(dataset), local_batch, spec.seed, placement.rank,
                                                    placement.world_size))
-    manifest = read_manifest(task_class(spec.task).stream_location(spec))
     return StreamBatches(placement.stream, local_batch, manifest, int(bundle["step"]) if bundle is not None else 0,
                          spec.data.prefetch_batches)
 
