@@ -29,6 +29,24 @@ def test_inception_fingerprint_on_zeros():
     assert float(out.max()) == pytest.approx(4.347140, abs=1e-4)
 
 
+def test_eager_inception_gives_the_scripted_files_features():
+    """The batch-norm-folded, channels-last copy is what runs, and it matches the TorchScript graph
+    whose SHA-256 was checked on resized digits (not only on the load-time check image)."""
+    from sklearn.datasets import load_digits
+
+    from ditlab.evaluation.inception_eager import EagerInception
+
+    model = feats.load_inception()
+    assert isinstance(model.layers, EagerInception)
+    digits = (load_digits().images[:4] * (255 / 16)).astype(np.uint8)[..., None]
+    x = (torch.from_numpy(feats.clean_resize(digits)) - 128.0) / 128.0
+    with torch.no_grad():
+        eager = model.layers(x).reshape(4, -1)
+        scripted = model.scripted_layers(x.contiguous(memory_format=torch.channels_last)).reshape(4, -1)
+    assert float((eager - scripted).abs().max()) < 1e-3
+    assert float(scripted.abs().max()) > 0.5  # real activations, not an all-zero pair
+
+
 def test_inception_features_shape_and_grayscale_conversion():
     rng = np.random.default_rng(0)
     gray = rng.integers(0, 256, (2, 16, 16, 1), dtype=np.uint8)

