@@ -4,11 +4,14 @@ discriminator, resume is exact with the discriminator active (one process and tw
 every rank reports the same FID and KID."""
 
 
+import numpy as np
 import pytest
 import torch
 
 from ditlab.config import SpecError, load
 from ditlab.data import load_dataset
+from ditlab.evaluation.features import inception_features
+from ditlab.evaluation.images import as_rgb_uint8
 from ditlab.training import LocalReporter, train
 from ditlab.training.tasks import Batch, GenerationTask
 
@@ -61,9 +64,12 @@ def _adversarial_ddp_record(rank, spec, full, end_full, resumed, end_resumed) ->
             and same_parameters(end_full.task.adversary.discriminator, end_resumed.task.adversary.discriminator)}
 
 
-def test_two_ddp_ranks_resume_exactly_and_report_the_same_sample_quality(tmp_path):
+def test_two_ddp_ranks_resume_exactly_and_report_the_same_sample_quality(tmp_path, monkeypatch):
     """Two gloo ranks, both networks DDP-wrapped: the full run, then a run resumed from rank 0's
-    step-3 checkpoint."""
+    step-3 checkpoint. The reference-feature cache starts empty, so the full run's ranks extract
+    the test split's features together (rank 0 stores them) and the resumed run reads them."""
+    cache = tmp_path / "cache"
+    monkeypatch.setenv("DITLAB_CACHE_DIR", str(cache))  # the spawned ranks inherit it
     spec = load(TINY, ["train.log_every=1", "train.val_images=0", *ADVERSARIAL, *SAMPLE_EVAL])
     ranks = run_then_resume_on_two_ranks(spec, tmp_path, _adversarial_ddp_record)
     assert ranks[0] == ranks[1]  # losses are averaged across ranks, figures broadcast from rank 0
@@ -71,6 +77,10 @@ def test_two_ddp_ranks_resume_exactly_and_report_the_same_sample_quality(tmp_pat
     assert record["same"] and record["resumed"] == record["full"][3:]
     scored = [h for h in record["full"] if "fid" in h]
     assert [h["step"] for h in scored] == [6] and scored[0]["fid"] > 0 and "kid" in scored[0]
+    # The entry the two ranks wrote holds every test image's features, in the split's order.
+    (stored,) = (cache / "reference").glob("*.npy")
+    images = as_rgb_uint8(load_dataset(spec.data, "test").to_uint8())
+    assert np.allclose(np.load(stored), inception_features(images), atol=1e-4)
 
 
 @pytest.mark.parametrize("overrides, message", [

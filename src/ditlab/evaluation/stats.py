@@ -11,6 +11,7 @@ from __future__ import annotations
 import hashlib
 import os
 import sys
+from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
@@ -55,16 +56,29 @@ def _cached(path: Path, count: int) -> np.ndarray | None:
         return None
 
 
+def cached_reference_features(images_uint8: np.ndarray, resize: str = "clean",
+                              weights: str | None = None) -> np.ndarray | None:
+    """The cache's features of exactly these images, or None when it has no whole entry."""
+    path = cache_dir() / f"{reference_key(images_uint8, resize, weights)}.npy"
+    return _cached(path, len(images_uint8))
+
+
 def reference_features(images_uint8: np.ndarray, resize: str = "clean", weights: str | None = None,
-                       progress: bool = False, describe: str = "") -> np.ndarray:
+                       progress: bool = False, describe: str = "",
+                       extract: Callable[[], np.ndarray] | None = None) -> np.ndarray:
     """Features of the reference images, from the cache when this exact set was seen before.
-    A JSON file beside each entry says what it holds, with the entry's SHA-256."""
+    A JSON file beside each entry says what it holds, with the entry's SHA-256. `extract`, when
+    given, computes the features on a miss instead of this process alone (training splits the
+    work over its ranks)."""
     key = reference_key(images_uint8, resize, weights)
     path = cache_dir() / f"{key}.npy"
     feats = _cached(path, len(images_uint8))
     if feats is not None:
         return feats
-    feats = inception_features(images_uint8, weights=weights, progress=progress, resize=resize)
+    if extract is not None:
+        feats = extract()
+    else:
+        feats = inception_features(images_uint8, weights=weights, progress=progress, resize=resize)
     with atomic_path(path) as tmp, open(tmp, "wb") as f:
         np.save(f, feats)
     n, h, w, c = images_uint8.shape

@@ -9,10 +9,11 @@ with a DDIM sampler of `train.eval_sampler_steps` steps (a distillation student:
 and the step count of its round, unguided); chunk k is seeded by (evaluation.seed, k)
 whichever rank draws it, so the figures do not depend on the number of workers. Each rank samples
 and extracts Inception features for chunks rank, rank + W, ...; rank 0 gathers the features, scores
-them against the cached features of the reference split (evaluation/stats.py) and broadcasts the
-figures, so every rank reports the same ones. Guidance, seed, reference split and the FID and KID
-settings are the `evaluation` section's, as in the final evaluation; its larger budget makes that
-FID lower than these (FID is biased upwards at small N), so compare curves with curves.
+them against the cached features of the reference split (evaluation/stats.py; on a cache miss the
+ranks extract those together too) and broadcasts the figures, so every rank reports the same ones.
+Guidance, seed, reference split and the FID and KID settings are the `evaluation` section's, as
+in the final evaluation; its larger budget makes that FID lower than these (FID is biased upwards
+at small N), so compare curves with curves.
 """
 
 from __future__ import annotations
@@ -48,11 +49,13 @@ class SampleQuality:
         # How samples are drawn: a distillation student changes these to its own (per round).
         self.sampler, self.steps, self.guidance = "ddim", spec.train.eval_sampler_steps, spec.evaluation.guidance
         self._reference: np.ndarray | None = None  # rank 0's reference features, loaded once
+        self._reference_loaded = False  # on every rank: whether load_reference has run
 
     def __call__(self, model: nn.Module) -> dict[str, float]:
         tic = time.perf_counter()
         rank, world = _rank_and_world()
         num_chunks = -(-self.spec.train.eval_samples // CHUNK)
+        self.load_reference(rank, world)
         mine = {k: self.chunk_features(model, k) for k in range(rank, num_chunks, world)}
         gathered = [mine]
         if world > 1:
@@ -91,19 +94,46 @@ class SampleQuality:
         from ditlab.evaluation import generative
 
         ev = self.spec.evaluation
-        real = self.reference_features()
+        real = self._reference
         kid, _ = generative.kid(fake, real, ev.kid.num_subsets, ev.kid.subset_size, ev.kid.seed)
         return {"fid": generative.fid(fake, real), "kid": kid}
 
-    def reference_features(self) -> np.ndarray:
-        """Features of `evaluation.reference_split`, from the cache the final evaluation shares."""
-        if self._reference is None:
-            from ditlab.evaluation.images import as_rgb_uint8
-            from ditlab.evaluation.stats import reference_features
+    def load_reference(self, rank: int, world: int) -> None:
+        """Rank 0's features of `evaluation.reference_split`, from the cache the final evaluation
+        shares. On a miss every rank extracts images rank, rank + W, ... and rank 0 stores the
+        whole set: with one thread a worker, 360 images took one rank about 70 s while the
+        others waited. Every rank takes part once, whether or not the cache had the entry."""
+        if self._reference_loaded:
+            return
+        from ditlab.evaluation.features import inception_features
+        from ditlab.evaluation.images import as_rgb_uint8
+        from ditlab.evaluation.stats import cached_reference_features, reference_features
 
-            ev = self.spec.evaluation
-            data = load_dataset(self.spec.data, ev.reference_split)
-            name = f"{data.name} {ev.reference_split} split ({len(data)} images, {self.spec.data.resolution}px)"
-            self._reference = reference_features(as_rgb_uint8(data.to_uint8()), ev.fid.resize,
-                                                 ev.inception_weights, describe=name)
-        return self._reference
+        ev = self.spec.evaluation
+        data = load_dataset(self.spec.data, ev.reference_split)
+        images = as_rgb_uint8(data.to_uint8())
+        name = f"{data.name} {ev.reference_split} split ({len(data)} images, {self.spec.data.resolution}px)"
+        settings = {"resize": ev.fid.resize, "weights": ev.inception_weights}
+        if world == 1:
+            self._reference = reference_features(images, describe=name, **settings)
+        else:
+            found = cached_reference_features(images, **settings) if rank == 0 else None
+            box = [found is not None]
+            dist.broadcast_object_list(box, src=0)
+            if box[0]:
+                self._reference = found
+            else:
+                parts = [None] * world
+                dist.all_gather_object(parts, inception_features(images[rank::world], **settings))
+                if rank == 0:
+                    self._reference = reference_features(images, describe=name, extract=lambda: _interleave(parts),
+                                                         **settings)
+        self._reference_loaded = True
+
+
+def _interleave(parts: list[np.ndarray]) -> np.ndarray:
+    """Rows taken as parts[r] = rows[r::W], put back in their order."""
+    out = np.empty((sum(len(p) for p in parts), parts[0].shape[1]), dtype=parts[0].dtype)
+    for r, part in enumerate(parts):
+        out[r :: len(parts)] = part
+    return out
