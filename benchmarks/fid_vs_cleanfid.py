@@ -45,9 +45,12 @@ def cleanfid_fid(fake: Path, real: Path) -> float:
 
     from ditlab.evaluation.features import load_inception
 
-    class Extractor(torch.nn.Module):  # clean-fid hands over clean-resized batches; our weights
+    # clean-fid hands over clean-resized NCHW batches. The same file's TorchScript network runs them
+    # as loaded, as clean-fid runs its own copy of it; not ditlab's eager, batch-norm-folded copy
+    # (`.layers`), which is part of what is being compared.
+    class Extractor(torch.nn.Module):
         def forward(self, x):
-            return load_inception().layers((x - 128) / 128).reshape(len(x), -1)
+            return load_inception().scripted_layers((x - 128) / 128).reshape(len(x), -1)
 
     return float(cleanfid.compute_fid(str(fake), str(real), mode="clean", custom_feat_extractor=Extractor(),
                                       device=torch.device("cpu"), num_workers=0, batch_size=50, verbose=False))
