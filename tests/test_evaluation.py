@@ -47,6 +47,7 @@ def test_eager_inception_gives_the_scripted_files_features():
     assert float(scripted.abs().max()) > 0.5  # real activations, not an all-zero pair
 
 
+@pytest.mark.filterwarnings("ignore:`torch.jit.script` is deprecated:FutureWarning")
 def test_a_network_laid_out_otherwise_runs_as_scripted():
     """A file whose modules the eager copy does not know is run as it is, never approximated."""
     other = torch.jit.script(torch.nn.Sequential(torch.nn.Conv2d(3, 4, 3), torch.nn.ReLU()))
