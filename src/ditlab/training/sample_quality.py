@@ -110,19 +110,26 @@ class SampleQuality:
         from ditlab.evaluation.stats import cached_reference_features, reference_features
 
         ev = self.spec.evaluation
-        data = load_dataset(self.spec.data, ev.reference_split)
-        images = as_rgb_uint8(data.to_uint8())
-        name = f"{data.name} {ev.reference_split} split ({len(data)} images, {self.spec.data.resolution}px)"
         settings = {"resize": ev.fid.resize, "weights": ev.inception_weights}
+
+        def split() -> tuple[np.ndarray, str]:  # the reference images, and what to call them
+            data = load_dataset(self.spec.data, ev.reference_split)
+            name = f"{data.name} {ev.reference_split} split ({len(data)} images, {self.spec.data.resolution}px)"
+            return as_rgb_uint8(data.to_uint8()), name
+
         if world == 1:
+            images, name = split()
             self._reference = reference_features(images, describe=name, **settings)
         else:
+            images, name = split() if rank == 0 else (None, "")  # other ranks load it on a miss only
             found = cached_reference_features(images, **settings) if rank == 0 else None
             box = [found is not None]
             dist.broadcast_object_list(box, src=0)
             if box[0]:
                 self._reference = found
             else:
+                if images is None:
+                    images, name = split()
                 parts = [None] * world
                 dist.all_gather_object(parts, inception_features(images[rank::world], **settings))
                 if rank == 0:
