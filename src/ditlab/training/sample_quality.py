@@ -130,8 +130,8 @@ class SampleQuality:
             else:
                 if images is None:
                     images, name = split()
-                parts = [None] * world
-                dist.all_gather_object(parts, inception_features(images[rank::world], **settings))
+                parts = [None] * world if rank == 0 else None  # only rank 0 receives the features
+                dist.gather_object(inception_features(images[rank::world], **settings), parts, dst=0)
                 if rank == 0:
                     self._reference = reference_features(images, describe=name, extract=lambda: _interleave(parts),
                                                          **settings)
