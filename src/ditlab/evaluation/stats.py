@@ -11,7 +11,6 @@ from __future__ import annotations
 import hashlib
 import os
 import sys
-from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
@@ -35,7 +34,7 @@ def reference_key(images_uint8: np.ndarray, resize: str, weights: str | None = N
     return h.hexdigest()[:24]
 
 
-def _cached(path: Path, count: int) -> np.ndarray | None:
+def cached_reference_features(path: Path, count: int) -> np.ndarray | None:
     """The entry at `path` if it is whole and what its record says it is; None (after a note on
     stderr naming the file) when it is damaged, None silently when there is none."""
     import json
@@ -56,34 +55,30 @@ def _cached(path: Path, count: int) -> np.ndarray | None:
         return None
 
 
-def cached_reference_features(images_uint8: np.ndarray, resize: str = "clean",
-                              weights: str | None = None) -> np.ndarray | None:
-    """The cache's features of exactly these images, or None when it has no whole entry."""
-    path = cache_dir() / f"{reference_key(images_uint8, resize, weights)}.npy"
-    return _cached(path, len(images_uint8))
+def reference_entry(images_uint8: np.ndarray, resize: str = "clean", weights: str | None = None) -> Path:
+    """The cache file that holds (or will hold) these images' features."""
+    return cache_dir() / f"{reference_key(images_uint8, resize, weights)}.npy"
 
 
-def reference_features(images_uint8: np.ndarray, resize: str = "clean", weights: str | None = None,
-                       progress: bool = False, describe: str = "",
-                       extract: Callable[[], np.ndarray] | None = None) -> np.ndarray:
-    """Features of the reference images, from the cache when this exact set was seen before.
-    A JSON file beside each entry says what it holds, with the entry's SHA-256. `extract`, when
-    given, computes the features on a miss instead of this process alone (training splits the
-    work over its ranks)."""
-    key = reference_key(images_uint8, resize, weights)
-    path = cache_dir() / f"{key}.npy"
-    feats = _cached(path, len(images_uint8))
-    if feats is not None:
-        return feats
-    if extract is not None:
-        feats = extract()
-    else:
-        feats = inception_features(images_uint8, weights=weights, progress=progress, resize=resize)
-    with atomic_path(path) as tmp, open(tmp, "wb") as f:
+def store_reference_features(entry: Path, images_uint8: np.ndarray, feats: np.ndarray, resize: str = "clean",
+                             weights: str | None = None, describe: str = "") -> None:
+    """Writes `feats` as the cache's `entry` for these images, with its JSON record."""
+    with atomic_path(entry) as tmp, open(tmp, "wb") as f:
         np.save(f, feats)
     n, h, w, c = images_uint8.shape
     location = find_inception_weights(weights)
-    write_json(path.with_suffix(".json"), {"reference": describe, "count": n, "image_size": [h, w, c],
-                                           "resize": resize, "weights": location.origin,
-                                           "weights_sha256": location.sha256, "features_sha256": file_digest(path)})
+    write_json(entry.with_suffix(".json"), {"reference": describe, "count": n, "image_size": [h, w, c],
+                                            "resize": resize, "weights": location.origin,
+                                            "weights_sha256": location.sha256, "features_sha256": file_digest(entry)})
+
+
+def reference_features(images_uint8: np.ndarray, resize: str = "clean", weights: str | None = None,
+                       progress: bool = False, describe: str = "") -> np.ndarray:
+    """Features of the reference images, from the cache when this exact set was seen before.
+    A JSON file beside each entry says what it holds, with the entry's SHA-256."""
+    entry = reference_entry(images_uint8, resize, weights)
+    feats = cached_reference_features(entry, len(images_uint8))
+    if feats is None:
+        feats = inception_features(images_uint8, weights=weights, progress=progress, resize=resize)
+        store_reference_features(entry, images_uint8, feats, resize, weights, describe)
     return feats

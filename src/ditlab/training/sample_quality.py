@@ -107,7 +107,8 @@ class SampleQuality:
             return
         from ditlab.evaluation.features import inception_features
         from ditlab.evaluation.images import as_rgb_uint8
-        from ditlab.evaluation.stats import cached_reference_features, reference_features
+        from ditlab.evaluation.stats import (cached_reference_features, reference_entry, reference_features,
+                                            store_reference_features)
 
         ev = self.spec.evaluation
         settings = {"resize": ev.fid.resize, "weights": ev.inception_weights}
@@ -122,7 +123,8 @@ class SampleQuality:
             self._reference = reference_features(images, describe=name, **settings)
         else:
             images, name = split() if rank == 0 else (None, "")  # other ranks load it on a miss only
-            found = cached_reference_features(images, **settings) if rank == 0 else None
+            entry = reference_entry(images, **settings) if rank == 0 else None
+            found = cached_reference_features(entry, len(images)) if rank == 0 else None
             box = [found is not None]
             dist.broadcast_object_list(box, src=0)
             if box[0]:
@@ -133,8 +135,8 @@ class SampleQuality:
                 parts = [None] * world if rank == 0 else None  # only rank 0 receives the features
                 dist.gather_object(inception_features(images[rank::world], **settings), parts, dst=0)
                 if rank == 0:
-                    self._reference = reference_features(images, describe=name, extract=lambda: _interleave(parts),
-                                                         **settings)
+                    self._reference = _interleave(parts)
+                    store_reference_features(entry, images, self._reference, describe=name, **settings)
         self._reference_loaded = True
 
 
