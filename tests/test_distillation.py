@@ -16,6 +16,7 @@ from ditlab.evaluation.suite import Reference, dataset_reference
 from ditlab.diffusion.samplers import ddim_trailing_sample, guided_denoiser
 from ditlab.diffusion.schedules import trailing_timesteps
 from ditlab.training import LocalReporter, train
+from ditlab.training.ema import EMA
 from ditlab.atomic import file_digest
 from ditlab.training.checkpoint import load_bundle, resolve_bundle_path
 from ditlab.training.tasks.distillation import DistillationTask, open_teacher
@@ -113,6 +114,37 @@ def test_rounds_hand_over_and_resume_exactly_on_two_ranks(teacher, tmp_path):
     assert bundle["spec"]["evaluation"]["sampler"] == "ddim-trailing" and bundle["spec"]["evaluation"]["steps"] == 1
 
 
+def test_uneven_rounds_hand_over_where_round_steps_says(teacher):
+    """distillation.round_steps [2, 4]: the 2-step student learns for steps 0-1, the 1-step one for 2-5."""
+    task = DistillationTask(tiny_student(teacher, "distillation.round_steps=[2, 4]"), 10, torch.device("cpu"))
+    ema = EMA(task.model, 0.9)
+    learning = []
+    for step in range(6):
+        task.before_step(step, ema)
+        learning.append(task.student_steps)
+    assert learning == [2, 2, 1, 1, 1, 1]
+    assert sorted(task.students) == [2]
+
+
+def test_reused_targets_train_twice_and_a_resumed_run_repeats_the_full_one(teacher, tmp_path):
+    """target_reuse 2: a step computes half its batch's targets afresh and reuses the last step's
+    half, so the losses part from a run without reuse after step 1; the reuse is dropped at the
+    checkpoint step (3, mid round 2 here), so a run resumed there repeats the full run exactly."""
+    spec = tiny_student(teacher, "resources.num_workers=1", "distillation.round_steps=[2, 4]",
+                        "distillation.target_reuse=2")
+    full, resumed, plain = LocalReporter(tmp_path / "full"), LocalReporter(), LocalReporter()
+    end_full = train(spec, full)
+    end_resumed = train(spec, resumed, resume_from=str(tmp_path / "full" / "checkpoint_000003"))
+    train(spec.model_copy(update={"distillation": spec.distillation.model_copy(update={"target_reuse": 1})}), plain)
+
+    def losses(reporter):
+        return [h["loss"] for h in reporter.history if "loss" in h]
+
+    assert losses(resumed) == losses(full)[3:] and same_parameters(end_full.ema.model, end_resumed.ema.model)
+    assert losses(plain)[0] == losses(full)[0] and losses(plain)[1] != losses(full)[1]
+    assert end_full.task.replay is not None and len(end_full.task.replay[0]) == 8  # half the batch of 16
+
+
 @pytest.fixture(scope="module")
 def student(teacher, tmp_path_factory) -> str:
     out = tmp_path_factory.mktemp("student")
@@ -134,7 +166,9 @@ def test_a_student_samples_with_its_own_sampler_and_steps_and_refuses_guidance(s
                                             ("diffusion.prediction=eps", "diffusion.prediction"),
                                             ("distillation.teacher=missing/run", "distillation.teacher"),
                                             ("distillation.compare_teacher_steps=[8, 0]",
-                                             "distillation.compare_teacher_steps")])
+                                             "distillation.compare_teacher_steps"),
+                                            ("distillation.round_steps=[2, 2]", "distillation.round_steps"),
+                                            ("distillation.round_steps=[6]", "distillation.round_steps")])
 def test_a_teacher_of_another_shape_or_missing_is_one_error_line(teacher, tmp_path, capsys, monkeypatch, override,
                                                                  field):
     monkeypatch.chdir(tmp_path)

@@ -217,7 +217,14 @@ class DistillationSpec(_Section):
                                                                       "distillation is not implemented")
     steps: int = Field(4, ge=1, description="sampling steps of the final student (DDIM, trailing spacing)")
     rounds: int = Field(2, ge=1, le=10, description="halvings of the step count: the first round's teacher samples "
-                                                    "in steps * 2**rounds; train.steps is split evenly over them")
+                                                    "in steps * 2**rounds")
+    round_steps: tuple[Annotated[int, Field(ge=1)], ...] | None = Field(
+        None, description="training steps of each round, first to last: as many as rounds, summing to train.steps "
+                          "(spend them on the rounds whose students matter); default: train.steps split evenly")
+    target_reuse: int = Field(1, ge=1, le=16, description="steps each of the teacher's targets is trained on: a "
+                                                          "step computes 1/target_reuse of its batch's targets and "
+                                                          "reuses the last steps' for the rest (the teacher's "
+                                                          "passes are most of a step's cost)")
     guidance: float | None = Field(None, ge=0, description="classifier-free guidance scale distilled into the "
                                                            "student; default: the teacher's evaluation.guidance")
     compare_teacher_steps: tuple[int, ...] = Field((), description="the final evaluation also samples the teacher "
@@ -228,6 +235,10 @@ class DistillationSpec(_Section):
     def teacher_steps(self) -> int:
         """Sampling steps of the guided teacher that the first round imitates."""
         return self.steps * 2**self.rounds
+
+    def round_lengths(self, total_steps: int) -> tuple[int, ...]:
+        """Training steps of each round (`total_steps`: train.steps)."""
+        return self.round_steps or (total_steps // self.rounds,) * self.rounds
 
 
 Metric = Literal["fid", "kid", "precision_recall", "inception_score", "classifier_score", "conditional_accuracy",
@@ -404,9 +415,19 @@ class ExperimentSpec(_Section):
         if bad:
             raise SpecError(f"distillation.compare_teacher_steps: {bad} outside [1, diffusion.num_timesteps = "
                             f"{self.diffusion.num_timesteps}]")
-        if self.train.steps % d.rounds:
+        if d.round_steps is None and self.train.steps % d.rounds:
             raise SpecError(f"train.steps: {self.train.steps} does not split evenly over distillation.rounds "
-                            f"({d.rounds})")
+                            f"({d.rounds}); or give each round's steps in distillation.round_steps")
+        if d.round_steps is not None and len(d.round_steps) != d.rounds:
+            raise SpecError(f"distillation.round_steps: {list(d.round_steps)} names {len(d.round_steps)} rounds, "
+                            f"but distillation.rounds is {d.rounds}")
+        per_worker = self.train.batch_size // self.resources.num_workers
+        if per_worker % d.target_reuse:
+            raise SpecError(f"distillation.target_reuse: {d.target_reuse} does not divide each worker's batch "
+                            f"({per_worker} images): a step computes that share of its targets afresh")
+        if d.round_steps is not None and sum(d.round_steps) != self.train.steps:
+            raise SpecError(f"distillation.round_steps: {list(d.round_steps)} sum to {sum(d.round_steps)}, but "
+                            f"train.steps is {self.train.steps}")
         if self.loss.adversarial_weight:
             raise SpecError("loss.adversarial_weight: task distillation has no adversarial term")
         ev = self.evaluation

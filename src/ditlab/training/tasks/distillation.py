@@ -21,17 +21,25 @@ learns the guided model in one forward pass (Meng et al. 2023 distil guidance in
 and condition the student on the scale; here the scale is fixed and the two stages are one). Each
 later round's teacher is the previous round's student, sampling unguided.
 
-Rounds split `train.steps` evenly. When a round ends (`before_step` at its first step), the EMA
-weights become the next teacher and the student's new starting point, the EMA restarts from them and
-the optimizer's moments are cleared: each round is a fresh distillation of the one before. The
-rounds' students are kept in the checkpoint ("task_state"), so the finished run has a student for
-each step count (steps * 2**(rounds - 1), ..., steps), and a resumed run rebuilds the teacher of its round.
+Rounds split `train.steps` evenly, or as `distillation.round_steps` says. When a round ends
+(`before_step` at the next round's first step), the EMA weights become the next teacher and the
+student's new starting point, the EMA restarts from them and the optimizer's moments are cleared:
+each round is a fresh distillation of the one before. The rounds' students are kept in the
+checkpoint ("task_state"), so the finished run has a student for each step count
+(steps * 2**(rounds - 1), ..., steps), and a resumed run rebuilds the teacher of its round.
 The teacher's SHA-256 is recorded and checked on resume.
+
+The teacher's passes (four forward passes of the batch in round 1, two later) cost more than the
+student's forward and backward. With `distillation.target_reuse` r, a step computes targets for 1/r
+of its batch and trains on them beside the latest (r - 1)/r of earlier steps' targets, so each
+target trains the student in r consecutive steps. The reused ones are dropped at every checkpoint
+step (that step computes the whole batch's), so a run resumed from a checkpoint is the same run.
 """
 
 from __future__ import annotations
 
 import copy
+import itertools
 from pathlib import Path
 from typing import Any
 
@@ -108,9 +116,12 @@ class DistillationTask(GenerationTask):
         self.model.load_state_dict(teacher.model.state_dict())
         self.teacher_clip_x0 = teacher.spec.evaluation.clip_x0
         d = spec.distillation
-        self.steps_per_round = spec.train.steps // d.rounds
+        # The step at which each round but the last hands over to the next.
+        self.round_ends = list(itertools.accumulate(d.round_lengths(spec.train.steps)))[:-1]
         # Students of finished rounds, by step count: the teacher of the round after each.
         self.students: dict[int, dict[str, torch.Tensor]] = {}
+        # (x_t, t, labels, target) of the latest samples whose targets train again (target_reuse > 1).
+        self.replay: tuple[torch.Tensor, ...] | None = None
         self.teacher = teacher.model.to(device).requires_grad_(False)  # round 1's; later rounds': _enter_round
         self.validation_data = None  # the diffusion loss does not measure a student (train.val_images: 0 too)
         if self.sample_scorer is not None:
@@ -147,7 +158,9 @@ class DistillationTask(GenerationTask):
             self.sample_scorer.steps = self.student_steps
 
     def before_step(self, step: int, ema: EMA) -> None:
-        if step == 0 or step % self.steps_per_round or step // self.steps_per_round <= self.round:
+        if step % self.spec.train.checkpoint_every == 0:
+            self.replay = None  # a run resumed from this step's checkpoint starts without it too
+        if self.round >= len(self.round_ends) or step < self.round_ends[self.round]:
             return
         finished = {k: v.detach().clone() for k, v in ema.model.state_dict().items()}
         self.students[self.student_steps] = finished
@@ -155,6 +168,7 @@ class DistillationTask(GenerationTask):
             self.model.load_state_dict(finished)
         ema.num_updates = 0  # its warm-up starts again from the new starting point
         self.optimizer.state.clear()
+        self.replay = None  # the last round's targets
         self._enter_round()
 
     # -- one step ----------------------------------------------------------------------------------
@@ -162,16 +176,22 @@ class DistillationTask(GenerationTask):
     def step(self, batch: Batch, generator: torch.Generator) -> dict[str, float]:
         n, K = len(batch), self.student_steps
         T = self.diffusion.num_timesteps
-        i = torch.randint(K, (n,), generator=generator)  # index into the student's grid, from t = T-1
-        noise = torch.randn(batch.images.shape, generator=generator)
+        fresh = n - (len(self.replay[0]) if self.replay else 0)  # the targets computed this step
+        images, labels = batch.images[:fresh], batch.labels[:fresh]
+        i = torch.randint(K, (fresh,), generator=generator)  # index into the student's grid, from t = T-1
+        noise = torch.randn(images.shape, generator=generator)
         grid, fine = torch.from_numpy(trailing_timesteps(T, K)), torch.from_numpy(trailing_timesteps(T, 2 * K))
         t, t_mid = grid[i].to(self.device), fine[2 * i + 1].to(self.device)
         t_next = grid[(i + 1).clamp(max=K - 1)].to(self.device)
         final = (i == K - 1).to(self.device)  # the last step lands on the clean image
-        x_t = self.diffusion.q_sample(batch.images, t, noise.to(self.device))
-        target = self.target(x_t, t, t_mid, t_next, final, batch.labels)
+        x_t = self.diffusion.q_sample(images, t, noise.to(self.device))
+        target = self.target(x_t, t, t_mid, t_next, final, labels)
+        if self.replay:  # the last steps' targets first, this step's last
+            x_t, t, labels, target = (torch.cat(pair) for pair in zip(self.replay, (x_t, t, labels, target)))
+        keep = n - n // self.spec.distillation.target_reuse
+        self.replay = tuple(z[n - keep:] for z in (x_t, t, labels, target)) if keep else None
         with self.autocast():
-            out = self.forward_model(x_t, t, batch.labels)
+            out = self.forward_model(x_t, t, labels)
         x0, _ = self.diffusion.to_x0_eps(out[:, : x_t.shape[1]].float(), x_t, t)
         alpha, sigma = self.diffusion.coefficients(t, x_t.ndim)
         weight = (alpha**2 / sigma**2).clamp(min=1.0)
