@@ -1,18 +1,19 @@
 """Benchmark: distillation settings against training time and the students' FID, in one process.
 
-    python benchmarks/distill_rounds.py TEACHER --variant NAME:KEY=VALUE,KEY=VALUE ... [--num 300] [--out FILE]
+    python benchmarks/distill_rounds.py TEACHER --variant "NAME:KEY=VALUE;KEY=VALUE" ... [--num 300] [--out FILE]
 
 Each variant is experiments/distill.yaml with the teacher TEACHER, two rounds (a guided 16-step
 teacher, students of 8 and 4 steps), no teacher comparison, one worker in this process (all its
 threads), and the variant's `--set`-style assignments on top, e.g.
 
     python benchmarks/distill_rounds.py runs/quickstart \\
-        --variant "reuse 1:distillation.round_steps=[400, 400],distillation.target_reuse=1" \\
-        --variant "reuse 4:distillation.round_steps=[400, 400],distillation.target_reuse=4"
+        --variant "reuse 1:distillation.round_steps=[400, 400];distillation.target_reuse=1" \\
+        --variant "reuse 4:distillation.round_steps=[400, 400];distillation.target_reuse=4"
 
 It trains each variant with the training loop ditlab runs (`ditlab.training.train`) and prints one
 row per variant: the training seconds and, for each round's student, FID, KID and conditional
-accuracy of --num samples against the test split, as the run's evaluation computes them. The
+accuracy of --num samples against the test split, from the run's own evaluation
+(`DistillationTask.evaluate_checkpoint`). The
 training time is the loop's own: compare variants of one run, with nothing else running.
 """
 
@@ -34,33 +35,23 @@ BASE = ["distillation.steps=4", "distillation.rounds=2", "distillation.compare_t
 
 def variant(text: str) -> tuple[str, list[str]]:
     name, _, assignments = text.partition(":")
-    parts, depth, current = [], 0, ""
-    for ch in assignments:  # split on commas outside [...]
-        depth += (ch == "[") - (ch == "]")
-        if ch == "," and depth == 0:
-            parts.append(current.strip())
-            current = ""
-        else:
-            current += ch
-    return name.strip(), [p for p in [*parts, current.strip()] if p]
+    return name.strip(), [a.strip() for a in assignments.split(";") if a.strip()]
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("teacher", help="a generation run folder, checkpoint folder or checkpoint.pt")
     parser.add_argument("--variant", action="append", required=True, type=variant,
-                        help="NAME:KEY=VALUE,KEY=VALUE (the spec's train.steps follows round_steps when set)")
+                        help="NAME:KEY=VALUE;KEY=VALUE (the spec's train.steps follows round_steps when set)")
     parser.add_argument("--num", type=int, default=300, help="samples per student")
     parser.add_argument("--out", help="also write the rows as JSON to this file")
     args = parser.parse_args()
 
     from ditlab.config import load
     from ditlab.evaluation.suite import dataset_reference
-    from ditlab.models import model_from_config
-    from ditlab.sampling import LoadedCheckpoint, from_bundle
     from ditlab.training import LocalReporter, train
     from ditlab.training.checkpoint import load_bundle
-    from ditlab.training.tasks.generation import score_samples
+    from ditlab.training.tasks.distillation import DistillationTask
 
     rows, reference = [], None
     for name, assignments in args.variant:
@@ -76,25 +67,20 @@ def main() -> None:
             train(spec, reporter)
             seconds = time.perf_counter() - tic
             bundle = load_bundle(reporter.latest_checkpoint)
-        final = from_bundle(bundle, name, "ema")
-        students = {spec.distillation.steps: final.model}
-        for k, weights in bundle["task_state"]["students"].items():
-            model = model_from_config(bundle["model_config"])
-            model.load_state_dict(weights)
-            students[int(k)] = model.eval()
-        row = {"variant": name, "set": assignments, "train_seconds": round(seconds, 1)}
         ev = spec.evaluation.model_copy(update={"num_samples": args.num})
-        for k in sorted(students, reverse=True):
-            ckpt = LoadedCheckpoint(students[k], final.diffusion, spec, final.step)
-            figures = score_samples(ckpt, ev.model_copy(update={"steps": k}), reference).figures
-            row.update({f"student_{k}/{m}": round(figures[m], 4) for m in ("fid", "kid", "conditional_accuracy")})
+        figures = DistillationTask.evaluate_checkpoint(bundle, name, ev, reference=reference).figures
+        row = {"variant": name, "set": assignments, "train_seconds": round(seconds, 1)}
+        for k in sorted((k for k in figures if k.startswith("student_")), key=lambda k: -int(k.split("_")[1])):
+            if k.split("/")[1] in ("fid", "kid", "conditional_accuracy"):
+                row[k] = round(figures[k], 4)
         rows.append(row)
         print(json.dumps(row), flush=True)
 
     keys = [k for k in rows[0] if k.startswith("student_")]
     print(f"\n{'variant':<24} {'train s':>8} " + " ".join(keys))
     for row in rows:
-        print(f"{row['variant']:<24} {row['train_seconds']:>8} " + " ".join(f"{row.get(k, '-'):>{len(k)}}" for k in keys))
+        cells = " ".join(f"{row.get(k, '-'):>{len(k)}}" for k in keys)
+        print(f"{row['variant']:<24} {row['train_seconds']:>8} {cells}")
     print(f"\nmachine: {platform.processor() or platform.machine()}, {torch.get_num_threads()} threads; "
           f"{args.num} samples a student against the test split; teacher {args.teacher}")
     if args.out:

@@ -418,16 +418,17 @@ class ExperimentSpec(_Section):
         if d.round_steps is None and self.train.steps % d.rounds:
             raise SpecError(f"train.steps: {self.train.steps} does not split evenly over distillation.rounds "
                             f"({d.rounds}); or give each round's steps in distillation.round_steps")
-        if d.round_steps is not None and len(d.round_steps) != d.rounds:
-            raise SpecError(f"distillation.round_steps: {list(d.round_steps)} names {len(d.round_steps)} rounds, "
-                            f"but distillation.rounds is {d.rounds}")
+        if d.round_steps is not None:
+            if len(d.round_steps) != d.rounds:
+                raise SpecError(f"distillation.round_steps: {list(d.round_steps)} names {len(d.round_steps)} "
+                                f"rounds, but distillation.rounds is {d.rounds}")
+            if sum(d.round_steps) != self.train.steps:
+                raise SpecError(f"distillation.round_steps: {list(d.round_steps)} sum to {sum(d.round_steps)}, but "
+                                f"train.steps is {self.train.steps}")
         per_worker = self.train.batch_size // self.resources.num_workers
         if per_worker % d.target_reuse:
             raise SpecError(f"distillation.target_reuse: {d.target_reuse} does not divide each worker's batch "
                             f"({per_worker} images): a step computes that share of its targets afresh")
-        if d.round_steps is not None and sum(d.round_steps) != self.train.steps:
-            raise SpecError(f"distillation.round_steps: {list(d.round_steps)} sum to {sum(d.round_steps)}, but "
-                            f"train.steps is {self.train.steps}")
         if self.loss.adversarial_weight:
             raise SpecError("loss.adversarial_weight: task distillation has no adversarial term")
         ev = self.evaluation
