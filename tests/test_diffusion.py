@@ -5,7 +5,7 @@ import pytest
 import torch
 
 from ditlab.diffusion import GaussianDiffusion, get_sampler, guided_denoiser, training_losses
-from ditlab.diffusion.schedules import cosine_beta_schedule, linear_beta_schedule, spaced_timesteps
+from ditlab.diffusion.schedules import cosine_beta_schedule, linear_beta_schedule, spaced_timesteps, trailing_timesteps
 from ditlab.models import build_model
 
 
@@ -52,7 +52,7 @@ def oracle(d: GaussianDiffusion, point: torch.Tensor):
     return denoise
 
 
-@pytest.mark.parametrize("sampler", ["ddim", "ddpm", "dpmpp-2m"])
+@pytest.mark.parametrize("sampler", ["ddim", "ddim-trailing", "ddim-trailing-stochastic", "ddpm", "dpmpp-2m"])
 @pytest.mark.parametrize("prediction", ["eps", "v"])
 def test_samplers_recover_the_data_point_with_an_exact_denoiser(sampler, prediction):
     d = GaussianDiffusion.from_schedule("linear", 1000, prediction)
@@ -60,6 +60,39 @@ def test_samplers_recover_the_data_point_with_an_exact_denoiser(sampler, predict
     g = torch.Generator().manual_seed(1)
     out = get_sampler(sampler)(oracle(d, point), torch.randn(3, 1, 4, 4, generator=g), d, 20, generator=g)
     assert torch.allclose(out, point.expand(3, -1, -1, -1), atol=1e-3)  # float32 eps -> x0 at t near T
+
+
+def test_the_stochastic_student_sampler_keeps_each_level_s_marginal_and_draws_fresh_noise():
+    """ddim-trailing-stochastic with the exact denoiser of one data point: after each step x sits at the
+    next grid level as the forward process puts it there (x = sqrt(ab) x_0 + sqrt(1 - ab) e, e of unit
+    variance), and e keeps only sqrt(r (1 - ab_skip) / (1 - ab_next)) of the last level's noise (the
+    double-length DDIM step keeps all of it, the re-noising adds the rest); plain DDIM keeps it all."""
+    d = GaussianDiffusion.from_schedule("cosine", 1000, "v")
+    point = torch.zeros(1, 1, 64, 64).uniform_(-0.9, 0.9, generator=torch.Generator().manual_seed(0))
+    x_T = torch.randn(1, 1, 64, 64, generator=torch.Generator().manual_seed(1), dtype=torch.float64)
+    ts, ab = trailing_timesteps(1000, 4), d.alphas_cumprod
+
+    def noise_at_each_level(name):
+        levels = []
+
+        def record(state):
+            if state["i"] + 1 < len(ts):
+                a = float(ab[ts[state["i"] + 1]])
+                levels.append((state["x"] - a**0.5 * point) / (1 - a) ** 0.5)
+
+        get_sampler(name)(oracle(d, point), x_T, d, 4, generator=torch.Generator().manual_seed(2), callback=record,
+                          clip_x0=False)
+        return levels
+
+    kept = 1.0
+    for i, e in enumerate(noise_at_each_level("ddim-trailing-stochastic")):
+        a_next, a_skip = float(ab[ts[i + 1]]), float(ab[ts[i + 2]]) if i + 2 < len(ts) else 1.0
+        kept *= (a_next / a_skip * (1 - a_skip) / (1 - a_next)) ** 0.5
+        assert float(e.std()) == pytest.approx(1.0, abs=0.05)
+        assert float(torch.corrcoef(torch.stack([e.flatten(), x_T.flatten()]))[0, 1]) == pytest.approx(kept, abs=0.04)
+    assert kept < 0.5
+    for e in noise_at_each_level("ddim-trailing"):
+        assert torch.allclose(e, x_T, atol=1e-3)
 
 
 def test_dpm_solver_pp_converges_at_second_order_on_the_probability_flow_ode():

@@ -111,7 +111,7 @@ def test_rounds_hand_over_and_resume_exactly_on_two_ranks(teacher, tmp_path):
         assert record["same_weights"] and record["same_student"]
     bundle = load_bundle(tmp_path / "full" / "checkpoint_000006")
     assert bundle["task_state"]["teacher_sha256"] == file_digest(resolve_bundle_path(teacher))
-    assert bundle["spec"]["evaluation"]["sampler"] == "ddim-trailing" and bundle["spec"]["evaluation"]["steps"] == 1
+    assert bundle["spec"]["evaluation"]["sampler"] == "ddim-trailing-stochastic" and bundle["spec"]["evaluation"]["steps"] == 1
 
 
 def test_uneven_rounds_hand_over_where_round_steps_says(teacher):
@@ -156,7 +156,7 @@ def student(teacher, tmp_path_factory) -> str:
 def test_a_student_samples_with_its_own_sampler_and_steps_and_refuses_guidance(student, tmp_path, capsys):
     assert cli.main(["sample", student, "--out", str(tmp_path / "s"), "--num", "4", "--json"]) == 0
     manifest = json.loads(capsys.readouterr().out)
-    assert (manifest["sampler"], manifest["steps"], manifest["guidance"]) == ("ddim-trailing", 1, 1.0)
+    assert (manifest["sampler"], manifest["steps"], manifest["guidance"]) == ("ddim-trailing-stochastic", 1, 1.0)
     assert cli.main(["sample", student, "--out", str(tmp_path / "g"), "--guidance", "2"]) == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and "--guidance" in err[0] and "distilled" in err[0]

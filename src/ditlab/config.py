@@ -263,6 +263,11 @@ class PrecisionRecallSettings(_Section):
     k: int = Field(3, ge=1)
 
 
+# diffusion/samplers.py's SAMPLERS, by name (the CLIs' --sampler choices too).
+SamplerName = Literal["ddim", "ddim-trailing", "ddim-trailing-stochastic", "ddpm", "dpmpp-2m"]
+STUDENT_SAMPLERS = ("ddim-trailing-stochastic", "ddim-trailing")  # a distilled student's, its default first
+
+
 class EvaluationSpec(_Section):
     """How samples are drawn and judged. The same schema is an evaluation protocol file
     (evaluation/*.yaml) for `ditlab evaluate --protocol`."""
@@ -270,7 +275,7 @@ class EvaluationSpec(_Section):
     name: str = "default"
     metrics: tuple[Metric, ...] = ("fid", "kid", "precision_recall", "classifier_score", "conditional_accuracy")
     num_samples: int = Field(300, ge=0)
-    sampler: Literal["ddim", "ddim-trailing", "ddpm", "dpmpp-2m"] = "ddim"
+    sampler: SamplerName = "ddim"
     steps: int = Field(50, ge=1)
     guidance: float = Field(2.0, ge=0)
     clip_x0: bool = True
@@ -307,7 +312,7 @@ TASK_DEFAULTS: dict[str, dict[str, dict[str, Any]]] = {
                     "evaluation": {"metrics": ["mse", "psnr", "ssim", "lpips", "fid"]}},
     # A student samples with its own sampler and the guidance built in (evaluation.steps: below).
     # No val_loss (the test split is not even loaded): a student's figures are FID and KID.
-    "distillation": {"evaluation": {"sampler": "ddim-trailing", "guidance": 1.0}, "train": {"val_images": 0}},
+    "distillation": {"evaluation": {"sampler": STUDENT_SAMPLERS[0], "guidance": 1.0}, "train": {"val_images": 0}},
 }
 
 
@@ -432,10 +437,10 @@ class ExperimentSpec(_Section):
         if self.loss.adversarial_weight:
             raise SpecError("loss.adversarial_weight: task distillation has no adversarial term")
         ev = self.evaluation
-        if (ev.sampler, ev.steps) != ("ddim-trailing", d.steps):
-            raise SpecError(f"evaluation: {ev.sampler} with {ev.steps} steps, but the student samples with "
-                            f"ddim-trailing in distillation.steps ({d.steps}): leave evaluation.sampler and "
-                            "evaluation.steps out")
+        if ev.sampler not in STUDENT_SAMPLERS or ev.steps != d.steps:
+            raise SpecError(f"evaluation: {ev.sampler} with {ev.steps} steps, but the student samples on the "
+                            f"trailing grid ({' or '.join(STUDENT_SAMPLERS)}) in distillation.steps ({d.steps}): "
+                            "leave evaluation.steps out, and evaluation.sampler too for the default")
         if self.evaluation.guidance != 1.0:
             raise SpecError(f"evaluation.guidance: {self.evaluation.guidance}, but a distilled student has its "
                             "guidance built in and samples with 1 (distillation.guidance sets the scale)")

@@ -7,9 +7,10 @@ trajectory), the recorded maps as attention.npz, and inspect.json describing the
 from __future__ import annotations
 
 from pathlib import Path
+from typing import get_args
 
 from ditlab.cli.common import BadInput, check_sampling_flags, emit, fresh_output_folder
-from ditlab.config import SAMPLING_TASKS
+from ditlab.config import SAMPLING_TASKS, SamplerName
 
 MANIFEST = "inspect.json"
 
@@ -24,7 +25,7 @@ def register(sub, shared) -> None:
     inspect.add_argument("--num", type=int, default=3, help="samples traced (default: 3)")
     inspect.add_argument("--labels", help="comma-separated class labels, one a sample (default: spread over "
                                           "the classes)")
-    inspect.add_argument("--sampler", choices=["ddim", "ddim-trailing", "ddpm", "dpmpp-2m"],
+    inspect.add_argument("--sampler", choices=get_args(SamplerName),
                          help="default: the checkpoint's evaluation.sampler")
     inspect.add_argument("--steps", type=int, help="sampling steps (default: the checkpoint's evaluation.steps)")
     inspect.add_argument("--guidance", type=float, help="classifier-free guidance scale (default: the "

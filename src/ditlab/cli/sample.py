@@ -4,9 +4,10 @@ as PNG files plus samples.json."""
 from __future__ import annotations
 
 from pathlib import Path
+from typing import get_args
 
 from ditlab.cli.common import BadInput, check_sampling_flags, emit, fresh_output_folder
-from ditlab.config import SAMPLING_TASKS, load
+from ditlab.config import SAMPLING_TASKS, SamplerName, load
 
 
 def register(sub, shared) -> None:
@@ -21,7 +22,7 @@ def register(sub, shared) -> None:
     sample.add_argument("--prompt", action="append", help="a caption to draw from (text-conditioned checkpoints; "
                                                           "repeatable, cycled to --num; default: captions of "
                                                           "--labels in phrasings training never saw)")
-    sample.add_argument("--sampler", choices=["ddim", "ddim-trailing", "ddpm", "dpmpp-2m"],
+    sample.add_argument("--sampler", choices=get_args(SamplerName),
                         help="default: the checkpoint's (or --spec's) evaluation.sampler")
     sample.add_argument("--steps", type=int, help="sampling steps (default: the checkpoint's or --spec's "
                                                 "evaluation.steps; a student: its own)")

@@ -45,7 +45,7 @@ from typing import Any
 
 import torch
 
-from ditlab.config import EvaluationSpec, ExperimentSpec
+from ditlab.config import STUDENT_SAMPLERS, EvaluationSpec, ExperimentSpec
 from ditlab.diffusion import guided_denoiser
 from ditlab.diffusion.samplers import ddim_move, predict_x0_eps
 from ditlab.diffusion.schedules import trailing_timesteps
@@ -125,7 +125,7 @@ class DistillationTask(GenerationTask):
         self.teacher = teacher.model.to(device).requires_grad_(False)  # round 1's; later rounds': _enter_round
         self.validation_data = None  # the diffusion loss does not measure a student (train.val_images: 0 too)
         if self.sample_scorer is not None:
-            self.sample_scorer.sampler, self.sample_scorer.guidance = "ddim-trailing", 1.0
+            self.sample_scorer.sampler, self.sample_scorer.guidance = spec.evaluation.sampler, 1.0
         self._enter_round()
 
     @classmethod
@@ -256,7 +256,9 @@ class DistillationTask(GenerationTask):
         report.notes["teacher"] = (f"{spec.distillation.teacher} (SHA-256 {bundle['task_state']['teacher_sha256']}), "
                                    f"{spec.distillation.rounds} rounds from {spec.distillation.teacher_steps} steps")
         rows = [comparison_row("student", ev.steps, report.figures)]
-        student_ev = ev.model_copy(update={"sampler": "ddim-trailing", "guidance": 1.0})
+        # Earlier students sample as `ev` does, unless it names a sampler off their trailing grid.
+        sampler = ev.sampler if ev.sampler in STUDENT_SAMPLERS else spec.evaluation.sampler
+        student_ev = ev.model_copy(update={"sampler": sampler, "guidance": 1.0})
         for steps, weights in sorted(bundle.get("task_state", {}).get("students", {}).items()):
             model = model_from_config(bundle["model_config"])
             model.load_state_dict(weights)
