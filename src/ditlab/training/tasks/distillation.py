@@ -187,7 +187,8 @@ class DistillationTask(GenerationTask):
         x_t = self.diffusion.q_sample(images, t, noise.to(self.device))
         target = self.target(x_t, t, t_mid, t_next, final, labels)
         if self.replay:  # the last steps' targets first, this step's last
-            x_t, t, labels, target = (torch.cat(pair) for pair in zip(self.replay, (x_t, t, labels, target)))
+            fresh_parts = (x_t, t, labels, target)
+            x_t, t, labels, target = (torch.cat(pair) for pair in zip(self.replay, fresh_parts, strict=True))
         keep = n - n // self.spec.distillation.target_reuse
         self.replay = tuple(z[n - keep:] for z in (x_t, t, labels, target)) if keep else None
         with self.autocast():
