@@ -111,7 +111,8 @@ def test_rounds_hand_over_and_resume_exactly_on_two_ranks(teacher, tmp_path):
         assert record["same_weights"] and record["same_student"]
     bundle = load_bundle(tmp_path / "full" / "checkpoint_000006")
     assert bundle["task_state"]["teacher_sha256"] == file_digest(resolve_bundle_path(teacher))
-    assert (bundle["spec"]["evaluation"]["sampler"], bundle["spec"]["evaluation"]["steps"]) == ("ddim-trailing-stochastic", 1)
+    evaluation = bundle["spec"]["evaluation"]
+    assert (evaluation["sampler"], evaluation["steps"]) == ("ddim-trailing-stochastic", 1)
 
 
 def test_uneven_rounds_hand_over_where_round_steps_says(teacher):
