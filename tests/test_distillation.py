@@ -191,19 +191,21 @@ def test_a_resumed_student_must_have_the_same_teacher(student, tmp_path):
 
 
 def test_the_evaluation_puts_every_round_beside_the_teacher(student, tmp_path):
-    """Each round's student at its own step count and the teacher at compare_teacher_steps, on one
-    budget (10 samples against 10 test images here: three short Inception passes), and the figure."""
+    """Each round's student at its own step count and the teacher at compare_teacher_steps with each
+    of compare_teacher_samplers (DDIM's and DDPM's samples differ), on one budget (10 samples against
+    10 test images here: four short Inception passes), and the figure."""
     bundle = load_bundle(student)
-    bundle["spec"]["distillation"]["compare_teacher_steps"] = [2]
+    bundle["spec"]["distillation"].update(compare_teacher_steps=[2], compare_teacher_samplers=["ddim", "ddpm"])
     spec = from_dict(bundle["spec"])
     ev = spec.evaluation.model_copy(update={"num_samples": 10, "metrics": ("fid", "conditional_accuracy")})
     full = dataset_reference(spec.data, "test")
     reference = Reference(full.images[:10], "10 test images", full.labels[:10], full.classifier)
     report = DistillationTask.evaluate_checkpoint(bundle, student, ev, reference=reference)
-    for key in ("student_1_steps/fid", "student_2_steps/fid", "teacher_2_steps/fid",
-                "student_2_steps/conditional_accuracy", "teacher_2_steps/seconds_per_100"):
+    for key in ("student_1_steps/fid", "student_2_steps/fid", "teacher_ddim_2_steps/fid", "teacher_ddpm_2_steps/fid",
+                "student_2_steps/conditional_accuracy", "teacher_ddpm_2_steps/seconds_per_100"):
         assert key in report.figures
     assert report.figures["fid"] == report.figures["student_1_steps/fid"]  # the final student is the run's own
+    assert report.figures["teacher_ddim_2_steps/fid"] != report.figures["teacher_ddpm_2_steps/fid"]
     assert load_bundle(student)["task_state"]["teacher_sha256"] in report.notes["teacher"]
     assert report.plots["steps_comparison"](tmp_path / "steps.png").stat().st_size > 1000
 

@@ -230,6 +230,9 @@ class DistillationSpec(_Section):
     compare_teacher_steps: tuple[int, ...] = Field((), description="the final evaluation also samples the teacher "
                                                                   "at these step counts (its own sampler, the "
                                                                   "distilled guidance), beside every round's student")
+    compare_teacher_samplers: tuple[SamplerName, ...] = Field((), description="the teacher's samplers at "
+                                                               "compare_teacher_steps, one row each; default: "
+                                                               "its own evaluation.sampler")
 
     @property
     def teacher_steps(self) -> int:

@@ -241,8 +241,9 @@ class DistillationTask(GenerationTask):
                             progress: bool = False, reference=None):
         """The final student with `ev` (default: the spec's evaluation, its own sampler and steps),
         then, with the same samples budget and seed, every earlier round's student at its step count
-        and the teacher at `distillation.compare_teacher_steps`: the `steps_comparison` figure and a
-        `<model>_<steps>_steps/<figure>` figure for each."""
+        and the teacher at `distillation.compare_teacher_steps` with each of `compare_teacher_samplers`:
+        the `steps_comparison` figure and a `student_<steps>_steps/<figure>` or
+        `teacher_<sampler>_<steps>_steps/<figure>` figure for each."""
         from ditlab.evaluation.plots import save_steps_comparison
         from ditlab.evaluation.suite import dataset_reference
         from ditlab.models import model_from_config
@@ -273,12 +274,13 @@ class DistillationTask(GenerationTask):
                 report.notes["teacher_comparison"] = f"skipped: {err}"
             else:
                 guidance = spec.distillation.guidance
-                teacher_ev = ev.model_copy(update={"sampler": teacher.spec.evaluation.sampler, "guidance":
-                                                   teacher.spec.evaluation.guidance if guidance is None else guidance})
-                for steps in spec.distillation.compare_teacher_steps:
-                    figures = score_samples(teacher, teacher_ev.model_copy(update={"steps": steps}), reference).figures
-                    rows.append(comparison_row(f"teacher ({teacher_ev.sampler}, guidance {teacher_ev.guidance})",
-                                               steps, figures, "teacher"))
+                guidance = teacher.spec.evaluation.guidance if guidance is None else guidance
+                for sampler in spec.distillation.compare_teacher_samplers or (teacher.spec.evaluation.sampler,):
+                    for steps in spec.distillation.compare_teacher_steps:
+                        teacher_ev = ev.model_copy(update={"sampler": sampler, "steps": steps, "guidance": guidance})
+                        figures = score_samples(teacher, teacher_ev, reference).figures
+                        rows.append(comparison_row(f"teacher ({sampler}, guidance {guidance})", steps, figures,
+                                                   f"teacher_{sampler}"))
         for row in rows:
             report.figures.update({f"{row['key']}_{row['steps']}_steps/{k}": v for k, v in row.items()
                                    if k not in ("model", "key", "steps")})
