@@ -170,7 +170,10 @@ def test_a_student_samples_with_its_own_sampler_and_steps_and_refuses_guidance(s
                                              "distillation.compare_teacher_steps"),
                                             ("distillation.round_steps=[2, 2]", "distillation.round_steps"),
                                             ("distillation.round_steps=[6]", "distillation.round_steps"),
-                                            ("distillation.target_reuse=3", "distillation.target_reuse")])
+                                            ("distillation.target_reuse=3", "distillation.target_reuse"),
+                                            ("distillation.compare_teacher_samplers=[ddim, heun]",
+                                             "distillation.compare_teacher_samplers"),
+                                            ("evaluation.sampler=ddim", "evaluation")])
 def test_a_teacher_of_another_shape_or_missing_is_one_error_line(teacher, tmp_path, capsys, monkeypatch, override,
                                                                  field):
     monkeypatch.chdir(tmp_path)
