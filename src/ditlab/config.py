@@ -204,6 +204,11 @@ class RestorationSpec(_Section):
                                               "clean image (SRDiff, Li et al. 2022): the identity comes for free")
 
 
+# diffusion/samplers.py's SAMPLERS, by name (the CLIs' --sampler choices too).
+SamplerName = Literal["ddim", "ddim-trailing", "ddim-trailing-stochastic", "ddpm", "dpmpp-2m"]
+STUDENT_SAMPLERS = ("ddim-trailing-stochastic", "ddim-trailing")  # a distilled student's, its default first
+
+
 class DistillationSpec(_Section):
     """`task: distillation`: a generation checkpoint (the teacher) distilled into a student that
     samples in a few steps (training/tasks/distillation.py). Progressive distillation (Salimans & Ho
@@ -264,11 +269,6 @@ class KidSettings(_Section):
 
 class PrecisionRecallSettings(_Section):
     k: int = Field(3, ge=1)
-
-
-# diffusion/samplers.py's SAMPLERS, by name (the CLIs' --sampler choices too).
-SamplerName = Literal["ddim", "ddim-trailing", "ddim-trailing-stochastic", "ddpm", "dpmpp-2m"]
-STUDENT_SAMPLERS = ("ddim-trailing-stochastic", "ddim-trailing")  # a distilled student's, its default first
 
 
 class EvaluationSpec(_Section):
