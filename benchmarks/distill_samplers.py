@@ -4,8 +4,8 @@
         [--seeds 0 1 2 3] [--num 300] [--out FILE]
 
 RUN is a distillation run folder or checkpoint (e.g. runs/distill). Each round's student (the
-checkpoint keeps one per step count) is sampled with both student samplers, `ddim-trailing` and
-`ddim-trailing-stochastic`; the teacher (`distillation.teacher`) with DDIM, DDPM and DPM-Solver++(2M)
+checkpoint keeps one per step count) is sampled with both student samplers (`ddim-trailing-stochastic`
+and `ddim-trailing`); the teacher (`distillation.teacher`) with DDIM, DDPM and DPM-Solver++(2M)
 at the distilled guidance. Every row is the FID, KID and conditional accuracy of --num samples
 against the run's reference split, as the run's own evaluation scores them (`score_samples`), once
 per seed: the FID of 300 samples moves by one or two points from seed to seed, so compare means.
@@ -22,7 +22,6 @@ from pathlib import Path
 
 import torch
 
-STUDENT_SAMPLERS = ("ddim-trailing", "ddim-trailing-stochastic")
 TEACHER_SAMPLERS = ("ddim", "ddpm", "dpmpp-2m")
 
 
@@ -36,10 +35,11 @@ def main() -> None:
     parser.add_argument("--out", help="also write the rows as JSON to this file")
     args = parser.parse_args()
 
+    from ditlab.config import STUDENT_SAMPLERS
     from ditlab.evaluation.suite import dataset_reference
-    from ditlab.models import model_from_config
-    from ditlab.sampling import LoadedCheckpoint, from_bundle, load_for_sampling
+    from ditlab.sampling import from_bundle, load_for_sampling
     from ditlab.training.checkpoint import load_bundle, resolve_bundle_path
+    from ditlab.training.tasks.distillation import distilled_guidance, round_students
     from ditlab.training.tasks.generation import score_samples
 
     path = resolve_bundle_path(args.run)
@@ -49,19 +49,11 @@ def main() -> None:
     ev = spec.evaluation.model_copy(update={"num_samples": args.num, "inspect_samples": 0,
                                             "metrics": ("fid", "kid", "conditional_accuracy")})
     reference = dataset_reference(spec.data, ev.reference_split)
-    students = {int(k): v for k, v in bundle["task_state"]["students"].items()}
+    students = {**round_students(bundle, final), spec.distillation.steps: final}  # final: the last round's
     teacher = load_for_sampling(spec.distillation.teacher)
-    guidance = spec.distillation.guidance
-    guidance = teacher.spec.evaluation.guidance if guidance is None else guidance
+    guidance = distilled_guidance(spec, teacher.spec)
 
-    def student(steps: int):
-        if steps not in students:  # the final round's student is the checkpoint's own model
-            return final
-        model = model_from_config(bundle["model_config"])
-        model.load_state_dict(students[steps])
-        return LoadedCheckpoint(model.eval(), final.diffusion, spec, final.step)
-
-    cases = [("student", s, sampler, student(s), 1.0) for s in args.student_steps for sampler in STUDENT_SAMPLERS]
+    cases = [("student", s, sampler, students[s], 1.0) for s in args.student_steps for sampler in STUDENT_SAMPLERS]
     cases += [("teacher", s, sampler, teacher, guidance) for s in args.teacher_steps for sampler in TEACHER_SAMPLERS]
     rows = []
     for model, steps, sampler, ckpt, scale in cases:

@@ -42,6 +42,17 @@ def test_target_inverts_to_x0_and_eps(prediction):
     assert torch.allclose(got_x0, x0, atol=2e-3) and torch.allclose(got_eps, noise, atol=2e-3)
 
 
+def test_the_spec_names_every_sampler_and_no_other():
+    """config.SamplerName (the spec's evaluation.sampler, the CLIs' --sampler choices) and SAMPLERS are
+    two lists of the same samplers: a sampler added to one only is a spec error or a KeyError later."""
+    from typing import get_args
+
+    from ditlab.config import STUDENT_SAMPLERS, SamplerName
+    from ditlab.diffusion import SAMPLERS
+
+    assert set(get_args(SamplerName)) == set(SAMPLERS) and set(STUDENT_SAMPLERS) <= set(SAMPLERS)
+
+
 def oracle(d: GaussianDiffusion, point: torch.Tensor):
     """The exact denoiser for data that is a single point: it knows x_0."""
 

@@ -68,6 +68,26 @@ class TeacherMismatch(ValueError):
     pass
 
 
+def distilled_guidance(spec: ExperimentSpec, teacher_spec: ExperimentSpec) -> float:
+    """The guidance scale distilled into the student: distillation.guidance, else the teacher's own."""
+    guidance = spec.distillation.guidance
+    return teacher_spec.evaluation.guidance if guidance is None else guidance
+
+
+def round_students(bundle: dict, final) -> dict[int, Any]:
+    """The earlier rounds' students a distillation checkpoint keeps, by step count, each a
+    sampling.LoadedCheckpoint beside `final` (the checkpoint's own, last student)."""
+    from ditlab.models import model_from_config
+    from ditlab.sampling import LoadedCheckpoint
+
+    students = {}
+    for steps, weights in sorted(bundle.get("task_state", {}).get("students", {}).items(), key=lambda kv: int(kv[0])):
+        model = model_from_config(bundle["model_config"])
+        model.load_state_dict(weights)
+        students[int(steps)] = LoadedCheckpoint(model.eval(), final.diffusion, final.spec, final.step)
+    return students
+
+
 def open_teacher(spec: ExperimentSpec):
     """The teacher's sampling view (EMA weights), the guidance to distil and the teacher's SHA-256,
     after checking it is a pixel generation checkpoint of the spec's data, model and diffusion."""
@@ -98,9 +118,7 @@ def open_teacher(spec: ExperimentSpec):
             if mine != theirs:
                 raise TeacherMismatch(f"{section}.{name}: {mine!r}, but the teacher {where} was trained with "
                                       f"{theirs!r}; a student has its teacher's shape, data and noise process")
-    guidance = spec.distillation.guidance
-    if guidance is None:
-        guidance = teacher.spec.evaluation.guidance
+    guidance = distilled_guidance(spec, teacher.spec)
     if guidance != 1.0 and teacher.model.config.class_dropout_prob == 0:
         raise TeacherMismatch(f"distillation.guidance: {guidance}, but the teacher {where} was trained without "
                               "label dropout, so it has no unconditional branch to guide with")
@@ -248,8 +266,7 @@ class DistillationTask(GenerationTask):
         `teacher_<sampler>_<steps>_steps/<figure>` figure for each."""
         from ditlab.evaluation.plots import save_steps_comparison
         from ditlab.evaluation.suite import dataset_reference
-        from ditlab.models import model_from_config
-        from ditlab.sampling import LoadedCheckpoint, from_bundle, load_for_sampling
+        from ditlab.sampling import from_bundle, load_for_sampling
 
         final = from_bundle(bundle, source, "ema")
         spec, ev = final.spec, ev or final.spec.evaluation
@@ -263,20 +280,16 @@ class DistillationTask(GenerationTask):
         # Earlier students sample as `ev` does, unless it names a sampler off their trailing grid.
         sampler = ev.sampler if ev.sampler in STUDENT_SAMPLERS else spec.evaluation.sampler
         student_ev = ev.model_copy(update={"sampler": sampler, "guidance": 1.0})
-        for steps, weights in sorted(bundle.get("task_state", {}).get("students", {}).items()):
-            model = model_from_config(bundle["model_config"])
-            model.load_state_dict(weights)
-            ckpt = LoadedCheckpoint(model.eval(), final.diffusion, spec, final.step)
-            figures = score_samples(ckpt, student_ev.model_copy(update={"steps": int(steps)}), reference).figures
-            rows.append(comparison_row("student", int(steps), figures))
+        for steps, ckpt in round_students(bundle, final).items():
+            figures = score_samples(ckpt, student_ev.model_copy(update={"steps": steps}), reference).figures
+            rows.append(comparison_row("student", steps, figures))
         if spec.distillation.compare_teacher_steps:
             try:
                 teacher = load_for_sampling(spec.distillation.teacher)
             except ValueError as err:
                 report.notes["teacher_comparison"] = f"skipped: {err}"
             else:
-                guidance = spec.distillation.guidance
-                guidance = teacher.spec.evaluation.guidance if guidance is None else guidance
+                guidance = distilled_guidance(spec, teacher.spec)
                 for sampler in spec.distillation.compare_teacher_samplers or (teacher.spec.evaluation.sampler,):
                     for steps in spec.distillation.compare_teacher_steps:
                         teacher_ev = ev.model_copy(update={"sampler": sampler, "steps": steps, "guidance": guidance})
