@@ -1,6 +1,7 @@
 """Benchmark: distillation settings against training time and the students' FID, in one process.
 
-    python benchmarks/distill_rounds.py TEACHER --variant "NAME:KEY=VALUE;KEY=VALUE" ... [--num 300] [--out FILE]
+    python benchmarks/distill_rounds.py TEACHER --variant "NAME:KEY=VALUE;KEY=VALUE" ... [--num 300] [--seeds 0]
+        [--out FILE]
 
 Each variant is experiments/distill.yaml with the teacher TEACHER, two rounds (a guided 16-step
 teacher, students of 8 and 4 steps), no teacher comparison, one worker in this process (all its
@@ -13,8 +14,8 @@ threads), and the variant's `--set`-style assignments on top, e.g.
 It trains each variant with the training loop ditlab runs (`ditlab.training.train`) and prints one
 row per variant: the training seconds and, for each round's student, FID, KID and conditional
 accuracy of --num samples against the test split, from the run's own evaluation
-(`DistillationTask.evaluate_checkpoint`). The
-training time is the loop's own: compare variants of one run, with nothing else running.
+(`DistillationTask.evaluate_checkpoint`), averaged over the evaluation --seeds. The training time is
+the loop's own: compare variants of one run, with nothing else running.
 """
 
 from __future__ import annotations
@@ -22,6 +23,7 @@ from __future__ import annotations
 import argparse
 import json
 import platform
+import statistics
 import tempfile
 import time
 from pathlib import Path
@@ -44,6 +46,9 @@ def main() -> None:
     parser.add_argument("--variant", action="append", required=True, type=variant,
                         help="NAME:KEY=VALUE;KEY=VALUE (the spec's train.steps follows round_steps when set)")
     parser.add_argument("--num", type=int, default=300, help="samples per student")
+    parser.add_argument("--seeds", type=int, nargs="+", default=[0],
+                        help="evaluation seeds; each figure is their mean (the FID of 300 samples moves by one or "
+                             "two points from seed to seed)")
     parser.add_argument("--out", help="also write the rows as JSON to this file")
     args = parser.parse_args()
 
@@ -67,22 +72,26 @@ def main() -> None:
             train(spec, reporter)
             seconds = time.perf_counter() - tic
             bundle = load_bundle(reporter.latest_checkpoint)
-        ev = spec.evaluation.model_copy(update={"num_samples": args.num})
-        figures = DistillationTask.evaluate_checkpoint(bundle, name, ev, reference=reference).figures
-        row = {"variant": name, "set": assignments, "train_seconds": round(seconds, 1)}
-        for k in sorted((k for k in figures if k.startswith("student_")), key=lambda k: -int(k.split("_")[1])):
+        row = {"variant": name, "set": assignments, "train_seconds": round(seconds, 1), "seeds": args.seeds}
+        by_seed = []
+        for seed in args.seeds:
+            ev = spec.evaluation.model_copy(update={"num_samples": args.num, "seed": seed})
+            by_seed.append(DistillationTask.evaluate_checkpoint(bundle, name, ev, reference=reference).figures)
+        for k in sorted((k for k in by_seed[0] if k.startswith("student_")), key=lambda k: -int(k.split("_")[1])):
             if k.split("/")[1] in ("fid", "kid", "conditional_accuracy"):
-                row[k] = round(figures[k], 4)
+                row[k] = round(statistics.mean(f[k] for f in by_seed), 4)  # the mean over --seeds
+                if k.endswith("/fid") and len(by_seed) > 1:
+                    row[k + "_by_seed"] = [round(f[k], 2) for f in by_seed]
         rows.append(row)
         print(json.dumps(row), flush=True)
 
-    keys = [k for k in rows[0] if k.startswith("student_")]
+    keys = [k for k in rows[0] if k.startswith("student_") and not k.endswith("_by_seed")]
     print(f"\n{'variant':<24} {'train s':>8} " + " ".join(keys))
     for row in rows:
         cells = " ".join(f"{row.get(k, '-'):>{len(k)}}" for k in keys)
         print(f"{row['variant']:<24} {row['train_seconds']:>8} {cells}")
     print(f"\nmachine: {platform.processor() or platform.machine()}, {torch.get_num_threads()} threads; "
-          f"{args.num} samples a student against the test split; teacher {args.teacher}")
+          f"{args.num} samples a student against the test split, mean over seeds {args.seeds}; teacher {args.teacher}")
     if args.out:
         Path(args.out).write_text(json.dumps({"rows": rows, "teacher": args.teacher, "num": args.num}, indent=1))
 
