@@ -80,7 +80,7 @@ def main() -> None:
         for k in sorted((k for k in by_seed[0] if k.startswith("student_")), key=lambda k: -int(k.split("_")[1])):
             if k.split("/")[1] in ("fid", "kid", "conditional_accuracy"):
                 row[k] = round(statistics.mean(f[k] for f in by_seed), 4)  # the mean over --seeds
-                if k.endswith("/fid") and len(by_seed) > 1:
+                if k.endswith("/fid"):
                     row[k + "_by_seed"] = [round(f[k], 2) for f in by_seed]
         rows.append(row)
         print(json.dumps(row), flush=True)
