@@ -78,12 +78,16 @@ def client(variables: dict[str, str]):
                         aws_secret_access_key=variables["AWS_SECRET_ACCESS_KEY"])
 
 
+def keys(s3, prefix: str) -> list[str]:
+    """The keys of every object under `prefix` in the bucket, through the client `s3`."""
+    return [o["Key"] for page in s3.get_paginator("list_objects_v2").paginate(Bucket=BUCKET, Prefix=prefix)
+            for o in page.get("Contents", [])]
+
+
 def objects(variables: dict[str, str], prefix: str) -> dict[str, bytes]:
     """Every object under `prefix` in the bucket: key -> content."""
     s3 = client(variables)
-    keys = [o["Key"] for page in s3.get_paginator("list_objects_v2").paginate(Bucket=BUCKET, Prefix=prefix)
-            for o in page.get("Contents", [])]
-    return {k: s3.get_object(Bucket=BUCKET, Key=k)["Body"].read() for k in keys}
+    return {k: s3.get_object(Bucket=BUCKET, Key=k)["Body"].read() for k in keys(s3, prefix)}
 
 
 # -- bad input ---------------------------------------------------------------------------------------
@@ -238,8 +242,9 @@ def test_a_run_on_s3_interrupted_and_resumed_keeps_every_file_there_and_no_secre
         driver = subprocess.Popen([str(Path(sys.executable).parent / "ditlab"), *args], cwd=tmp_path, env=env,
                                   stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
         try:
-            deadline = time.monotonic() + 180
-            while "runs/resumed/checkpoint_manager_snapshot.json" not in objects(s3, "runs/resumed/"):
+            # Listing only (one client): reading every object's body on each poll took CPU from the driver.
+            listing, deadline = client(s3), time.monotonic() + 180
+            while "runs/resumed/checkpoint_manager_snapshot.json" not in keys(listing, "runs/resumed/"):
                 if driver.poll() is not None or time.monotonic() > deadline:
                     break
                 time.sleep(0.2)
