@@ -19,6 +19,7 @@ from ditlab.training import LocalReporter, train
 from ditlab.training.ema import EMA
 from ditlab.atomic import file_digest
 from ditlab.training.checkpoint import load_bundle, resolve_bundle_path
+from ditlab.training.tasks.base import Batch
 from ditlab.training.tasks.distillation import DistillationTask, open_teacher
 
 from conftest import ROOT, write_digits_folder
@@ -93,6 +94,8 @@ def _rounds_record(rank, spec, full, end_full, resumed, end_resumed) -> dict:
     return {"full": [h["loss"] for h in full.history if "loss" in h],
             "resumed": [h["loss"] for h in resumed.history if "loss" in h],
             "steps": [h["student_steps"] for h in full.history if "loss" in h],
+            "matching": [h["fake_loss"] > 0 for h in full.history if "loss" in h],
+            "lr": [h["lr"] for h in full.history if "loss" in h],
             "students": sorted(end_full.task.students),
             "same_weights": same_parameters(end_full.ema.model, end_resumed.ema.model),
             "same_student": all(torch.equal(end_full.task.students[2][k], v)
@@ -100,12 +103,18 @@ def _rounds_record(rank, spec, full, end_full, resumed, end_resumed) -> dict:
 
 
 def test_rounds_hand_over_and_resume_exactly_on_two_ranks(teacher, tmp_path):
-    """Round 1 (2-step student, guided teacher) for steps 1-3, round 2 (1-step student, taught by
-    round 1's student) for 4-6; resumed from the step-3 checkpoint, written before the hand-over,
-    both ranks repeat the uninterrupted run's losses and end with its weights."""
-    ranks = run_then_resume_on_two_ranks(tiny_student(teacher), tmp_path, _rounds_record)
+    """Round 1 (2-step student, guided teacher) for steps 1-4, the last two of them distribution
+    matching; round 2 (1-step student, taught by round 1's matched student) for 5-6, the last one
+    matching. Resumed from the step-3 checkpoint, in the middle of round 1's matching (so the fake
+    score and its optimizer come from the checkpoint), both ranks repeat the uninterrupted run's
+    losses and end with its weights."""
+    spec = tiny_student(teacher, "distillation.round_steps=[4, 2]", "distillation.matching_steps=[2, 1]",
+                        "distillation.matching_lr=1e-4")
+    ranks = run_then_resume_on_two_ranks(spec, tmp_path, _rounds_record)
     for record in ranks:
-        assert record["steps"] == [2, 2, 2, 1, 1, 1]
+        assert record["steps"] == [2, 2, 2, 2, 1, 1]
+        assert record["matching"] == [False, False, True, True, False, True]
+        assert [lr == 1e-4 for lr in record["lr"]] == record["matching"]  # matching_lr, else train.lr's schedule
         assert record["students"] == [2]
         assert record["resumed"] == record["full"][3:]
         assert record["same_weights"] and record["same_student"]
@@ -144,6 +153,29 @@ def test_reused_targets_train_twice_and_a_resumed_run_repeats_the_full_one(teach
     assert losses(resumed) == losses(full)[3:] and same_parameters(end_full.ema.model, end_resumed.ema.model)
     assert losses(plain)[0] == losses(full)[0] and losses(plain)[1] != losses(full)[1]
     assert end_full.task.replay is not None and len(end_full.task.replay[0]) == 8  # half the batch of 16
+
+
+def test_matching_is_driven_by_the_score_difference_alone(teacher):
+    """Distribution matching moves the student by fake score minus teacher score. Its fresh fake
+    score is the teacher, and the anchor the student itself: unguided, the scores agree and the first
+    step's loss is exactly 0, so the student does not move; with the guided teacher as target it does."""
+    for guidance, moved in ((1.0, False), (3.0, True)):
+        spec = tiny_student(teacher, f"distillation.guidance={guidance}", "distillation.round_steps=[2, 4]",
+                            "distillation.matching_steps=[1, 0]")
+        task = DistillationTask(spec, 10, torch.device("cpu"))
+        task.wrap(lambda m: m)
+        ema = EMA(task.model, 0.9)
+        for step in range(2):
+            task.before_step(step, ema)
+        assert task.matching and task.learning_rate(task.optimizer, 1e-3) == spec.distillation.matching_lr
+        before = {k: v.clone() for k, v in task.model.state_dict().items()}
+        batch = Batch(torch.rand(8, 1, 8, 8) * 2 - 1, torch.arange(8))
+        figures = task.step(batch, torch.Generator().manual_seed(0))
+        assert (figures["matching_loss"] > 0) == moved and figures["fake_loss"] > 0
+        assert figures["loss"] == figures["matching_loss"]  # the anchor term is 0 where the student starts
+        assert any(not torch.equal(v, task.model.state_dict()[k]) for k, v in before.items()) == moved
+        task.before_step(2, ema)  # round 2 has no matching
+        assert not task.matching and task.student_steps == 1
 
 
 @pytest.fixture(scope="module")

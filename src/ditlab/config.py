@@ -232,6 +232,18 @@ class DistillationSpec(_Section):
                                                           "passes are most of a step's cost)")
     guidance: float | None = Field(None, ge=0, description="classifier-free guidance scale distilled into the "
                                                            "student; default: the teacher's evaluation.guidance")
+    matching_steps: tuple[Annotated[int, Field(ge=0)], ...] | None = Field(
+        None, description="distribution matching (DMD, Yin et al. 2024) at the end of each round: the last this many "
+                          "of the round's steps train the round's student on its own sampling chain to match the "
+                          "guided teacher's distribution instead of its path; as many as rounds, 0 for none")
+    matching_lr: float = Field(1e-4, gt=0, description="the student's learning rate while distribution matching "
+                                                       "(constant; train.lr is progressive distillation's)")
+    matching_fake_lr: float = Field(1e-4, gt=0, description="learning rate of the score model of the student's "
+                                                            "samples (it starts as the teacher)")
+    matching_fake_updates: int = Field(2, ge=1, le=16, description="updates of that score model per student update")
+    matching_anchor: float = Field(1.0, ge=0, description="weight of a squared pull of the student's x0 towards the "
+                                                          "x0 of the student that started matching, at the same "
+                                                          "input: without it the student drifts after ~75 steps")
     compare_teacher_steps: tuple[int, ...] = Field((), description="the final evaluation also samples the teacher "
                                                                   "at these step counts (its own sampler, the "
                                                                   "distilled guidance), beside every round's student")
@@ -247,6 +259,10 @@ class DistillationSpec(_Section):
     def round_lengths(self, total_steps: int) -> tuple[int, ...]:
         """Training steps of each round (`total_steps`: train.steps)."""
         return self.round_steps or (total_steps // self.rounds,) * self.rounds
+
+    def matching_lengths(self) -> tuple[int, ...]:
+        """Distribution-matching steps at the end of each round (part of its round_lengths)."""
+        return self.matching_steps or (0,) * self.rounds
 
 
 Metric = Literal["fid", "kid", "precision_recall", "inception_score", "classifier_score", "conditional_accuracy",
@@ -433,6 +449,16 @@ class ExperimentSpec(_Section):
             if sum(d.round_steps) != self.train.steps:
                 raise SpecError(f"distillation.round_steps: {list(d.round_steps)} sum to {sum(d.round_steps)}, but "
                                 f"train.steps is {self.train.steps}")
+        if d.matching_steps is not None:
+            if len(d.matching_steps) != d.rounds:
+                raise SpecError(f"distillation.matching_steps: {list(d.matching_steps)} names {len(d.matching_steps)} "
+                                f"rounds, but distillation.rounds is {d.rounds}")
+            lengths = d.round_lengths(self.train.steps)
+            too_long = [r + 1 for r, (m, n) in enumerate(zip(d.matching_steps, lengths, strict=True)) if m >= n]
+            if too_long:
+                raise SpecError(f"distillation.matching_steps: {list(d.matching_steps)} leave no progressive step in "
+                                f"round {too_long[0]} of {list(lengths)} (distillation.round_steps): matching "
+                                "refines the round's student, it must be distilled first")
         per_worker = self.train.batch_size // self.resources.num_workers
         if per_worker % d.target_reuse:
             raise SpecError(f"distillation.target_reuse: {d.target_reuse} does not divide each worker's batch "

@@ -97,6 +97,15 @@ def ddim_trailing_sample(denoise, x, diffusion: GaussianDiffusion, steps, genera
     return ddim_sample(denoise, x, diffusion, steps, generator, callback, clip_x0, spacing=trailing_timesteps)
 
 
+def student_stochastic_move(x0: torch.Tensor, eps: torch.Tensor, a_next: float, a_skip: float,
+                            noise: torch.Tensor) -> torch.Tensor:
+    """One stochastic step of a distilled student (below) from its (x_0, eps) at t_i: DDIM to the
+    level a_skip (t_{i+2}, 1 past the grid), then the forward process with `noise` back up to
+    a_next (t_{i+1})."""
+    ratio = a_next / a_skip
+    return ratio**0.5 * ddim_move(x0, eps, a_skip) + (1 - ratio) ** 0.5 * noise
+
+
 @torch.no_grad()
 def ddim_trailing_stochastic_sample(denoise, x, diffusion: GaussianDiffusion, steps, generator=None,
                                     callback=None, clip_x0=True):
@@ -117,9 +126,8 @@ def ddim_trailing_stochastic_sample(denoise, x, diffusion: GaussianDiffusion, st
         else:
             a_next = float(ab[ts[i + 1]])
             a_skip = float(ab[ts[i + 2]]) if i + 2 < len(ts) else 1.0
-            ratio = a_next / a_skip
-            x = ddim_move(x0, eps, a_skip)
-            x = ratio**0.5 * x + (1 - ratio) ** 0.5 * torch.randn(x.shape, generator=generator, device=x.device)
+            x = student_stochastic_move(x0, eps, a_next, a_skip,
+                                        torch.randn(x.shape, generator=generator, device=x.device))
         if callback is not None:
             callback({"i": i, "t": int(t_value), "x": x, "x0": x0})
     return x

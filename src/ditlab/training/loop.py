@@ -259,10 +259,11 @@ def train_step(state: TrainState, placement: Placement) -> dict[str, float] | No
     images, labels, indices = state.source.batch(state.step)
     images = poison_batch(images, placement.rank, state.step + 1)
     batch = Batch(images.to(placement.device), labels.to(placement.device), indices)
-    lr = lr_at(state.step, state.spec.train)
+    scheduled = lr_at(state.step, state.spec.train)
     for optimizer in state.task.optimizers():
         for group in optimizer.param_groups:
-            group["lr"] = lr
+            group["lr"] = state.task.learning_rate(optimizer, scheduled)
+    lr = state.task.learning_rate(state.task.optimizer, scheduled)
     state.task.set_train_mode()
     # Modules that draw from the global RNG (dropout) get it seeded by (seed, rank, step) too: a
     # checkpoint holds rank 0's RNG state only, so no other rank could resume its own.

@@ -100,6 +100,11 @@ class Task(ABC):
         """What rebuilds `model` without the spec (stored in the bundle as "model_config")."""
         return self.model.config.to_dict()
 
+    def learning_rate(self, optimizer: torch.optim.Optimizer, scheduled: float) -> float:
+        """`optimizer`'s learning rate this step: the loop's schedule (train.lr), unless a phase of the
+        task sets its own (distribution matching in a distillation round)."""
+        return scheduled
+
     def set_train_mode(self) -> None:
         self.model.train()
         if self.adversary:

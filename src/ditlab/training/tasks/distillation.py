@@ -31,6 +31,25 @@ The teacher's SHA-256 is recorded and checked on resume. Students train on DDIM'
 steps but sample by default with `ddim-trailing-stochastic` (diffusion/samplers.py, Meng et al.
 2023), which scored better at 2, 4 and 8 steps (README).
 
+Distribution matching (`distillation.matching_steps`: the last steps of a round). A student that
+learns its teacher's path can be no better than the teacher's DDIM, and for the quickstart teacher
+DDIM's FID is 1.2x DDPM's at 50 steps. Matching (DMD, Yin et al. 2024; on the student's own
+multi-step chain as in DMD2, Yin et al. 2024b, section 4.5) asks for the teacher's distribution
+instead. The round's EMA student starts it; a second copy of the guided teacher (the "fake" score)
+learns the student's samples as they change. Per step, from the student's sampling chain with its
+current weights (no gradient), the input x_t of one of its K steps drawn per image:
+
+    x0     = student(x_t)                                      with gradient
+    x_tau  = alpha_tau x0 + sigma_tau eps                      tau uniform in [0.02 T, 0.98 T)
+    g      = (fake_x0(x_tau) - teacher_x0(x_tau)) / mean|x0 - teacher_x0(x_tau)|
+    loss   = 0.5 |x0 - stopgrad(x0 - g)|^2                     whose gradient is g: KL(student || teacher)
+           + matching_anchor |x0 - anchor(x_t)|^2              anchor: the student that started matching
+
+teacher_x0 guided at `distillation.guidance`; then `matching_fake_updates` diffusion-loss steps of the
+fake score on the student's x0. The phase has its own learning rates (`matching_lr`,
+`matching_fake_lr`), clears the student's optimizer moments, and restarts the fake score from the
+teacher; the fake score and its optimizer are checkpoint state, so resume stays exact.
+
 The teacher's passes (four forward passes of the batch in round 1, two later) cost more than the
 student's forward and backward. With `distillation.target_reuse` r, a step computes targets for 1/r
 of its batch and trains on them beside the latest (r - 1)/r of earlier steps' targets, so each
@@ -49,7 +68,7 @@ import torch
 
 from ditlab.config import STUDENT_SAMPLERS, EvaluationSpec, ExperimentSpec
 from ditlab.diffusion import guided_denoiser
-from ditlab.diffusion.samplers import ddim_move, predict_x0_eps
+from ditlab.diffusion.samplers import ddim_move, predict_x0_eps, student_stochastic_move
 from ditlab.diffusion.schedules import trailing_timesteps
 from ditlab.training.ema import EMA
 from ditlab.training.tasks.base import Batch
@@ -136,13 +155,25 @@ class DistillationTask(GenerationTask):
         self.model.load_state_dict(teacher.model.state_dict())
         self.teacher_clip_x0 = teacher.spec.evaluation.clip_x0
         d = spec.distillation
+        ends = list(itertools.accumulate(d.round_lengths(spec.train.steps)))
         # The step at which each round but the last hands over to the next.
-        self.round_ends = list(itertools.accumulate(d.round_lengths(spec.train.steps)))[:-1]
+        self.round_ends = ends[:-1]
+        # The step at which each round's distribution matching starts (None: the round has none).
+        self.matching_starts = [end - m if m else None for end, m in zip(ends, d.matching_lengths(), strict=True)]
+        self.matching = False  # this step is one of distribution matching (before_step says)
         # Students of finished rounds, by step count: the teacher of the round after each.
         self.students: dict[int, dict[str, torch.Tensor]] = {}
         # (x_t, t, labels, target) of the latest samples whose targets train again (target_reuse > 1).
         self.replay: tuple[torch.Tensor, ...] | None = None
         self.teacher = teacher.model.to(device).requires_grad_(False)  # round 1's; later rounds': _enter_round
+        self.guided_teacher = self.teacher  # the distribution that matching aims at, in every round
+        self.fake: torch.nn.Module | None = None  # the score model of the student's samples (matching)
+        if any(d.matching_lengths()):
+            self.anchor = copy.deepcopy(self.model).eval().requires_grad_(False)  # set when matching starts
+            self.fake = copy.deepcopy(self.teacher).requires_grad_(True)
+            self.fake_forward = self.fake  # DDP-wrapped by `wrap`
+            self.fake_optimizer = torch.optim.AdamW(self.fake.parameters(), lr=d.matching_fake_lr,
+                                                    betas=spec.train.adam_betas, weight_decay=0.0)
         self.validation_data = None  # the diffusion loss does not measure a student (train.val_images: 0 too)
         if self.sample_scorer is not None:
             self.sample_scorer.sampler, self.sample_scorer.guidance = spec.evaluation.sampler, 1.0
@@ -155,6 +186,27 @@ class DistillationTask(GenerationTask):
     @classmethod
     def preflight(cls, spec: ExperimentSpec) -> None:
         open_teacher(spec)
+
+    # -- modules -----------------------------------------------------------------------------------
+
+    def optimizers(self) -> list[torch.optim.Optimizer]:
+        return super().optimizers() + ([self.fake_optimizer] if self.fake is not None else [])
+
+    def wrap(self, wrap_model) -> None:
+        super().wrap(wrap_model)
+        if self.fake is not None:
+            self.fake_forward = wrap_model(self.fake)
+
+    def set_train_mode(self) -> None:
+        super().set_train_mode()
+        if self.fake is not None:
+            self.fake.train()
+
+    def learning_rate(self, optimizer: torch.optim.Optimizer, scheduled: float) -> float:
+        if not self.matching:
+            return scheduled
+        d = self.spec.distillation
+        return d.matching_lr if optimizer is self.optimizer else d.matching_fake_lr
 
     # -- rounds ------------------------------------------------------------------------------------
 
@@ -180,20 +232,36 @@ class DistillationTask(GenerationTask):
     def before_step(self, step: int, ema: EMA) -> None:
         if step % self.spec.train.checkpoint_every == 0:
             self.replay = None  # a run resumed from this step's checkpoint starts without it too
-        if self.round >= len(self.round_ends) or step < self.round_ends[self.round]:
-            return
-        finished = {k: v.detach().clone() for k, v in ema.model.state_dict().items()}
-        self.students[self.student_steps] = finished
+        if self.round < len(self.round_ends) and step >= self.round_ends[self.round]:
+            finished = {k: v.detach().clone() for k, v in ema.model.state_dict().items()}
+            self.students[self.student_steps] = finished
+            with torch.no_grad():
+                self.model.load_state_dict(finished)
+            ema.num_updates = 0  # its warm-up starts again from the new starting point
+            self.optimizer.state.clear()
+            self.replay = None  # the last round's targets
+            self._enter_round()
+        start = self.matching_starts[self.round]
+        self.matching = start is not None and step >= start
+        if step == start:
+            self._start_matching(ema)
+
+    def _start_matching(self, ema: EMA) -> None:
+        """The round's EMA student starts distribution matching, with fresh optimizer moments, beside a
+        fresh copy of the guided teacher as the score of its samples. The EMA carries on."""
         with torch.no_grad():
-            self.model.load_state_dict(finished)
-        ema.num_updates = 0  # its warm-up starts again from the new starting point
+            self.model.load_state_dict(ema.model.state_dict())
+            self.anchor.load_state_dict(ema.model.state_dict())
+            self.fake.load_state_dict(self.guided_teacher.state_dict())
         self.optimizer.state.clear()
-        self.replay = None  # the last round's targets
-        self._enter_round()
+        self.fake_optimizer.state.clear()
+        self.replay = None
 
     # -- one step ----------------------------------------------------------------------------------
 
     def step(self, batch: Batch, generator: torch.Generator) -> dict[str, float]:
+        if self.matching:
+            return self.matching_step(batch, generator)
         n, K = len(batch), self.student_steps
         T = self.diffusion.num_timesteps
         fresh = n - (len(self.replay[0]) if self.replay else 0)  # the targets computed this step
@@ -218,7 +286,71 @@ class DistillationTask(GenerationTask):
         weight = (alpha**2 / sigma**2).clamp(min=1.0)
         loss = (weight * (x0 - target) ** 2).mean()
         grad_norm = self.optimize(loss, self.optimizer, self.model.parameters())
-        return {"loss": float(loss.detach()), "grad_norm": grad_norm, "student_steps": float(K)}
+        figures = {"loss": float(loss.detach()), "grad_norm": grad_norm, "student_steps": float(K)}
+        return figures if self.fake is None else {**figures, "fake_loss": 0.0, "matching_loss": 0.0}  # same keys
+
+    def matching_step(self, batch: Batch, generator: torch.Generator) -> dict[str, float]:
+        """One step of distribution matching (module docstring): the student's update, then the fake
+        score's."""
+        n, K, T, C = len(batch), self.student_steps, self.diffusion.num_timesteps, batch.images.shape[1]
+        labels = batch.labels
+        inputs = self.chain_inputs(labels, torch.randn(batch.images.shape, generator=generator), generator)
+        i = torch.randint(K, (n,), generator=generator)
+        x_t = inputs[i.to(self.device), torch.arange(n, device=self.device)]
+        t = torch.from_numpy(trailing_timesteps(T, K))[i].to(self.device)
+        with self.autocast():
+            out = self.forward_model(x_t, t, labels)
+        x0, _ = self.diffusion.to_x0_eps(out[:, :C].float(), x_t, t)
+        tau = torch.randint(int(0.02 * T), int(0.98 * T), (n,), generator=generator).to(self.device)
+        x_tau = self.diffusion.q_sample(x0.detach(), tau, torch.randn(x0.shape, generator=generator).to(self.device))
+        with torch.no_grad(), self.autocast():
+            real_out = guided_denoiser(self.guided_teacher, labels, self.guidance, self.guided_teacher.null_class)(
+                x_tau, tau)
+            fake_out = self.fake(x_tau, tau, labels)
+        real, _ = self.diffusion.to_x0_eps(real_out[:, :C].float(), x_tau, tau)
+        fake, _ = self.diffusion.to_x0_eps(fake_out[:, :C].float(), x_tau, tau)
+        scale = (x0.detach() - real).abs().mean(dim=tuple(range(1, x0.ndim)), keepdim=True).clamp(min=1e-3)
+        target = x0.detach() - (fake - real) / scale
+        matching = 0.5 * ((x0 - target) ** 2).mean()
+        loss = matching
+        if self.spec.distillation.matching_anchor:
+            with torch.no_grad(), self.autocast():
+                anchor = self.anchor(x_t, t, labels)
+            anchor_x0, _ = self.diffusion.to_x0_eps(anchor[:, :C].float(), x_t, t)
+            loss = loss + self.spec.distillation.matching_anchor * ((x0 - anchor_x0) ** 2).mean()
+        grad_norm = self.optimize(loss, self.optimizer, self.model.parameters())
+        samples = x0.detach().clamp(-1, 1)
+        for _ in range(self.spec.distillation.matching_fake_updates):
+            s = torch.randint(T, (n,), generator=generator).to(self.device)
+            noise = torch.randn(samples.shape, generator=generator).to(self.device)
+            with self.autocast():
+                out = self.fake_forward(self.diffusion.q_sample(samples, s, noise), s, labels)
+            fake_loss = ((out[:, :C].float() - self.diffusion.target(samples, noise, s)) ** 2).mean()
+            self.optimize(fake_loss, self.fake_optimizer, self.fake.parameters())
+        return {"loss": float(loss.detach()), "grad_norm": grad_norm, "student_steps": float(K),
+                "fake_loss": float(fake_loss.detach()), "matching_loss": float(matching.detach())}
+
+    @torch.no_grad()
+    def chain_inputs(self, labels: torch.Tensor, noise: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
+        """[K, n, ...]: the input of each of the student's K sampling steps from `noise`, with its
+        current weights and evaluation.sampler (stochastic or not), as its samples are drawn."""
+        K, ev = self.student_steps, self.spec.evaluation
+        ts, ab = trailing_timesteps(self.diffusion.num_timesteps, K), self.diffusion.alphas_cumprod
+        x = noise.to(self.device)
+        inputs = [x]
+        for k in range(K - 1):
+            t = torch.full((len(x),), int(ts[k]), dtype=torch.long, device=self.device)
+            with self.autocast():
+                x0, eps = predict_x0_eps(lambda xx, tt: self.model(xx, tt, labels), self.diffusion, x, t, ev.clip_x0)
+            a_next = float(ab[ts[k + 1]])
+            if ev.sampler == "ddim-trailing-stochastic":
+                a_skip = float(ab[ts[k + 2]]) if k + 2 < K else 1.0
+                x = student_stochastic_move(x0, eps, a_next, a_skip,
+                                            torch.randn(x.shape, generator=generator).to(self.device))
+            else:
+                x = ddim_move(x0, eps, a_next)
+            inputs.append(x.float())
+        return torch.stack(inputs)
 
     @torch.no_grad()
     def target(self, x_t, t, t_mid, t_next, final, labels) -> torch.Tensor:
@@ -241,8 +373,12 @@ class DistillationTask(GenerationTask):
     # -- checkpoint state --------------------------------------------------------------------------
 
     def extra_state(self) -> dict[str, Any]:
-        return {**super().extra_state(), "teacher_sha256": self.teacher_sha256,
-                "students": {str(k): v for k, v in self.students.items()}}
+        state = {**super().extra_state(), "teacher_sha256": self.teacher_sha256,
+                 "students": {str(k): v for k, v in self.students.items()}}
+        if self.fake is not None:
+            state["matching"] = {"fake": self.fake.state_dict(), "fake_optimizer": self.fake_optimizer.state_dict(),
+                                 "anchor": self.anchor.state_dict()}
+        return state
 
     def load_extra_state(self, state: dict[str, Any]) -> None:
         recorded = state.get("teacher_sha256")
@@ -252,6 +388,10 @@ class DistillationTask(GenerationTask):
                                   f"{recorded[:16]}...")
         super().load_extra_state(state)
         self.students = {int(k): v for k, v in state.get("students", {}).items()}
+        if self.fake is not None and "matching" in state:
+            self.fake.load_state_dict(state["matching"]["fake"])
+            self.anchor.load_state_dict(state["matching"]["anchor"])
+            self.fake_optimizer.load_state_dict(state["matching"]["fake_optimizer"])
         self._enter_round()
 
     # -- after training ----------------------------------------------------------------------------
