@@ -214,7 +214,9 @@ class DistillationSpec(_Section):
     samples in a few steps (training/tasks/distillation.py). Progressive distillation (Salimans & Ho
     2022): each round the student learns to cover two of its teacher's DDIM steps in one, and then
     becomes the next round's teacher; the first round's teacher samples with classifier-free guidance,
-    which the student learns in one forward pass (Meng et al. 2023, at one fixed scale)."""
+    which the student learns in one forward pass (Meng et al. 2023, at one fixed scale). A round may
+    end with distribution matching (`matching_steps`, DMD: Yin et al. 2024), which trains its student
+    towards the guided teacher's distribution rather than its DDIM path."""
 
     teacher: str | None = Field(None, description="checkpoint of a `task: generation` run: a checkpoint.pt, "
                                                   "its folder, or a run folder (its latest checkpoint)")
