@@ -18,7 +18,7 @@ from pathlib import Path
 
 import psutil
 
-from conftest import free_port
+from conftest import RAY_TRAIN_POLL, free_port
 
 VENV_BIN = Path(sys.executable).parent
 
@@ -26,10 +26,11 @@ VENV_BIN = Path(sys.executable).parent
 def node_env(token: str) -> dict[str, str]:
     """The environment of a node, a client or a driver of this cluster: token auth on with `token`,
     the venv first on PATH (as in a cluster image, where `python` has ditlab), and none of this
-    process's RAY_* settings (a local instance of the test session may have set some)."""
+    process's RAY_* settings (a local instance of the test session may have set some) but the
+    tests' Ray Train poll interval (conftest.RAY_TRAIN_POLL)."""
     env = {k: v for k, v in os.environ.items() if not k.startswith("RAY_")}
     env.update(PATH=f"{VENV_BIN}{os.pathsep}{env.get('PATH', '')}", RAY_AUTH_MODE="token", RAY_AUTH_TOKEN=token,
-               RAY_USAGE_STATS_ENABLED="0")
+               RAY_USAGE_STATS_ENABLED="0", **{k: os.environ.get(k, v) for k, v in RAY_TRAIN_POLL.items()})
     return env
 
 
