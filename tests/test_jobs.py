@@ -203,13 +203,18 @@ def test_a_stopped_job_ends_stopped_and_its_training_stops(long_job, following, 
                                                           mlflow_server):
     """Runs while the followed job (`following`) is under way."""
     name, job_id = long_job
-    # Stop it mid-training: once its MLflow run has a loss logged.
+    # Stop it mid-training: once its MLflow run has a loss logged. Meanwhile the job must stay
+    # pending or running: asked of the dashboard's Jobs API on each poll (a `ditlab jobs status`
+    # process every 2 s took CPU from the two jobs on the head's 2 cores), and of `ditlab jobs
+    # status` once it trains.
     deadline = time.monotonic() + 300
     while (run := find_run(mlflow_server, name)) is None or "train/loss" not in run.data.metrics:
-        status = ditlab("jobs", "status", job_id, "--address", ray_head.dashboard, "--json", env=client_env)
-        assert json.loads(status.stdout)["status"] in ("PENDING", "RUNNING"), status.stdout
+        info = _dashboard_get(ray_head, f"/api/jobs/{job_id}")
+        assert info["status"] in ("PENDING", "RUNNING"), info
         assert time.monotonic() < deadline, "the job did not start training"
-        time.sleep(2)
+        time.sleep(0.5)
+    status = ditlab("jobs", "status", job_id, "--address", ray_head.dashboard, "--json", env=client_env)
+    assert json.loads(status.stdout)["status"] in ("PENDING", "RUNNING"), status.stdout
     assert alive_train_workers(ray_head, job_id)
 
     stopped = ditlab("jobs", "stop", job_id, "--address", ray_head.dashboard, "--json", env=client_env)
