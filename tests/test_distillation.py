@@ -203,6 +203,8 @@ def test_a_student_samples_with_its_own_sampler_and_steps_and_refuses_guidance(s
                                             ("distillation.round_steps=[2, 2]", "distillation.round_steps"),
                                             ("distillation.round_steps=[6]", "distillation.round_steps"),
                                             ("distillation.target_reuse=3", "distillation.target_reuse"),
+                                            ("distillation.matching_steps=[1]", "distillation.matching_steps"),
+                                            ("distillation.matching_steps=[0, 3]", "distillation.matching_steps"),
                                             ("distillation.compare_teacher_samplers=[ddim, heun]",
                                              "distillation.compare_teacher_samplers"),
                                             ("evaluation.sampler=ddim", "evaluation")])
