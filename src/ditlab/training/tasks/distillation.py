@@ -48,7 +48,7 @@ current weights (no gradient), the input x_t of one of its K steps drawn per ima
 teacher_x0 guided at `distillation.guidance`; then `matching_fake_updates` diffusion-loss steps of the
 fake score on the student's x0. The phase has its own learning rates (`matching_lr`,
 `matching_fake_lr`), clears the student's optimizer moments, and restarts the fake score from the
-teacher; the fake score and its optimizer are checkpoint state, so resume stays exact.
+teacher; the fake score, its optimizer and the anchor are checkpoint state, so resume stays exact.
 
 The teacher's passes (four forward passes of the batch in round 1, two later) cost more than the
 student's forward and backward. With `distillation.target_reuse` r, a step computes targets for 1/r
