@@ -1,0 +1,100 @@
+"""Benchmark: the quickstart end to end, as a user runs it, for several revisions or settings side by side.
+
+    python benchmarks/quickstart_e2e.py --variant "NAME=REV[: --set KEY=VALUE ...]" ... [--rounds 2]
+        [--spec experiments/quickstart.yaml] [--json FILE]
+
+e.g. the quickstart when issue 14 was filed against today's, and today's without its in-training FID:
+
+    python benchmarks/quickstart_e2e.py --variant filed=b2008ff --variant head=HEAD \\
+        --variant "no curve=HEAD: --set train.eval_every=null" --rounds 2
+
+Each run is what the README's quickstart does on a fresh clone with a cold cache: a `git clone` of
+this repository at REV into a temporary folder, an empty DITLAB_CACHE_DIR (no cached Inception
+reference features), then `ditlab run SPEC --json --no-progress` with that clone's package
+(PYTHONPATH) and this environment's packages. Rounds alternate the variants (A B C A B C), so a
+machine that slows down or speeds up mid-run shifts every variant alike. Printed per variant: the
+median wall seconds (process start to exit), the run's own train_seconds, its final FID and
+conditional accuracy (deterministic for a revision and settings), and the wall-time ratio to the
+first variant. Run it with nothing else on the machine: it measures the whole machine.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shlex
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+from common import header, table
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def parse_variant(text: str) -> tuple[str, str, list[str]]:
+    """"NAME=REV: extra args" -> (name, rev, args)."""
+    name, sep, rest = text.partition("=")
+    if not sep or not name.strip():
+        raise SystemExit(f"--variant {text!r}: expected NAME=REV[: ARGS]")
+    rev, _, args = rest.partition(":")
+    return name.strip(), rev.strip(), shlex.split(args)
+
+
+def run_once(rev: str, args: list[str], spec: str) -> dict:
+    with tempfile.TemporaryDirectory(prefix="ditlab-qs-e2e-") as tmp:
+        clone = Path(tmp) / "repo"
+        subprocess.run(["git", "clone", "--quiet", str(ROOT), str(clone)], check=True)
+        subprocess.run(["git", "-C", str(clone), "checkout", "--quiet", rev], check=True)
+        commit = subprocess.run(["git", "-C", str(clone), "rev-parse", "--short", "HEAD"], check=True,
+                                capture_output=True, text=True).stdout.strip()
+        env = {**os.environ, "PYTHONPATH": str(clone / "src"), "DITLAB_CACHE_DIR": str(Path(tmp) / "cache")}
+        command = [sys.executable, "-c", "import sys; from ditlab.cli import main; sys.exit(main())",
+                   "run", spec, "--name", "quickstart", "--json", "--no-progress", *args]
+        tic = time.perf_counter()
+        done = subprocess.run(command, cwd=clone, env=env, capture_output=True, text=True)
+        wall = time.perf_counter() - tic
+        if done.returncode != 0:
+            raise SystemExit(f"{rev} {' '.join(args)}: exit {done.returncode}\n{done.stderr[-3000:]}")
+        metrics = json.loads(done.stdout)["metrics"]
+    return {"commit": commit, "wall_s": wall, "train_s": metrics.get("train_seconds"),
+            "fid": metrics.get("fid"), "conditional_accuracy": metrics.get("conditional_accuracy")}
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--variant", action="append", required=True, help='"NAME=REV[: ARGS]"')
+    parser.add_argument("--rounds", type=int, default=2)
+    parser.add_argument("--spec", default="experiments/quickstart.yaml")
+    parser.add_argument("--json", type=Path, help="also write the runs and the summary here")
+    args = parser.parse_args()
+    variants = [parse_variant(v) for v in args.variant]
+    print(header("The quickstart end to end: fresh clone, cold cache, variants alternated"), flush=True)
+    runs: list[dict] = []
+    for r in range(args.rounds):
+        for name, rev, extra in variants:
+            run = {"variant": name, "round": r + 1, **run_once(rev, extra, args.spec)}
+            runs.append(run)
+            print(f"# round {r + 1} {name} ({run['commit']}): {run['wall_s']:.1f} s, train {run['train_s']:.1f} s, "
+                  f"FID {run['fid']:.4f}, accuracy {run['conditional_accuracy']:.4f}", flush=True)
+    rows = []
+    for name, rev, extra in variants:
+        mine = [x for x in runs if x["variant"] == name]
+        rows.append({"variant": name, "rev": f"{mine[0]['commit']} {' '.join(extra)}".strip(),
+                     "wall s (each)": " / ".join(f"{x['wall_s']:.0f}" for x in mine),
+                     "wall s median": statistics.median(x["wall_s"] for x in mine),
+                     "train s median": statistics.median(x["train_s"] for x in mine),
+                     "FID": mine[0]["fid"], "accuracy": mine[0]["conditional_accuracy"]})
+    for row in rows:
+        row["speed-up vs first"] = rows[0]["wall s median"] / row["wall s median"]
+    print(table(rows, list(rows[0])))
+    if args.json:
+        args.json.write_text(json.dumps({"command": sys.argv, "runs": runs, "summary": rows}, indent=1))
+
+
+if __name__ == "__main__":
+    main()
