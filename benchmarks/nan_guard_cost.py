@@ -1,0 +1,82 @@
+"""Benchmark: what the NaN guard's per-step checks cost the quickstart's 2-rank training step.
+
+    python benchmarks/nan_guard_cost.py [--steps 160] [--rounds 3] [--out FILE]
+
+The training loop (training/loop.py) skips a step whose loss or gradients are NaN or infinite on any
+rank: each step it checks every gradient (FiniteStepGuard) and all-reduces that flag, then
+all-reduces the loss's. This runs the quickstart's loop on 2 gloo ranks in this process's children
+(one thread each, DDP, no Ray: the loop alone), alternating "guard" (as shipped) with "no guard"
+(both checks patched out), and prints the median of each run's 20-step images/s windows after the
+first, and the ratio per alternated pair. Run it with nothing else on the machine.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import statistics
+import sys
+from pathlib import Path
+
+import torch
+import torch.distributed as dist
+import torch.multiprocessing as mp
+from torch.nn.parallel import DistributedDataParallel
+
+from common import header, table
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def worker(rank: int, variant: str, port: int, steps: int, out: str) -> None:
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    torch.set_num_threads(1)
+    dist.init_process_group("gloo", rank=rank, world_size=2)
+    from ditlab.config import load
+    from ditlab.training import loop
+
+    if variant == "no guard":
+        loop.FiniteStepGuard.cover = lambda self, optimizers: None
+        loop.all_ranks = lambda flag, device: flag
+    spec = load(str(ROOT / "experiments" / "quickstart.yaml"),
+                [f"train.steps={steps}", "train.checkpoint_every=100000", "train.log_every=20",
+                 "train.val_every=100000"])
+    rates: list[float] = []
+
+    class Rates:
+        def report(self, metrics: dict, checkpoint_dir: str | None = None) -> None:
+            rates.append(metrics["images_per_sec"])
+
+    loop.train(spec, Rates(), loop.Placement(rank=rank, world_size=2, wrap_model=DistributedDataParallel))
+    if rank == 0:
+        Path(out).write_text(str(statistics.median(rates[1:])))
+    dist.destroy_process_group()
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--steps", type=int, default=160)
+    parser.add_argument("--rounds", type=int, default=3)
+    parser.add_argument("--out", type=Path, help="also write the table here")
+    args = parser.parse_args()
+    order = [["guard", "no guard"], ["no guard", "guard"]]
+    rows = []
+    for r in range(args.rounds):
+        row = {"round": r + 1}
+        for variant in order[r % 2]:
+            result = Path(f"/tmp/ditlab-nan-guard-{os.getpid()}")
+            mp.spawn(worker, args=(variant, 29400 + 2 * r + (variant == "guard"), args.steps, str(result)), nprocs=2)
+            row[f"{variant} img/s"] = float(result.read_text())
+            result.unlink()
+        row["no guard / guard"] = row["no guard img/s"] / row["guard img/s"]
+        rows.append(row)
+        print(row, file=sys.stderr, flush=True)
+    text = header("The NaN guard's per-step checks on the quickstart's 2-rank step (loop only, gloo, no Ray)") + "\n" + \
+        table(rows, list(rows[0]))
+    print(text)
+    if args.out:
+        args.out.write_text(text + "\n")
+
+
+if __name__ == "__main__":
+    main()
