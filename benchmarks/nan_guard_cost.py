@@ -16,6 +16,7 @@ import argparse
 import os
 import statistics
 import sys
+import tempfile
 from pathlib import Path
 
 import torch
@@ -61,18 +62,17 @@ def main() -> None:
     args = parser.parse_args()
     order = [["guard", "no guard"], ["no guard", "guard"]]
     rows = []
+    result = Path(tempfile.mkdtemp(prefix="ditlab-nan-guard-")) / "images_per_sec"  # rank 0 writes it
     for r in range(args.rounds):
         row = {"round": r + 1}
         for variant in order[r % 2]:
-            result = Path(f"/tmp/ditlab-nan-guard-{os.getpid()}")
             mp.spawn(worker, args=(variant, 29400 + 2 * r + (variant == "guard"), args.steps, str(result)), nprocs=2)
             row[f"{variant} img/s"] = float(result.read_text())
-            result.unlink()
         row["no guard / guard"] = row["no guard img/s"] / row["guard img/s"]
         rows.append(row)
         print(row, file=sys.stderr, flush=True)
-    text = header("The NaN guard's per-step checks on the quickstart's 2-rank step (loop only, gloo, no Ray)") + "\n" + \
-        table(rows, list(rows[0]))
+    title = "The NaN guard's per-step checks on the quickstart's 2-rank step (loop only, gloo, no Ray)"
+    text = header(title) + "\n" + table(rows, list(rows[0]))
     print(text)
     if args.out:
         args.out.write_text(text + "\n")

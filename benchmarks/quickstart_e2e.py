@@ -82,7 +82,7 @@ def main() -> None:
             print(f"# round {r + 1} {name} ({run['commit']}): {run['wall_s']:.1f} s, train {run['train_s']:.1f} s, "
                   f"FID {run['fid']:.4f}, accuracy {run['conditional_accuracy']:.4f}", flush=True)
     rows = []
-    for name, rev, extra in variants:
+    for name, _, extra in variants:
         mine = [x for x in runs if x["variant"] == name]
         rows.append({"variant": name, "rev": f"{mine[0]['commit']} {' '.join(extra)}".strip(),
                      "wall s (each)": " / ".join(f"{x['wall_s']:.0f}" for x in mine),
