@@ -3,11 +3,16 @@
     python benchmarks/nan_guard_cost.py [--steps 160] [--rounds 3] [--out FILE]
 
 The training loop (training/loop.py) skips a step whose loss or gradients are NaN or infinite on any
-rank: each step it checks every gradient (FiniteStepGuard) and all-reduces that flag, then
-all-reduces the loss's. This runs the quickstart's loop on 2 gloo ranks in this process's children
-(one thread each, DDP, no Ray: the loop alone), alternating "guard" (as shipped) with "no guard"
-(both checks patched out), and prints the median of each run's 20-step images/s windows after the
-first, and the ratio per alternated pair. Run it with nothing else on the machine.
+rank: each step it checks every gradient (FiniteStepGuard), all-reduces that verdict unless DDP
+averaged every gradient, then all-reduces the loss's. This runs the quickstart's loop on 2 gloo
+ranks in this process's children (one thread each, DDP, no Ray: the loop alone) in three variants,
+their order reversed every other round:
+  "guard":  as shipped;
+  "before": the guard of 1 December, patched back in: `torch.isfinite(g).all()` per gradient and
+            the verdict all-reduced every step;
+  "no guard": both checks patched out.
+It prints the median of each run's 20-step images/s windows after the first, and per round the
+ratios to "guard". Run it with nothing else on the machine.
 """
 
 from __future__ import annotations
@@ -39,6 +44,9 @@ def worker(rank: int, variant: str, port: int, steps: int, out: str) -> None:
     if variant == "no guard":
         loop.FiniteStepGuard.cover = lambda self, optimizers: None
         loop.all_ranks = lambda flag, device: flag
+    elif variant == "before":
+        loop.grads_finite = lambda grads: bool(torch.stack([torch.isfinite(g).all() for g in grads]).all())
+        loop.FiniteStepGuard.distributed = lambda self, wrapped: wrapped  # nothing averaged: all-reduce
     spec = load(str(ROOT / "experiments" / "quickstart.yaml"),
                 [f"train.steps={steps}", "train.checkpoint_every=100000", "train.log_every=20",
                  "train.val_every=100000"])
@@ -60,15 +68,16 @@ def main() -> None:
     parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--out", type=Path, help="also write the table here")
     args = parser.parse_args()
-    order = [["guard", "no guard"], ["no guard", "guard"]]
+    variants = ["guard", "before", "no guard"]
     rows = []
     result = Path(tempfile.mkdtemp(prefix="ditlab-nan-guard-")) / "images_per_sec"  # rank 0 writes it
     for r in range(args.rounds):
         row = {"round": r + 1}
-        for variant in order[r % 2]:
-            mp.spawn(worker, args=(variant, 29400 + 2 * r + (variant == "guard"), args.steps, str(result)), nprocs=2)
+        for i, variant in enumerate(variants if r % 2 == 0 else variants[::-1]):
+            mp.spawn(worker, args=(variant, 29400 + 3 * r + i, args.steps, str(result)), nprocs=2)
             row[f"{variant} img/s"] = float(result.read_text())
-        row["no guard / guard"] = row["no guard img/s"] / row["guard img/s"]
+        for variant in variants[1:]:
+            row[f"{variant} / guard"] = row[f"{variant} img/s"] / row["guard img/s"]
         rows.append(row)
         print(row, file=sys.stderr, flush=True)
     title = "The NaN guard's per-step checks on the quickstart's 2-rank step (loop only, gloo, no Ray)"

@@ -47,3 +47,44 @@ def run_then_resume_on_two_ranks(spec, tmp_path, summarize, checkpoint: str = "c
     mp.spawn(_rank, args=(str(tmp_path / "init"), str(tmp_path), spec.to_dict(), checkpoint, summarize),
              nprocs=2, join=True)
     return [json.loads((tmp_path / f"rank{r}.json").read_text()) for r in (0, 1)]
+
+
+def _guard_rank(rank: int, init_file: str, out_dir: str) -> None:
+    """Rank 1's input and its extra parameter's gradient are NaN at the first step, finite at the
+    second. The DDP model's optimizer must decide alone (no collective); the optimizer over a
+    parameter outside DDP must all-reduce its verdict. Records what each rank did."""
+    import datetime
+
+    from ditlab.training import loop
+
+    torch.set_num_threads(1)
+    dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=2,
+                            timeout=datetime.timedelta(seconds=60))
+    try:
+        collectives = []
+        all_ranks = loop.all_ranks
+        loop.all_ranks = lambda flag, device: collectives.append(flag) or all_ranks(flag, device)
+        torch.manual_seed(0)
+        model, extra = torch.nn.Linear(4, 4), torch.nn.Parameter(torch.zeros(4))
+        guard = loop.FiniteStepGuard(torch.device("cpu"))
+        wrapped = guard.distributed(torch.nn.parallel.DistributedDataParallel(model))
+        inside, outside = torch.optim.SGD(model.parameters(), lr=0.1), torch.optim.SGD([extra], lr=0.1)
+        guard.cover([inside, outside])
+        weights = []
+        for step in range(2):
+            bad = rank == 1 and step == 0
+            x = torch.full((2, 4), float("nan")) if bad else torch.ones(2, 4)
+            wrapped(x).sum().backward()
+            extra.grad = torch.full((4,), float("nan") if bad else 1.0)
+            inside.step(), outside.step()
+            inside.zero_grad(), outside.zero_grad()
+            weights.append([model.weight.sum().item(), extra.sum().item()])
+        with open(f"{out_dir}/guard{rank}.json", "w") as f:
+            json.dump({"skipped": guard.skipped, "collectives": len(collectives), "weights": weights}, f)
+    finally:
+        dist.destroy_process_group()
+
+
+def guard_on_two_ranks(tmp_path) -> list[dict]:
+    mp.spawn(_guard_rank, args=(str(tmp_path / "init"), str(tmp_path)), nprocs=2, join=True)
+    return [json.loads((tmp_path / f"guard{r}.json").read_text()) for r in (0, 1)]

@@ -22,7 +22,7 @@ import pytest
 import torch
 
 from conftest import ROOT, free_port, mlflow_web, run_cli_json
-from ddp import same_parameters
+from ddp import guard_on_two_ranks, same_parameters
 from ditlab.atomic import atomic_path
 from ditlab.config import load
 from ditlab.orchestration.train import RunFolderError, lost_peer_error, prepare_run_dir
@@ -62,6 +62,19 @@ def test_bad_steps_in_a_row_stop_the_run_keeping_the_good_weights(monkeypatch, t
     assert last["step"] == 3 and last["skipped_steps"] == 2
     assert all(torch.equal(first["model"][k], last["model"][k]) for k in first["model"]), \
         "the checkpoints after step 1 hold step 1's weights: no bad step changed them"
+
+
+def test_ranks_agree_on_a_nan_on_one_rank_with_a_collective_only_for_gradients_outside_ddp(tmp_path):
+    """Two gloo ranks; at the first step rank 1 alone has NaN in its input and in a parameter's
+    gradient that DDP does not average. Both ranks skip both optimizers' steps, then both step at
+    the second. The DDP model's optimizer decides without a collective (its averaged gradients are
+    the same on every rank); the other optimizer all-reduces its verdict, once a step."""
+    ranks = guard_on_two_ranks(tmp_path)
+    assert [r["skipped"] for r in ranks] == [2, 2]
+    assert [r["collectives"] for r in ranks] == [2, 2]
+    first, second = ranks[0]["weights"]
+    assert ranks[1]["weights"] == ranks[0]["weights"], "the ranks' weights split"
+    assert first[1] == 0.0 and second[1] != 0.0, "the extra parameter stepped at the bad step, or not at the good"
 
 
 # -- checkpoints -----------------------------------------------------------------------------------
