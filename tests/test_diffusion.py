@@ -42,6 +42,25 @@ def test_target_inverts_to_x0_and_eps(prediction):
     assert torch.allclose(got_x0, x0, atol=2e-3) and torch.allclose(got_eps, noise, atol=2e-3)
 
 
+@pytest.mark.parametrize("prediction", ["eps", "v", "x0"])
+def test_min_snr_weighting_is_the_x0_error_weighted_by_the_capped_snr(prediction):
+    """Whatever the target, the weighted squared error of a wrong prediction equals its x0 error
+    times min(SNR, gamma) (Hang et al. 2023, eq. 9); without the option every weight is 1."""
+    d = GaussianDiffusion.from_schedule("cosine", 1000, prediction)
+    g = torch.Generator().manual_seed(0)
+    x0, noise, wrong = (torch.randn(5, 1, 8, 8, generator=g, dtype=torch.float64) for _ in range(3))
+    t = torch.tensor([1, 100, 400, 700, 990])
+    assert torch.equal(d.loss_weight(t), torch.ones(5))
+    d.min_snr_gamma = 5.0
+    x_t = d.q_sample(x0, t, noise)
+    target_error = (wrong - d.target(x0, noise, t)).pow(2).flatten(1).mean(1)
+    x0_error = (d.to_x0_eps(wrong, x_t, t)[0] - x0).pow(2).flatten(1).mean(1)
+    ab = d.alphas_cumprod[t]
+    capped = (ab / (1 - ab)).clamp(max=5.0)
+    assert capped.min() < 1 and capped.max() == 5.0  # both sides of the cap are covered
+    assert torch.allclose(d.loss_weight(t).double() * target_error, capped * x0_error, rtol=1e-3)  # float32 coefficients
+
+
 def test_the_spec_names_every_sampler_and_no_other():
     """config.SamplerName (the spec's evaluation.sampler, the CLIs' --sampler choices) and SAMPLERS are
     two lists of the same samplers: a sampler added to one only is a spec error or a KeyError later."""

@@ -10,7 +10,10 @@ from ditlab.models import DiT, build_model
 
 def build_diffusion(spec: ExperimentSpec) -> GaussianDiffusion:
     d = spec.diffusion
-    return GaussianDiffusion.from_schedule(d.schedule, d.num_timesteps, d.prediction)
+    diffusion = GaussianDiffusion.from_schedule(d.schedule, d.num_timesteps, d.prediction)
+    if d.loss_weighting == "min_snr":
+        diffusion.min_snr_gamma = d.min_snr_gamma
+    return diffusion
 
 
 def build_dit(spec: ExperimentSpec, num_classes: int, latent_shape: tuple[int, int, int] | None = None) -> DiT:

@@ -109,6 +109,10 @@ class DiffusionSpec(_Section):
     schedule: Literal["linear", "cosine"] = "cosine"
     num_timesteps: int = Field(1000, ge=2)
     prediction: Literal["eps", "v", "x0"] = "v"
+    loss_weighting: Literal["uniform", "min_snr"] = Field("uniform", description="min_snr: each timestep's "
+                                                          "loss weighted as Min-SNR-gamma (Hang et al. 2023), "
+                                                          "the x0 error's weight capped at min_snr_gamma")
+    min_snr_gamma: float = Field(5.0, gt=0)
 
 
 class TrainSpec(_Section):

@@ -26,6 +26,7 @@ class GaussianDiffusion:
             raise ValueError(f"unknown prediction {prediction!r}; expected eps, v or x0")
         betas = np.asarray(betas, dtype=np.float64)
         self.schedule = schedule
+        self.min_snr_gamma: float | None = None  # training loss weighting: see `loss_weight`
         self.num_timesteps = len(betas)
         self.prediction = prediction
         ab = alphas_cumprod(betas)
@@ -68,6 +69,20 @@ class GaussianDiffusion:
             return x0
         a, s = self.coefficients(t, x0.ndim)
         return a * noise - s * x0
+
+    def loss_weight(self, t: torch.Tensor) -> torch.Tensor:
+        """Each sample's weight in the training loss: 1, or with `min_snr_gamma` set, Min-SNR-gamma
+        (Hang et al. 2023): the x0 error weighted by min(SNR_t, gamma). The squared error of an eps
+        target is the x0 error times SNR, of a v target times SNR + 1, so these get
+        min(SNR, gamma) / SNR and min(SNR, gamma) / (SNR + 1). Low-noise steps, where SNR is large
+        and the target is easy, then weigh less."""
+        if self.min_snr_gamma is None:
+            return torch.ones(t.shape, device=t.device)
+        ab = self.alphas_cumprod.to(t.device)[t]
+        snr = ab / (1 - ab)
+        capped = snr.clamp(max=self.min_snr_gamma)
+        weight = {"x0": capped, "eps": capped / snr, "v": capped / (snr + 1)}[self.prediction]
+        return weight.float()
 
     def to_x0_eps(self, output: torch.Tensor, x_t: torch.Tensor, t: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Convert a prediction (eps, v or x0) at x_t into the implied (x_0, eps) pair."""
