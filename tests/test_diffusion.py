@@ -58,7 +58,8 @@ def test_min_snr_weighting_is_the_x0_error_weighted_by_the_capped_snr(prediction
     ab = d.alphas_cumprod[t]
     capped = (ab / (1 - ab)).clamp(max=5.0)
     assert capped.min() < 1 and capped.max() == 5.0  # both sides of the cap are covered
-    assert torch.allclose(d.loss_weight(t).double() * target_error, capped * x0_error, rtol=1e-3)  # float32 coefficients
+    # rtol: the schedule's coefficients are float32
+    assert torch.allclose(d.loss_weight(t).double() * target_error, capped * x0_error, rtol=1e-3)
 
 
 def test_the_spec_names_every_sampler_and_no_other():

@@ -64,6 +64,18 @@ def test_bad_steps_in_a_row_stop_the_run_keeping_the_good_weights(monkeypatch, t
         "the checkpoints after step 1 hold step 1's weights: no bad step changed them"
 
 
+def test_the_gradient_check_finds_any_nan_or_infinity_and_only_those():
+    from ditlab.training.loop import grads_finite
+
+    grads = [torch.randn(64, 64), torch.randn(7), torch.full((100_000,), 1000.0, dtype=torch.float16)]
+    assert grads_finite(grads) and grads_finite([]), "a half-precision gradient summing past 65504 is finite"
+    for bad in (float("nan"), float("inf"), -float("inf")):
+        for i in range(3):
+            broken = [g.clone() for g in grads]
+            broken[i].view(-1)[5] = bad
+            assert not grads_finite(broken), (bad, i)
+
+
 def test_ranks_agree_on_a_nan_on_one_rank_with_a_collective_only_for_gradients_outside_ddp(tmp_path):
     """Two gloo ranks; at the first step rank 1 alone has NaN in its input and in a parameter's
     gradient that DDP does not average. Both ranks skip both optimizers' steps, then both step at

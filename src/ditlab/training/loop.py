@@ -80,7 +80,7 @@ def grads_finite(grads: list[torch.Tensor]) -> bool:
     quickstart's size, 3% of its step (BENCHMARKS.md, "The NaN guard")."""
     if not grads:
         return True
-    return bool(torch.stack([g.sum().float() for g in grads]).sum().isfinite())
+    return bool(torch.stack([g.sum(dtype=torch.float32) for g in grads]).sum().isfinite())
 
 
 class FiniteStepGuard:
