@@ -45,7 +45,7 @@ def test_target_inverts_to_x0_and_eps(prediction):
 @pytest.mark.parametrize("prediction", ["eps", "v", "x0"])
 def test_min_snr_weighting_is_the_x0_error_weighted_by_the_capped_snr(prediction):
     """Whatever the target, the weighted squared error of a wrong prediction equals its x0 error
-    times min(SNR, gamma) (Hang et al. 2023, eq. 9); without the option every weight is 1."""
+    times min(SNR, gamma) (Hang et al. 2023); without the option every weight is 1."""
     d = GaussianDiffusion.from_schedule("cosine", 1000, prediction)
     g = torch.Generator().manual_seed(0)
     x0, noise, wrong = (torch.randn(5, 1, 8, 8, generator=g, dtype=torch.float64) for _ in range(3))

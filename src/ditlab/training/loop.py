@@ -8,10 +8,10 @@ checkpoint cadence and timing.
 
 A step whose loss or gradients are NaN or infinite (a bad batch, an overflow) is skipped, not fatal:
 every optimizer step of the task is guarded (`FiniteStepGuard`), and under DDP the ranks agree on
-the decision through an all-reduced flag (one rank stepping while another skips would split the
-weights). Skipped steps are counted (`skipped_steps` in the reports, from the first one on);
-`train.max_bad_steps` of them in a row stop the run with TrainingDiverged, before anything from the
-bad steps is checkpointed.
+the decision (one rank stepping while another skips would split the weights): from the gradients DDP
+averaged, which every rank holds alike, or else through an all-reduced flag. Skipped steps are
+counted (`skipped_steps` in the reports, from the first one on); `train.max_bad_steps` of them in a
+row stop the run with TrainingDiverged, before anything from the bad steps is checkpointed.
 
 Randomness is a function of the step: each rank's batch comes from a per-epoch permutation split
 across ranks (DistributedSampler's contract; a streamed shard set, data/streaming.py, from a seeded
