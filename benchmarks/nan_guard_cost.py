@@ -14,7 +14,7 @@ their order reversed every other round:
 It prints the median of each run's 20-step images/s windows after the first, and per round the
 ratios to "guard". Before that, in this process on one thread, it times the gradient check alone on
 the quickstart model's gradients (72 tensors, 1.9M values): `torch.isfinite(g).all()` per gradient
-(before) against the shipped `grads_finite` (one sum per gradient), median of 5 x 200 calls. Run it
+(before) against the shipped `grads_finite` (one sum per gradient), median of 1000 calls. Run it
 with nothing else on the machine.
 """
 
@@ -32,7 +32,7 @@ import torch.distributed as dist
 import torch.multiprocessing as mp
 from torch.nn.parallel import DistributedDataParallel
 
-from common import header, table
+from common import header, table, time_median
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -67,28 +67,18 @@ def worker(rank: int, variant: str, port: int, steps: int, out: str) -> None:
 
 def check_alone() -> list[dict]:
     """ms per call of each gradient check on the quickstart model's gradient shapes, one thread."""
-    import time
-
     from ditlab.builders import build_dit
     from ditlab.config import load
     from ditlab.training.loop import grads_finite
 
     torch.set_num_threads(1)
     spec = load(str(ROOT / "experiments" / "quickstart.yaml"))
-    model = build_dit(spec, num_classes=10)  # the digits' 10 classes
-    grads = [torch.randn_like(p) for p in model.parameters()]
+    grads = [torch.randn_like(p) for p in build_dit(spec, num_classes=10).parameters()]  # the digits' 10 classes
     checks = {"isfinite().all() per gradient (before)": lambda: bool(torch.stack([torch.isfinite(g).all()
                                                                                   for g in grads]).all()),
               "one sum per gradient (grads_finite)": lambda: grads_finite(grads)}
-    timings: dict[str, list[float]] = {name: [] for name in checks}
-    for _ in range(5):
-        for name, check in checks.items():
-            check()
-            tic = time.perf_counter()
-            for _ in range(200):
-                check()
-            timings[name].append((time.perf_counter() - tic) / 200 * 1e3)
-    return [{"check": name, "ms per step (median of 5)": statistics.median(ms)} for name, ms in timings.items()]
+    return [{"check": name, "ms per call (median of 1000)": time_median(check, 1000, warmup=10) * 1e3}
+            for name, check in checks.items()]
 
 
 def main() -> None:

@@ -1,4 +1,5 @@
-"""Two real gloo ranks in two processes (no Ray), for the exact-resume test of each task.
+"""Two real gloo ranks in two processes (no Ray), for the exact-resume test of each task and the
+NaN guard's agreement test.
 
     records = run_then_resume_on_two_ranks(spec, tmp_path, summarize)
 
@@ -6,8 +7,14 @@ Each rank trains `spec` to its last step (reports into <tmp>/full), then trains 
 from the full run's step-3 checkpoint (into <tmp>/resumed), every module DDP-wrapped as Ray Train
 wraps them. `summarize(rank, spec, full, end_full, resumed, end_resumed)` (a module-level function,
 so the spawned processes can import it) turns each rank's reporters and end states into a JSON
-record; the records come back in rank order."""
+record; the records come back in rank order.
 
+    records = guard_on_two_ranks(tmp_path)
+
+runs the NaN guard (training/loop.py's FiniteStepGuard) on two ranks, one of them given a NaN."""
+
+import contextlib
+import datetime
 import json
 import os
 
@@ -23,10 +30,21 @@ def same_parameters(a: torch.nn.Module, b: torch.nn.Module) -> bool:
     return all(torch.equal(x, y) for x, y in zip(a.state_dict().values(), b.state_dict().values(), strict=True))
 
 
-def _rank(rank: int, init_file: str, out_dir: str, spec_dict: dict, checkpoint: str, summarize) -> None:
+@contextlib.contextmanager
+def gloo_rank(rank: int, init_file: str):
+    """This process as one of two gloo ranks, one thread, for the block's duration (a collective
+    the other rank never joins fails after 5 minutes instead of hanging the suite)."""
     torch.set_num_threads(1)
-    dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=2)
+    dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=2,
+                            timeout=datetime.timedelta(minutes=5))
     try:
+        yield
+    finally:
+        dist.destroy_process_group()
+
+
+def _rank(rank: int, init_file: str, out_dir: str, spec_dict: dict, checkpoint: str, summarize) -> None:
+    with gloo_rank(rank, init_file):
         spec = from_dict(spec_dict)
         placement = Placement(rank=rank, world_size=2,
                               wrap_model=lambda m: torch.nn.parallel.DistributedDataParallel(m))
@@ -38,8 +56,6 @@ def _rank(rank: int, init_file: str, out_dir: str, spec_dict: dict, checkpoint: 
         record = summarize(rank, spec, full, end_full, resumed, end_resumed)
         with open(f"{out_dir}/rank{rank}.json", "w") as f:
             json.dump(record, f)
-    finally:
-        dist.destroy_process_group()
 
 
 def run_then_resume_on_two_ranks(spec, tmp_path, summarize, checkpoint: str = "checkpoint_000003") -> list[dict]:
@@ -53,14 +69,9 @@ def _guard_rank(rank: int, init_file: str, out_dir: str) -> None:
     """Rank 1's input and its extra parameter's gradient are NaN at the first step, finite at the
     second. The DDP model's optimizer must decide alone (no collective); the optimizer over a
     parameter outside DDP must all-reduce its verdict. Records what each rank did."""
-    import datetime
-
     from ditlab.training import loop
 
-    torch.set_num_threads(1)
-    dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=2,
-                            timeout=datetime.timedelta(seconds=60))
-    try:
+    with gloo_rank(rank, init_file):
         collectives = []
         all_ranks = loop.all_ranks
         loop.all_ranks = lambda flag, device: collectives.append(flag) or all_ranks(flag, device)
@@ -81,8 +92,6 @@ def _guard_rank(rank: int, init_file: str, out_dir: str) -> None:
             weights.append([model.weight.sum().item(), extra.sum().item()])
         with open(f"{out_dir}/guard{rank}.json", "w") as f:
             json.dump({"skipped": guard.skipped, "collectives": len(collectives), "weights": weights}, f)
-    finally:
-        dist.destroy_process_group()
 
 
 def guard_on_two_ranks(tmp_path) -> list[dict]:

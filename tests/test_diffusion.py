@@ -46,12 +46,11 @@ def test_target_inverts_to_x0_and_eps(prediction):
 def test_min_snr_weighting_is_the_x0_error_weighted_by_the_capped_snr(prediction):
     """Whatever the target, the weighted squared error of a wrong prediction equals its x0 error
     times min(SNR, gamma) (Hang et al. 2023); without the option every weight is 1."""
-    d = GaussianDiffusion.from_schedule("cosine", 1000, prediction)
+    t = torch.tensor([1, 100, 400, 700, 990])
+    assert torch.equal(GaussianDiffusion.from_schedule("cosine", 1000, prediction).loss_weight(t), torch.ones(5))
+    d = GaussianDiffusion.from_schedule("cosine", 1000, prediction, min_snr_gamma=5.0)
     g = torch.Generator().manual_seed(0)
     x0, noise, wrong = (torch.randn(5, 1, 8, 8, generator=g, dtype=torch.float64) for _ in range(3))
-    t = torch.tensor([1, 100, 400, 700, 990])
-    assert torch.equal(d.loss_weight(t), torch.ones(5))
-    d.min_snr_gamma = 5.0
     x_t = d.q_sample(x0, t, noise)
     target_error = (wrong - d.target(x0, noise, t)).pow(2).flatten(1).mean(1)
     x0_error = (d.to_x0_eps(wrong, x_t, t)[0] - x0).pow(2).flatten(1).mean(1)

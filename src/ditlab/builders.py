@@ -10,10 +10,8 @@ from ditlab.models import DiT, build_model
 
 def build_diffusion(spec: ExperimentSpec) -> GaussianDiffusion:
     d = spec.diffusion
-    diffusion = GaussianDiffusion.from_schedule(d.schedule, d.num_timesteps, d.prediction)
-    if d.loss_weighting == "min_snr":
-        diffusion.min_snr_gamma = d.min_snr_gamma
-    return diffusion
+    return GaussianDiffusion.from_schedule(d.schedule, d.num_timesteps, d.prediction,
+                                           d.min_snr_gamma if d.loss_weighting == "min_snr" else None)
 
 
 def build_dit(spec: ExperimentSpec, num_classes: int, latent_shape: tuple[int, int, int] | None = None) -> DiT:

@@ -61,7 +61,7 @@ def training_losses(
     channels = x0.shape[1]
     mean_part = output[:, :channels]
     mse = (mean_part.float() - diffusion.target(x0, noise, t)).pow(2).flatten(1).mean(1)
-    terms = {"mse": mse if diffusion.min_snr_gamma is None else mse * diffusion.loss_weight(t)}
+    terms = {"mse": mse * diffusion.loss_weight(t)}
     if output.shape[1] == 2 * channels:
         vb = variational_bound_term(diffusion, mean_part.float(), output[:, channels:].float(), x0, x_t, t)
         terms["vb"] = vb * diffusion.num_timesteps / 1000.0

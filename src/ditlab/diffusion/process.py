@@ -21,12 +21,13 @@ def _gather(values: torch.Tensor, t: torch.Tensor, ndim: int) -> torch.Tensor:
 class GaussianDiffusion:
     """Discrete-time DDPM process with T steps. Schedule arrays are kept in float64 and cast per use."""
 
-    def __init__(self, betas: np.ndarray, prediction: Prediction = "eps", schedule: str = "custom"):
+    def __init__(self, betas: np.ndarray, prediction: Prediction = "eps", schedule: str = "custom",
+                 min_snr_gamma: float | None = None):
         if prediction not in ("eps", "v", "x0"):
             raise ValueError(f"unknown prediction {prediction!r}; expected eps, v or x0")
         betas = np.asarray(betas, dtype=np.float64)
         self.schedule = schedule
-        self.min_snr_gamma: float | None = None  # training loss weighting: see `loss_weight`
+        self.min_snr_gamma = min_snr_gamma  # training loss weighting: see `loss_weight`
         self.num_timesteps = len(betas)
         self.prediction = prediction
         ab = alphas_cumprod(betas)
@@ -41,15 +42,16 @@ class GaussianDiffusion:
         self.posterior_log_variance = torch.from_numpy(np.log(np.append(posterior_var[1], posterior_var[1:])))
 
     @classmethod
-    def from_schedule(cls, schedule: str = "cosine", num_timesteps: int = 1000, prediction: Prediction = "eps"):
-        return cls(beta_schedule(schedule, num_timesteps), prediction, schedule)
+    def from_schedule(cls, schedule: str = "cosine", num_timesteps: int = 1000, prediction: Prediction = "eps",
+                      min_snr_gamma: float | None = None):
+        return cls(beta_schedule(schedule, num_timesteps), prediction, schedule, min_snr_gamma)
 
     def respaced(self, timesteps: np.ndarray) -> GaussianDiffusion:
         """A shorter chain over the given ascending timesteps, keeping alpha_bar at each of them
         (Nichol & Dhariwal 2021, section 4): beta_i = 1 - alpha_bar_{t_i} / alpha_bar_{t_{i-1}}."""
         ab = self.alphas_cumprod.numpy()[np.sort(timesteps)]
         betas = 1.0 - ab / np.append(1.0, ab[:-1])
-        return GaussianDiffusion(betas, self.prediction, f"{self.schedule}-respaced")
+        return GaussianDiffusion(betas, self.prediction, f"{self.schedule}-respaced", self.min_snr_gamma)
 
     def coefficients(self, t: torch.Tensor, ndim: int = 4) -> tuple[torch.Tensor, torch.Tensor]:
         """(sqrt(alpha_bar_t), sqrt(1 - alpha_bar_t)): the signal and noise scales at t."""
