@@ -8,6 +8,13 @@ e.g. the quickstart when issue 14 was filed against today's, and today's without
     python benchmarks/quickstart_e2e.py --variant filed=b2008ff --variant head=HEAD \\
         --variant "no curve=HEAD: --set train.eval_every=null" --rounds 2
 
+or a run's fixed costs alone (imports, Ray, MLflow, starting and stopping the workers, the checkpoint),
+with no steps and no evaluation, before and after a change:
+
+    python benchmarks/quickstart_e2e.py --rounds 3 \\
+        --variant "before=a5b5556: --set train.steps=0 --set evaluation.num_samples=0" \\
+        --variant "after=HEAD: --set train.steps=0 --set evaluation.num_samples=0"
+
 Each run is what the README's quickstart does on a fresh clone with a cold cache: a `git clone` of
 this repository at REV into a temporary folder, an empty DITLAB_CACHE_DIR (no cached Inception
 reference features), then `ditlab run SPEC --json --no-progress` with that clone's package
@@ -65,6 +72,11 @@ def run_once(rev: str, args: list[str], spec: str) -> dict:
             "fid": metrics.get("fid"), "conditional_accuracy": metrics.get("conditional_accuracy")}
 
 
+def figure(value: float | None, digits: int) -> str:
+    """A run's figure, or "-" where it has none (a run with evaluation.num_samples=0 has no FID)."""
+    return "-" if value is None else f"{value:.{digits}f}"
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--variant", action="append", required=True, help='"NAME=REV[: ARGS]"')
@@ -79,8 +91,9 @@ def main() -> None:
         for name, rev, extra in variants:
             run = {"variant": name, "round": r + 1, **run_once(rev, extra, args.spec)}
             runs.append(run)
-            print(f"# round {r + 1} {name} ({run['commit']}): {run['wall_s']:.1f} s, train {run['train_s']:.1f} s, "
-                  f"FID {run['fid']:.4f}, accuracy {run['conditional_accuracy']:.4f}", flush=True)
+            print(f"# round {r + 1} {name} ({run['commit']}): {run['wall_s']:.1f} s, "
+                  f"train {figure(run['train_s'], 1)} s, FID {figure(run['fid'], 4)}, "
+                  f"accuracy {figure(run['conditional_accuracy'], 4)}", flush=True)
     rows = []
     for name, _, extra in variants:
         mine = [x for x in runs if x["variant"] == name]
@@ -88,7 +101,7 @@ def main() -> None:
                      "wall s (each)": " / ".join(f"{x['wall_s']:.0f}" for x in mine),
                      "wall s median": statistics.median(x["wall_s"] for x in mine),
                      "train s median": statistics.median(x["train_s"] for x in mine),
-                     "FID": mine[0]["fid"], "accuracy": mine[0]["conditional_accuracy"]})
+                     "FID": figure(mine[0]["fid"], 4), "accuracy": figure(mine[0]["conditional_accuracy"], 4)})
     for row in rows:
         row["speed-up vs first"] = rows[0]["wall s median"] / row["wall s median"]
     print(table(rows, list(rows[0])))

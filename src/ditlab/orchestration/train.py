@@ -18,34 +18,22 @@ from pathlib import Path
 
 import ray
 import yaml
-from ray.train import UserCallback
 from ray.util.queue import Queue
 from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
 
-from ditlab.atomic import atomic_path, fsync_tree, write_json
+from ditlab.atomic import atomic_path, write_json
 from ditlab.config import ExperimentSpec, SpecError, flatten, from_dict
 from ditlab.evaluation.plots import save_loss_curve, save_sample_grid
 from ditlab.evaluation.suite import Report
 from ditlab.orchestration.ray_session import ensure_ray
 from ditlab.orchestration.records import open_recorded_run
+from ditlab.orchestration.remote import MetricsRelay
 from ditlab.orchestration.tracking import Tracker, check_server, mlflow_metric_name
 from ditlab.orchestration.trainer import build_trainer
 from ditlab.orchestration.versioning import run_tags
 from ditlab.storage import RunFolder, run_folder
 from ditlab.training.checkpoint import BUNDLE_NAME, checkpoint_dirs, corrupt_checkpoints, load_bundle, set_aside
 from ditlab.training.tasks import task_class
-
-
-class MetricsRelay(UserCallback):
-    """Runs in the Ray Train controller; forwards rank 0's metrics to the driver's queue."""
-
-    def __init__(self, queue: Queue):
-        self.queue = queue
-
-    def after_report(self, run_context, metrics, checkpoint) -> None:
-        if checkpoint is not None and Path(checkpoint.path).is_dir():  # Ray Train's copy, on a filesystem we see
-            fsync_tree(checkpoint.path)
-        self.queue.put(dict(metrics[0]))
 
 
 @dataclass

@@ -21,6 +21,7 @@ from ditlab.config import ExperimentSpec, from_dict
 from ditlab.data.shards import handed_filesystems, read_manifest, use_filesystems
 from ditlab.data.streaming import ReadShard, shard_reads
 from ditlab.orchestration.console import quiet_train_worker, train_log_level, verbose_requested
+from ditlab.orchestration.remote import train_worker
 from ditlab.training.checkpoint import checkpoint_dirs
 from ditlab.training.faults import fault_environment
 from ditlab.training.loop import Placement, train
@@ -42,8 +43,9 @@ class RayReporter:
                          checkpoint_dir_name=f"checkpoint_{int(metrics['step']):06d}")
 
 
-def train_worker(config: dict) -> None:
-    """Runs on each Ray Train worker: the loop, resumed from the run's latest checkpoint if any."""
+def run_worker(config: dict) -> None:
+    """What each Ray Train worker runs (through remote.train_worker): the loop, resumed from the run's
+    latest checkpoint if any."""
     # A worker process of its own: the driver's console settings do not reach it, so the driver's
     # --verbose choice travels in the config (a cluster's workers do not inherit its environment).
     quiet_train_worker(config.get("verbose"))
@@ -126,7 +128,7 @@ def build_trainer(spec: ExperimentSpec, *, name: str, storage: str | Path, callb
     res = spec.resources
     per_worker = {"CPU": res.cpus_per_worker, **({"GPU": 1} if res.use_gpu else {})}
     return TorchTrainer(
-        train_worker,
+        train_worker,  # by reference: remote.py says why it lives there
         train_loop_config={"spec": worker_spec(spec), "faults": fault_environment(), "verbose": verbose_requested(),
                            "filesystems": handed_filesystems(spec.data.path) if spec.data.path else {},
                            "resume_folder": str(resume_folder) if resume_folder else None},

@@ -11,25 +11,12 @@ from typing import Any
 
 import torch
 from ray import tune
-from ray.tune.integration.ray_train import TuneReportCallback
 
 from ditlab.config import from_dict
+from ditlab.orchestration.remote import MetricReportCallback
 from ditlab.orchestration.trainer import build_trainer, worker_spec
 from ditlab.sweep import PbtSettings, Sweep
 from ditlab.training.loop import Placement, train
-
-
-class MetricReportCallback(TuneReportCallback):
-    """Forwards rank 0's reports to Tune, but only those that carry the sweep's metric: Tune
-    requires the metric in every result, and the loop's checkpoint-only reports have no val_loss."""
-
-    def __init__(self, metric: str):
-        super().__init__()
-        self.metric = metric
-
-    def after_report(self, run_context, metrics, checkpoint):
-        if self.metric in metrics[0]:
-            super().after_report(run_context, metrics, checkpoint)
 
 
 def train_trial(config: dict[str, Any], sweep: Sweep, train_storage: str) -> None:
