@@ -34,3 +34,25 @@ def test_only_tracking_imports_mlflow():
     users = sorted(str(f.relative_to(PACKAGE)) for f in PACKAGE.rglob("*.py")
                    if any(n == "mlflow" or n.startswith("mlflow.") for n in imported_names(f, "")))
     assert users == ["orchestration/tracking.py"]
+
+
+def test_what_ray_train_unpickles_in_its_controller_imports_no_torch_mlflow_or_evaluation():
+    """The worker function and the callbacks reach Ray Train's controller by reference: unpickling them
+    there imports their module, before the controller starts a worker (orchestration/remote.py)."""
+    import subprocess
+    import sys
+
+    import cloudpickle
+
+    from ditlab.orchestration.remote import MetricReportCallback, MetricsRelay
+    from ditlab.orchestration.trainer import train_worker  # what build_trainer hands to TorchTrainer
+
+    # The classes, not instances: a TuneReportCallback is made in a Tune session only; an instance
+    # pickles its class by the same reference.
+    payload = cloudpickle.dumps([train_worker, MetricsRelay, MetricReportCallback])
+    heavy = ("torch", "mlflow", "ditlab.evaluation", "ditlab.training", "sklearn")
+    probe = ("import pickle, sys; objects = pickle.loads(sys.stdin.buffer.read()); "
+             f"print(sorted(m for m in sys.modules if m.split('.')[0] in {heavy!r} or m in {heavy!r} "
+             f"or any(m.startswith(h + '.') for h in {heavy!r})))")
+    done = subprocess.run([sys.executable, "-c", probe], input=payload, capture_output=True, check=True)
+    assert done.stdout.decode().strip() == "[]", done.stdout.decode()[:500]
