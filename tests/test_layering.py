@@ -51,8 +51,8 @@ def test_what_ray_train_unpickles_in_its_controller_imports_no_torch_mlflow_or_e
     # pickles its class by the same reference.
     payload = cloudpickle.dumps([train_worker, MetricsRelay, MetricReportCallback])
     heavy = ("torch", "mlflow", "ditlab.evaluation", "ditlab.training", "sklearn")
-    probe = ("import pickle, sys; objects = pickle.loads(sys.stdin.buffer.read()); "
-             f"print(sorted(m for m in sys.modules if m.split('.')[0] in {heavy!r} or m in {heavy!r} "
-             f"or any(m.startswith(h + '.') for h in {heavy!r})))")
+    prefixes = tuple(h + "." for h in heavy)
+    probe = ("import pickle, sys; pickle.loads(sys.stdin.buffer.read()); "
+             f"print(sorted(m for m in sys.modules if m in {heavy!r} or m.startswith({prefixes!r})))")
     done = subprocess.run([sys.executable, "-c", probe], input=payload, capture_output=True, check=True)
     assert done.stdout.decode().strip() == "[]", done.stdout.decode()[:500]
