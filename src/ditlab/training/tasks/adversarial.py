@@ -16,6 +16,7 @@ import torch
 from torch import nn
 
 from ditlab.models.adversarial import PatchDiscriminator, adaptive_weight, discriminator_loss, generator_loss
+from ditlab.training.optim import adamw
 
 # Reported at every step of a task with a discriminator (zeros before it starts), so each report
 # window has the same keys.
@@ -31,8 +32,8 @@ class Adversary:
         self.discriminator = PatchDiscriminator(in_channels, loss.discriminator_channels,
                                                 loss.discriminator_layers).to(task.device)
         self.forward: nn.Module = self.discriminator  # DDP-wrapped by `wrap`
-        self.optimizer = torch.optim.AdamW(self.discriminator.parameters(), lr=train.lr, betas=train.adam_betas,
-                                           weight_decay=train.weight_decay)
+        self.optimizer = adamw(self.discriminator.parameters(), lr=train.lr, betas=train.adam_betas,
+                               weight_decay=train.weight_decay)
         self.steps_done = 0  # the loop's step, for loss.discriminator_start (restored on resume)
 
     @property

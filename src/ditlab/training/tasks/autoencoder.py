@@ -30,6 +30,7 @@ from ditlab.config import EvaluationSpec, ExperimentSpec, from_dict
 from ditlab.data import load_dataset, to_uint8
 from ditlab.evaluation.reconstruction import lpips_unavailable_reason
 from ditlab.models.autoencoder import Autoencoder, autoencoder_from_config, build_autoencoder
+from ditlab.training.optim import adamw
 from ditlab.training.tasks.adversarial import ADVERSARIAL_KEYS, Adversary
 from ditlab.training.tasks.base import Batch, Task
 from ditlab.training.validation import validation_set
@@ -51,8 +52,8 @@ class AutoencoderTask(Task):
         self.model = build_autoencoder(spec.autoencoder.name, input_size=spec.data.resolution,
                                        in_channels=spec.data.channels).to(device)
         self.forward_model: nn.Module = self.model
-        self.optimizer = torch.optim.AdamW(self.model.parameters(), lr=train.lr, betas=train.adam_betas,
-                                           weight_decay=train.weight_decay)
+        self.optimizer = adamw(self.model.parameters(), lr=train.lr, betas=train.adam_betas,
+                               weight_decay=train.weight_decay)
         self.adversary = Adversary(self, spec.data.channels) if loss.adversarial_weight > 0 else None
         self.perceptual = perceptual_loss(loss.perceptual_weight, device)
         val = validation_set(spec.data, train.val_images)

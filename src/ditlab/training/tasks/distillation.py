@@ -71,6 +71,7 @@ from ditlab.diffusion import guided_denoiser
 from ditlab.diffusion.samplers import ddim_move, predict_x0_eps, student_stochastic_move
 from ditlab.diffusion.schedules import trailing_timesteps
 from ditlab.training.ema import EMA
+from ditlab.training.optim import adamw
 from ditlab.training.tasks.base import Batch
 from ditlab.training.tasks.generation import GenerationTask, score_samples
 
@@ -172,8 +173,8 @@ class DistillationTask(GenerationTask):
             self.anchor = copy.deepcopy(self.model).eval().requires_grad_(False)  # set when matching starts
             self.fake = copy.deepcopy(self.teacher).requires_grad_(True)
             self.fake_forward = self.fake  # DDP-wrapped by `wrap`
-            self.fake_optimizer = torch.optim.AdamW(self.fake.parameters(), lr=d.matching_fake_lr,
-                                                    betas=spec.train.adam_betas, weight_decay=0.0)
+            self.fake_optimizer = adamw(self.fake.parameters(), lr=d.matching_fake_lr,
+                                        betas=spec.train.adam_betas, weight_decay=0.0)
         self.validation_data = None  # the diffusion loss does not measure a student (train.val_images: 0 too)
         if self.sample_scorer is not None:
             self.sample_scorer.sampler, self.sample_scorer.guidance = spec.evaluation.sampler, 1.0

@@ -44,6 +44,7 @@ from ditlab.data import to_uint8
 from ditlab.data.captions import load_caption_bank
 from ditlab.diffusion import training_losses
 from ditlab.models.text import caption_inputs, check_encoder
+from ditlab.training.optim import adamw
 from ditlab.training.sample_quality import SampleQuality
 from ditlab.training.tasks.adversarial import ADVERSARIAL_KEYS, Adversary
 from ditlab.training.tasks.base import Batch, Task
@@ -65,8 +66,8 @@ class GenerationTask(Task):
         self.model = build_dit(spec, num_classes, None if test is None else tuple(test.images.shape[1:])).to(device)
         self.forward_model: nn.Module = self.model  # DDP-wrapped by `wrap`
         self.diffusion = build_diffusion(spec)
-        self.optimizer = torch.optim.AdamW([p for p in self.model.parameters() if p.requires_grad], lr=train.lr,
-                                           betas=train.adam_betas, weight_decay=train.weight_decay)
+        self.optimizer = adamw([p for p in self.model.parameters() if p.requires_grad], lr=train.lr,
+                               betas=train.adam_betas, weight_decay=train.weight_decay)
         self.validation_data = validation_set(spec.data, train.val_images, test)
         self.captions = None  # text conditioning: the train split's captions (data/captions.py)
         if spec.model.conditioning == "text":

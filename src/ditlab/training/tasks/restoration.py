@@ -32,6 +32,7 @@ from ditlab.data import load_dataset, to_uint8
 from ditlab.degradations import Degradation, choose_classical_denoiser
 from ditlab.diffusion import GaussianDiffusion, get_sampler, training_losses
 from ditlab.models import DiT, build_model
+from ditlab.training.optim import adamw
 from ditlab.training.tasks.base import Batch, Task
 from ditlab.training.validation import VALIDATION_SEED
 
@@ -142,8 +143,8 @@ class RestorationTask(Task):
         self.model = build_restoration_dit(spec, num_classes).to(device)
         self.forward_model: nn.Module = self.model  # DDP-wrapped by `wrap`
         self.diffusion = build_diffusion(spec)
-        self.optimizer = torch.optim.AdamW([p for p in self.model.parameters() if p.requires_grad], lr=train.lr,
-                                           betas=train.adam_betas, weight_decay=train.weight_decay)
+        self.optimizer = adamw([p for p in self.model.parameters() if p.requires_grad], lr=train.lr,
+                               betas=train.adam_betas, weight_decay=train.weight_decay)
         self.validation_pairs = (split_pairs(spec, "test", train.val_images, shuffle_seed=VALIDATION_SEED)
                                  if train.val_images > 0 else None)
 
