@@ -3,10 +3,11 @@
     python benchmarks/train_step.py [--sizes quickstart DiT-S/4 DiT-S/2 DiT-B/4] [--repeats 5]
 
 Both models are the same network with the same weights (models/convert.py proves it), the same
-batch, resolution, AdamW optimizer and loss (MSE on the prediction channels). Each size is timed
-alternately, ours then diffusers', as the median of `--repeats` steps after a warm-up step. FLOPs
-per step come from torch's FlopCounterMode with attention added (common.count_flops); the share of
-peak is against a large fp32 matmul measured in the same run on the same threads.
+batch, resolution, AdamW optimizer (ditlab's, fused on CPU) and loss (MSE on the prediction
+channels). Each size is timed alternately, ours then diffusers', as the median of `--repeats`
+steps after a warm-up step. FLOPs per step come from torch's FlopCounterMode with attention added
+(common.count_flops); the share of peak is against a large fp32 matmul measured in the same run on
+the same threads.
 
 Sizes: "quickstart" is the quickstart's DiT-Ti/4 on 16x16x1 digits at 64 images (one worker's
 share of its batch) on one thread, as each of its two Ray workers runs; the DiT paper sizes run on
@@ -38,8 +39,11 @@ def size_settings(name: str, batch: int):
 
 
 def train_step(model, forward, x, t, y, target):
-    """A closure doing one optimizer step of `model` through `forward`."""
-    opt = torch.optim.AdamW(model.parameters(), lr=1e-4)
+    """A closure doing one optimizer step of `model` through `forward`, with the AdamW every ditlab
+    task trains with (fused where the device has it) for both models."""
+    from ditlab.training.optim import adamw
+
+    opt = adamw(model.parameters(), lr=1e-4, betas=(0.9, 0.999), weight_decay=0.0)
     channels = x.shape[1]
 
     def step():
