@@ -1,103 +1,122 @@
-"""Benchmark: the two kernel choices inside a CPU training step, each against torch's default.
+"""Benchmark: three choices inside a CPU training step, each against its alternative.
 
-    python benchmarks/step_kernels.py [--threads 1 2] [--tokens 16 32 64 128 256] [--json FILE]
+    python benchmarks/step_kernels.py [--shapes "quickstart DiT-Ti/4" DiT-S/4] [--rounds 5] [--json FILE]
 
-1. Attention. `models/dit.py` runs attention over at most SHORT_SEQUENCE tokens on CPU as two
-   batched matmuls and a softmax, and longer sequences through `scaled_dot_product_attention` (on
-   CPU its flash kernel). Timed here for each token count: forward and backward, and forward alone
-   (sampling), at the quickstart's heads (batch 64, 4 heads of 32) and DiT-S's (batch 32, 6 heads
-   of 64). A ratio above 1 means the matmul form is faster.
-2. AdamW. `training/optim.py` builds it fused; torch's default on CPU is a loop of small ops per
-   parameter. Timed as one `step()` over the quickstart model's parameters (1.9M, 71 tensors) and
-   DiT-S/4's (33M).
+1. AdamW. `training/optim.py` builds it fused; torch's default on CPU is a loop of small ops per
+   parameter. Timed as one `step()` over the quickstart model's parameters (1.9M in 71 tensors)
+   and DiT-S/4's (33M).
+2. The patch tokens' layout. `DiT.forward` makes the tokens contiguous before the blocks. The
+   patch embedding's `flatten(2).transpose(1, 2)` is a strided view, and adding the position
+   embedding keeps those strides, and so does every residual add after it: each LayerNorm then
+   copies its input, forward and backward. Timed as a DiT block's forward and backward on the
+   same tokens in either layout.
+3. Attention as two matmuls and a softmax instead of `scaled_dot_product_attention` (on CPU its
+   flash kernel). On contiguous q, k and v alone the matmul form is faster at 16-64 tokens, but
+   inside the attention layer, where q, k and v are strided views of the fused qkv projection, it
+   is not (below); the model keeps the fused kernel. Timed as the attention layer's forward and
+   backward in either form.
 
-Medians of repeated calls, each pair timed alternately in one process. Run it with nothing else on
-the machine.
+Each pair is timed alternately, `--rounds` times, in one process (medians of 20 calls a round);
+printed per round as the ratio alternative / ours, so above 1 means the shipped choice is faster.
+Shapes: the quickstart's (64 images, 16 tokens, width 128, 4 heads) on one thread and DiT-S/4's
+(32 images, 64 tokens, width 384, 6 heads) on two. Run it with nothing else on the machine.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import statistics
 import sys
 from pathlib import Path
 
 import torch
-import torch.nn.functional as F
 
 sys.path.insert(0, str(Path(__file__).parent))
 
 from common import header, table, time_median  # noqa: E402
 
-HEADS = {"quickstart (b64, 4x32)": (64, 4, 32), "DiT-S (b32, 6x64)": (32, 6, 64)}
+# name -> (preset, images, tokens, width, heads, threads, input size, input channels, classes)
+SHAPES = {"quickstart DiT-Ti/4": ("DiT-Ti/4", 64, 16, 128, 4, 1, 16, 1, 10),
+          "DiT-S/4": ("DiT-S/4", 32, 64, 384, 6, 2, 32, 4, 1000)}
 
 
-def matmul_attention(q, k, v):
-    return torch.softmax((q * q.shape[-1] ** -0.5) @ k.transpose(-2, -1), dim=-1) @ v
+class MatmulAttention(torch.nn.Module):
+    """The attention layer's computation with the attention itself as matmuls and a softmax."""
+
+    def __init__(self, layer):
+        super().__init__()
+        self.layer = layer
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        b, n, c = x.shape
+        heads = self.layer.num_heads
+        q, k, v = (t.view(b, n, heads, c // heads).transpose(1, 2) for t in self.layer.qkv(x).split(c, dim=-1))
+        out = torch.softmax((q * q.shape[-1] ** -0.5) @ k.transpose(-2, -1), dim=-1) @ v
+        return self.layer.proj(out.transpose(1, 2).reshape(b, n, c))
 
 
-def attention_rows(tokens: list[int], repeats: int) -> list[dict]:
-    rows = []
-    for name, (b, h, d) in HEADS.items():
-        for n in tokens:
-            q, k, v = (torch.randn(b, h, n, d, requires_grad=True) for _ in range(3))
-            grad = torch.randn(b, h, n, d)
-            row = {"heads": name, "tokens": n}
-            for label, fn in (("flash", F.scaled_dot_product_attention), ("matmul", matmul_attention)):
-                def both(fn=fn, q=q, k=k, v=v, grad=grad):
-                    fn(q, k, v).backward(grad)
-
-                def forward(fn=fn, q=q, k=k, v=v):
-                    with torch.no_grad():
-                        fn(q, k, v)
-
-                row[f"{label} fwd+bwd ms"] = 1e3 * time_median(both, repeats, 3)
-                row[f"{label} fwd ms"] = 1e3 * time_median(forward, repeats, 3)
-            row["fwd+bwd flash/matmul"] = row["flash fwd+bwd ms"] / row["matmul fwd+bwd ms"]
-            row["fwd flash/matmul"] = row["flash fwd ms"] / row["matmul fwd ms"]
-            rows.append(row)
-    return rows
+def rounds(ours, alternative, count: int, calls: int = 20) -> list[tuple[float, float]]:
+    """(ours, alternative) median seconds per round, alternated."""
+    return [(time_median(ours, calls, 3), time_median(alternative, calls, 3)) for _ in range(count)]
 
 
-def adamw_rows(repeats: int) -> list[dict]:
+def row(choice: str, shape: str, timed: list[tuple[float, float]]) -> dict:
+    ratios = [alt / ours for ours, alt in timed]
+    return {"choice": f"{choice}, {shape}", "ours ms": 1e3 * statistics.median(t[0] for t in timed),
+            "alternative ms": 1e3 * statistics.median(t[1] for t in timed),
+            "alternative / ours, per round": " / ".join(f"{r:.3f}" for r in ratios),
+            "median ratio": statistics.median(ratios)}
+
+
+def measure(name: str, count: int) -> list[dict]:
     from ditlab.models import build_model
+    from ditlab.models.dit import DiTBlock
 
-    rows = []
-    for name, kwargs in (("quickstart DiT-Ti/4", dict(input_size=16, in_channels=1, num_classes=10)),
-                         ("DiT-S/4", dict(input_size=32, in_channels=4, num_classes=1000))):
-        preset = name.split()[-1]
-        params = [p for p in build_model(preset, learn_sigma=False, **kwargs).parameters() if p.requires_grad]
-        for p in params:
-            p.grad = torch.randn_like(p) * 1e-3
-        row = {"model": name, "parameters": sum(p.numel() for p in params), "tensors": len(params)}
-        for label, fused in (("default", None), ("fused", True)):
-            opt = torch.optim.AdamW(params, lr=1e-4, fused=fused)
-            row[f"{label} ms"] = 1e3 * time_median(opt.step, repeats, 5)
-        row["default/fused"] = row["default ms"] / row["fused ms"]
-        rows.append(row)
-    return rows
+    preset, images, tokens, width, heads, threads, size, channels, classes = SHAPES[name]
+    torch.set_num_threads(threads)
+    torch.manual_seed(0)
+    out = []
+
+    params = [p for p in build_model(preset, input_size=size, in_channels=channels, num_classes=classes,
+                                     learn_sigma=False).parameters() if p.requires_grad]
+    for p in params:
+        p.grad = torch.randn_like(p) * 1e-3
+    fused, default = (torch.optim.AdamW(params, lr=1e-4, fused=f) for f in (True, None))
+    out.append(row("AdamW fused (ours) vs torch's CPU default", name, rounds(fused.step, default.step, count)))
+
+    block = DiTBlock(width, heads, 4.0)
+    for p in block.adaLN_modulation.parameters():
+        torch.nn.init.normal_(p, std=0.02)
+    c = torch.randn(images, width)
+    strided = torch.randn(images, width, tokens).transpose(1, 2).requires_grad_(True)  # as the patch embedding
+    contiguous = strided.detach().contiguous().requires_grad_(True)
+    grad = torch.randn(images, tokens, width)
+    out.append(row("DiT block on contiguous tokens (ours) vs the transposed view", name,
+                   rounds(lambda: block(contiguous, c).backward(grad), lambda: block(strided, c).backward(grad),
+                          count)))
+
+    matmul = MatmulAttention(block.attn)
+    x = contiguous.detach().requires_grad_(True)
+    out.append(row("attention layer with SDPA (ours) vs matmuls and a softmax", name,
+                   rounds(lambda: block.attn(x).backward(grad), lambda: matmul(x).backward(grad), count)))
+    for r in out:
+        r["threads"] = threads
+    return out
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--threads", type=int, nargs="+", default=[1, 2])
-    parser.add_argument("--tokens", type=int, nargs="+", default=[16, 32, 64, 128, 256])
-    parser.add_argument("--repeats", type=int, default=30)
+    parser.add_argument("--shapes", nargs="+", default=list(SHAPES))
+    parser.add_argument("--rounds", type=int, default=5)
     parser.add_argument("--json", help="also write the rows here")
     args = parser.parse_args()
-    out = {}
-    for threads in args.threads:
-        torch.set_num_threads(threads)
-        attention = attention_rows(args.tokens, args.repeats)
-        adamw = adamw_rows(args.repeats)
-        print(header(f"attention on CPU, {threads} thread(s): scaled_dot_product_attention (flash) against "
-                     f"two matmuls and a softmax"))
-        print(table(attention, list(attention[0])))
-        print(f"\n# AdamW step, {threads} thread(s): torch's default on CPU against fused")
-        print(table(adamw, list(adamw[0])) + "\n", flush=True)
-        out[threads] = {"attention": attention, "adamw": adamw}
+    rows = [r for name in args.shapes for r in measure(name, args.rounds)]
+    print(header("step choices: each against its alternative, alternated (ratio > 1: ours is faster)"))
+    print(table(rows, ["choice", "threads", "ours ms", "alternative ms", "alternative / ours, per round",
+                       "median ratio"]))
     if args.json:
-        Path(args.json).write_text(json.dumps(out, indent=1))
+        Path(args.json).write_text(json.dumps(rows, indent=1))
 
 
 if __name__ == "__main__":

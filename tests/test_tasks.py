@@ -27,9 +27,7 @@ def test_a_checkpoint_written_before_the_task_seam_samples_the_same_images():
     ckpt = load_for_sampling(LEGACY, "ema")
     assert ckpt.spec.task == "generation" and ckpt.step == 2
     images = generate(ckpt, balanced_labels(4, 10), "ddim", 3, 2.0, seed=0, batch_size=4)
-    # Up to float rounding: the samples were written before the model's kernels changed (attention
-    # over short sequences as matmuls, adaLN as addcmul: differences of 6e-8 here).
-    torch.testing.assert_close(images, torch.load(LEGACY / "expected_samples.pt"), rtol=0, atol=1e-5)
+    assert torch.equal(images, torch.load(LEGACY / "expected_samples.pt"))
 
 
 def test_a_checkpoint_written_before_the_task_seam_resumes_and_is_evaluated_by_its_task(tmp_path, capsys):

@@ -17,11 +17,6 @@ import torch.nn.functional as F
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 
-# On CPU, attention over at most this many tokens runs as two batched matmuls and a softmax: at 16-64
-# tokens that is 1.1-3x faster forward and backward than scaled_dot_product_attention's flash kernel,
-# at 128 tokens mostly slower (BENCHMARKS.md, "Training step"). Elsewhere: the fused kernel.
-SHORT_SEQUENCE = 64
-
 
 @dataclass(frozen=True)
 class DiTConfig:
@@ -56,7 +51,7 @@ class DiTConfig:
 
 def modulate(x: torch.Tensor, shift: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
     """adaLN modulation: per-sample scale and shift broadcast over the token axis."""
-    return torch.addcmul(shift.unsqueeze(1), x, 1 + scale.unsqueeze(1))
+    return x * (1 + scale.unsqueeze(1)) + shift.unsqueeze(1)
 
 
 def timestep_embedding(t: torch.Tensor, dim: int, max_period: float = 10000.0, shift: int = 0) -> torch.Tensor:
@@ -135,11 +130,7 @@ class Attention(nn.Module):
         q, k, v = (t.view(b, n, self.num_heads, c // self.num_heads).transpose(1, 2)
                    for t in self.qkv(x).split(c, dim=-1))
         p = self.dropout if self.training else 0.0
-        if x.is_cpu and n <= SHORT_SEQUENCE:
-            weights = torch.softmax((q * q.shape[-1] ** -0.5) @ k.transpose(-2, -1), dim=-1)
-            out = F.dropout(weights, p) @ v
-        else:
-            out = F.scaled_dot_product_attention(q, k, v, dropout_p=p)
+        out = F.scaled_dot_product_attention(q, k, v, dropout_p=p)
         return self.proj(out.transpose(1, 2).reshape(b, n, c))
 
 
@@ -169,8 +160,8 @@ class DiTBlock(nn.Module):
 
     def forward(self, x: torch.Tensor, c: torch.Tensor) -> torch.Tensor:
         shift1, scale1, gate1, shift2, scale2, gate2 = self.adaLN_modulation(c).chunk(6, dim=1)
-        x = torch.addcmul(x, gate1.unsqueeze(1), self.attn(modulate(self.norm1(x), shift1, scale1)))
-        x = torch.addcmul(x, gate2.unsqueeze(1), self.mlp(modulate(self.norm2(x), shift2, scale2)))
+        x = x + gate1.unsqueeze(1) * self.attn(modulate(self.norm1(x), shift1, scale1))
+        x = x + gate2.unsqueeze(1) * self.mlp(modulate(self.norm2(x), shift2, scale2))
         return x
 
 
@@ -272,6 +263,8 @@ class DiT(nn.Module):
                              f"got {'none' if cond is None else cond.shape[1]}")
         if cond is not None:
             x = torch.cat([x, cond.to(x.dtype)], dim=1)
+        # Contiguous tokens: the transposed view would carry its strides through every residual add,
+        # and each LayerNorm would copy it, forward and backward (BENCHMARKS.md, "Training step").
         x = self.x_embedder(x).flatten(2).transpose(1, 2).contiguous() + self.pos_embed
         tokens = None
         if self.text is None:
