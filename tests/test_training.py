@@ -86,3 +86,30 @@ def test_checkpoint_bundle_roundtrip_and_integrity(tmp_path):
     with pytest.raises(CheckpointError, match="lacks"):
         load_bundle(tmp_path / "foreign.pt")
     assert not [p for p in tmp_path.iterdir() if p.name.startswith(".")]  # no temp file left behind
+
+
+def test_every_task_trains_with_fused_adamw_on_cpu_and_it_steps_like_the_loop():
+    """training/optim.adamw: the fused kernel where every parameter allows it, the same update as
+    torch's per-parameter loop to float rounding, and the default elsewhere (here: meta tensors)."""
+    from ditlab.training.optim import adamw
+    from ditlab.training.tasks import task_class
+
+    spec = tiny()
+    task = task_class(spec.task)(spec, 10, torch.device("cpu"))
+    assert all(group["fused"] for opt in task.optimizers() for group in opt.param_groups)
+
+    torch.manual_seed(0)
+    weights = [torch.randn(64, 32), torch.randn(32)]
+    fused, loop = ([w.clone().requires_grad_(True) for w in weights] for _ in range(2))
+    for params, make in ((fused, lambda p: adamw(p, 1e-2, (0.9, 0.95), 0.01)),
+                         (loop, lambda p: torch.optim.AdamW(p, 1e-2, (0.9, 0.95), weight_decay=0.01))):
+        opt = make(params)
+        for step in range(3):
+            for i, p in enumerate(params):
+                p.grad = torch.sin(torch.arange(p.numel(), dtype=torch.float32) + step + i).view_as(p)
+            opt.step()
+    for a, b in zip(fused, loop, strict=True):
+        torch.testing.assert_close(a, b, rtol=0, atol=1e-6)
+    assert not torch.equal(fused[0], weights[0])
+
+    assert adamw([torch.empty(3, device="meta", requires_grad=True)], 1e-3, (0.9, 0.999), 0.0).defaults["fused"] is None
