@@ -72,6 +72,7 @@ def row(choice: str, shape: str, timed: list[tuple[float, float]]) -> dict:
 def measure(name: str, count: int) -> list[dict]:
     from ditlab.models import build_model
     from ditlab.models.dit import DiTBlock
+    from ditlab.training.optim import adamw
 
     preset, images, tokens, width, heads, threads, size, channels, classes = SHAPES[name]
     torch.set_num_threads(threads)
@@ -82,7 +83,9 @@ def measure(name: str, count: int) -> list[dict]:
                                      learn_sigma=False).parameters() if p.requires_grad]
     for p in params:
         p.grad = torch.randn_like(p) * 1e-3
-    fused, default = (torch.optim.AdamW(params, lr=1e-4, fused=f) for f in (True, None))
+    fused = adamw(params, lr=1e-4, betas=(0.9, 0.999), weight_decay=0.0)  # what every task builds
+    assert fused.defaults["fused"], "ditlab's AdamW is not fused here"
+    default = torch.optim.AdamW(params, lr=1e-4, betas=(0.9, 0.999), weight_decay=0.0)
     out.append(row("AdamW fused (ours) vs torch's CPU default", name, rounds(fused.step, default.step, count)))
 
     block = DiTBlock(width, heads, 4.0)

@@ -18,5 +18,5 @@ def adamw(params: Iterable[torch.Tensor], lr: float, betas: tuple[float, float],
     1.5 ms instead of 5.1 (BENCHMARKS.md, "Training step"). A run resumed from a checkpoint keeps
     the setting it was saved with (torch restores it with the optimizer's state)."""
     params = list(params)
-    fused = bool(params) and all(p.device.type in FUSED_DEVICES and p.is_floating_point() for p in params)
-    return torch.optim.AdamW(params, lr=lr, betas=betas, weight_decay=weight_decay, fused=fused or None)
+    fused = all(p.device.type in FUSED_DEVICES and p.is_floating_point() for p in params) or None
+    return torch.optim.AdamW(params, lr=lr, betas=betas, weight_decay=weight_decay, fused=fused)
