@@ -44,3 +44,27 @@ def test_data_prepare_dry_run_prints_the_spec_and_writes_nothing(tmp_path, capsy
     assert cli.main(["data", "prepare", TINY, "--out", str(tmp_path / "prepared"), "--dry-run"]) == 0
     assert "resolution: 8" in capsys.readouterr().out
     assert not (tmp_path / "prepared").exists()
+
+
+EXIT_PROBE = """
+import atexit, sys, threading, time
+from ditlab.cli import exit_now
+atexit.register(lambda: print("handler ran", flush=True))
+print("buffered", end="")  # no newline, no flush: exit_now must flush it
+if sys.argv[1] == "thread":  # a non-daemon thread: a normal exit, which waits for it
+    threading.Thread(target=lambda: (time.sleep(0.3), print(" thread done", end=""))).start()
+exit_now(int(sys.argv[2]))
+"""
+
+
+@pytest.mark.parametrize("case", ["quick", "thread"])
+def test_the_command_exits_with_its_code_after_the_exit_handlers_and_with_its_output_flushed(case):
+    """`ditlab` ends with cli.exit_now (os._exit after the exit handlers): nothing printed may be lost,
+    the handlers Ray and logging register must still run, and the code is the command's."""
+    import subprocess
+    import sys
+
+    done = subprocess.run([sys.executable, "-c", EXIT_PROBE, case, "3"], capture_output=True, text=True, timeout=60)
+    assert done.returncode == 3, done.stderr
+    expected = {"quick": "bufferedhandler ran\n", "thread": "buffered thread donehandler ran\n"}[case]
+    assert done.stdout == expected, done.stdout

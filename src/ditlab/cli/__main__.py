@@ -1,7 +1,5 @@
 """`python -m ditlab.cli ...`, as Ray Job entrypoints call it."""
 
-import sys
+from ditlab.cli import console
 
-from ditlab.cli import main
-
-sys.exit(main())
+console()

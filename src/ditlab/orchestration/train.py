@@ -25,7 +25,7 @@ from ditlab.atomic import atomic_path, write_json
 from ditlab.config import ExperimentSpec, SpecError, flatten, from_dict
 from ditlab.evaluation.plots import save_loss_curve, save_sample_grid
 from ditlab.evaluation.suite import Report
-from ditlab.orchestration.ray_session import ensure_ray
+from ditlab.orchestration.ray_session import ensure_ray, shutdown_in_background
 from ditlab.orchestration.records import open_recorded_run
 from ditlab.orchestration.remote import MetricsRelay
 from ditlab.orchestration.tracking import Tracker, check_server, mlflow_metric_name
@@ -223,8 +223,8 @@ def run_in_folder(spec: ExperimentSpec, folder: RunFolder, address: str | None, 
     with atomic_path(run_dir / "spec.yaml") as tmp:
         tmp.write_text(spec.to_yaml())
     trained = trained_checkpoint(run_dir, spec.train.steps)
-    if trained is None:
-        ensure_ray(address)
+    started_ray = trained is None and ensure_ray(address)
+    stopping_ray = None
     tracker = open_tracker(spec, run_dir, folder.location)
     folder.push()  # a driver killed from here on is resumed into this MLflow run
     replay_unsent(run_dir, tracker)
@@ -233,6 +233,8 @@ def run_in_folder(spec: ExperimentSpec, folder: RunFolder, address: str | None, 
         if trained is None:
             checkpoint, history, timings = fit(spec, folder, tracker, progress,
                                                resume_folder=run_dir if set_aside_corrupt else None)
+            if started_ray:  # what is left (evaluation, figures, MLflow) needs no Ray
+                stopping_ray = shutdown_in_background()
         else:  # nothing left to train: no workers to start
             print(f"{run_dir} is already trained to step {spec.train.steps}: using {trained.name}", file=sys.stderr)
             checkpoint, history, timings = trained, [], {}
@@ -251,6 +253,8 @@ def run_in_folder(spec: ExperimentSpec, folder: RunFolder, address: str | None, 
     tracker.end("FINISHED")
     if export_dir is not None:
         export_summary(run_dir, Path(export_dir))
+    if stopping_ray is not None:  # after an error, a normal exit waits for the thread
+        stopping_ray.join()
     return summary
 
 
