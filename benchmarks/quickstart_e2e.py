@@ -17,8 +17,9 @@ with no steps and no evaluation, before and after a change:
 
 Each run is what the README's quickstart does on a fresh clone with a cold cache: a `git clone` of
 this repository at REV into a temporary folder, an empty DITLAB_CACHE_DIR (no cached Inception
-reference features), then `ditlab run SPEC --json --no-progress` with that clone's package
-(PYTHONPATH) and this environment's packages. Rounds alternate the variants (A B C A B C), so a
+reference features), then `python -m ditlab.cli run SPEC --json --no-progress` (what the clone's
+`ditlab` executable runs, its exit included) with that clone's package (PYTHONPATH) and this
+environment's packages. Rounds alternate the variants (A B C A B C), so a
 machine that slows down or speeds up mid-run shifts every variant alike. Printed per variant: the
 median wall seconds (process start to exit), the run's own train_seconds, its final FID and
 conditional accuracy (deterministic for a revision and settings), and the wall-time ratio to the
@@ -60,7 +61,8 @@ def run_once(rev: str, args: list[str], spec: str) -> dict:
         commit = subprocess.run(["git", "-C", str(clone), "rev-parse", "--short", "HEAD"], check=True,
                                 capture_output=True, text=True).stdout.strip()
         env = {**os.environ, "PYTHONPATH": str(clone / "src"), "DITLAB_CACHE_DIR": str(Path(tmp) / "cache")}
-        command = [sys.executable, "-c", "import sys; from ditlab.cli import main; sys.exit(main())",
+        # The clone's `python -m ditlab.cli`: what its `ditlab` executable runs, exit included.
+        command = [sys.executable, "-m", "ditlab.cli",
                    "run", spec, "--name", "quickstart", "--json", "--no-progress", *args]
         tic = time.perf_counter()
         done = subprocess.run(command, cwd=clone, env=env, capture_output=True, text=True)
