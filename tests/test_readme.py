@@ -465,6 +465,29 @@ def test_mlflow_artifacts_land_beside_the_default_store(tmp_path, monkeypatch):
     assert not (store / "mlruns").exists() and list(elsewhere.iterdir()) == []
 
 
+def test_the_store_opened_while_ray_starts_is_the_one_the_run_uses(tmp_path, monkeypatch):
+    """`ditlab run` opens the default store on a thread while Ray starts (a new SQLite store
+    migrates its tables first); the run's tracker then uses that store. A store that cannot open
+    ends the thread quietly: the run's own first call reports it."""
+    import threading
+
+    from ditlab.orchestration import tracking
+
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
+    escaped = []
+    monkeypatch.setattr(threading, "excepthook", escaped.append)
+    tracking.open_store_in_background().join()
+    assert (tmp_path / "mlflow.db").is_file()
+    tracker = tracking.Tracker.create("opened early", "r")
+    tracker.end("FINISHED")
+    assert tracking.MlflowClient(tracking.tracking_uri()).get_run(tracker.run_id).info.status == "FINISHED"
+    not_a_folder = tmp_path / "file"
+    not_a_folder.write_text("x")
+    tracking.open_store_in_background(f"sqlite:///{not_a_folder}/mlflow.db").join()
+    assert escaped == []
+
+
 def test_quick_paths_give_each_role_three_to_five_commands():
     text = section((ROOT / "README.md").read_text(), "Quick paths")
     roles = re.findall(r"^\*\*(.+?)\*\*", text, re.MULTILINE)

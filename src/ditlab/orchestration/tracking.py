@@ -19,6 +19,7 @@ import os
 import re
 import subprocess
 import sys
+import threading
 from pathlib import Path
 from typing import Any
 
@@ -114,6 +115,25 @@ def tracking_uri() -> str:
 
 class TrackingUnavailable(RuntimeError):
     """The tracking server does not answer."""
+
+
+def open_store_in_background(uri: str | None = None) -> threading.Thread:
+    """Opens the tracking store on a thread while the driver does something else (starts Ray). A
+    new SQLite store creates and migrates its tables when first opened: 1.6-2.1 s of a quickstart on
+    the 2-core development machine (BENCHMARKS.md, "Start-up"). MLflow keeps the opened store for
+    the process, so the run's own client finds it ready. Best effort: a store that fails here fails
+    again, with its own error, when the run is created. Join the thread before any other use of
+    the store: two threads creating one SQLite store would race."""
+
+    def open_store() -> None:
+        try:
+            MlflowClient(tracking_uri=uri or tracking_uri()).search_experiments(max_results=1)
+        except Exception:  # any failure: the run's own first call reports it
+            pass
+
+    thread = threading.Thread(target=open_store, name="mlflow-store", daemon=True)
+    thread.start()
+    return thread
 
 
 def check_server(uri: str | None = None, timeout: float = 5.0) -> None:

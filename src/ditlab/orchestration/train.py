@@ -28,7 +28,7 @@ from ditlab.evaluation.suite import Report
 from ditlab.orchestration.ray_session import ensure_ray, shutdown_in_background
 from ditlab.orchestration.records import open_recorded_run
 from ditlab.orchestration.remote import MetricsRelay
-from ditlab.orchestration.tracking import Tracker, check_server, mlflow_metric_name
+from ditlab.orchestration.tracking import Tracker, check_server, mlflow_metric_name, open_store_in_background
 from ditlab.orchestration.trainer import build_trainer
 from ditlab.orchestration.versioning import run_tags
 from ditlab.storage import RunFolder, run_folder
@@ -223,7 +223,11 @@ def run_in_folder(spec: ExperimentSpec, folder: RunFolder, address: str | None, 
     with atomic_path(run_dir / "spec.yaml") as tmp:
         tmp.write_text(spec.to_yaml())
     trained = trained_checkpoint(run_dir, spec.train.steps)
-    started_ray = trained is None and ensure_ray(address)
+    started_ray = False
+    if trained is None:
+        opening_store = open_store_in_background()  # while Ray starts
+        started_ray = ensure_ray(address)
+        opening_store.join()
     stopping_ray = None
     tracker = open_tracker(spec, run_dir, folder.location)
     folder.push()  # a driver killed from here on is resumed into this MLflow run
