@@ -226,8 +226,10 @@ def run_in_folder(spec: ExperimentSpec, folder: RunFolder, address: str | None, 
     started_ray = False
     if trained is None:
         opening_store = open_store_in_background()  # while Ray starts
-        started_ray = ensure_ray(address)
-        opening_store.join()
+        try:
+            started_ray = ensure_ray(address)
+        finally:  # never leave a new store half created
+            opening_store.join()
     stopping_ray = None
     tracker = open_tracker(spec, run_dir, folder.location)
     folder.push()  # a driver killed from here on is resumed into this MLflow run
