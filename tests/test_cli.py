@@ -49,7 +49,7 @@ def test_data_prepare_dry_run_prints_the_spec_and_writes_nothing(tmp_path, capsy
 EXIT_PROBE = """
 import atexit, sys, threading, time
 from ditlab.cli import exit_now
-atexit.register(lambda: print("handler ran", flush=True))
+atexit.register(lambda: print("handler ran"))  # unflushed too
 print("buffered", end="")  # no newline, no flush: exit_now must flush it
 if sys.argv[1] == "thread":  # a non-daemon thread: a normal exit, which waits for it
     threading.Thread(target=lambda: (time.sleep(0.3), print(" thread done", end=""))).start()
