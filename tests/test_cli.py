@@ -61,10 +61,13 @@ exit_now(int(sys.argv[2]))
 def test_the_command_exits_with_its_code_after_the_exit_handlers_and_with_its_output_flushed(case):
     """`ditlab` ends with cli.exit_now (os._exit after the exit handlers): nothing printed may be lost,
     the handlers Ray and logging register must still run, and the code is the command's."""
+    import os
     import subprocess
     import sys
 
-    done = subprocess.run([sys.executable, "-c", EXIT_PROBE, case, "3"], capture_output=True, text=True, timeout=60)
+    buffered = {k: v for k, v in os.environ.items() if k != "PYTHONUNBUFFERED"}  # as a user's shell has it
+    done = subprocess.run([sys.executable, "-c", EXIT_PROBE, case, "3"], capture_output=True, text=True, timeout=60,
+                          env=buffered)
     assert done.returncode == 3, done.stderr
     expected = {"quick": "bufferedhandler ran\n", "thread": "buffered thread donehandler ran\n"}[case]
     assert done.stdout == expected, done.stdout
