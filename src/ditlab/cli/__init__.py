@@ -105,9 +105,10 @@ def exit_now(code: int | None) -> None:
     The exit handlers run as in a normal exit (Ray's shutdown of the instance this process started,
     logging's flush, temporary folders), and stdout and stderr are flushed; then `os._exit`. What
     is skipped is Python freeing every loaded module's objects one by one: 2.1 s after a `ditlab
-    run` (torch, Ray, MLflow and the evaluation suite loaded; 0.1 s with this), a second or two
-    after any command. A command that raised does not come here, and while a thread other than a
-    daemon is alive (a normal exit would wait for it) this is a normal exit."""
+    run` (torch, Ray, MLflow and the evaluation suite loaded; 0.1 s with this), about 1 s after
+    any command that imports torch and MLflow (BENCHMARKS.md, "The run's two ends"). A command
+    that raised does not come here, and while a thread other than a daemon is alive (a normal exit
+    would wait for it) this is a normal exit."""
     code = 0 if code is None else int(code)
     if any(t.is_alive() and not t.daemon for t in threading.enumerate() if t is not threading.main_thread()):
         sys.exit(code)

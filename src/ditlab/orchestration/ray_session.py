@@ -29,19 +29,18 @@ def ensure_ray(address: str | None = None, num_cpus: int | None = None) -> bool:
     if address:
         ray.init(address=address, **kwargs)
         return False
-    else:
-        # Cloud-preemption polling means nothing on a local instance and logs an error at start.
-        os.environ.setdefault("RAY_TRAIN_ENABLE_PREEMPTION_WATCHER", "0")
-        # Ray Train's controller polls its workers every 2 s (RAY_TRAIN_HEALTH_CHECK_INTERVAL_S). Polling
-        # at 0.5 s starts and ends a tiny run seconds sooner (the tests do: tests/conftest.py), but costs
-        # the steps in between: the quickstart's workers trained 534 images/s against 583 at 2 s (medians
-        # of 7 runs each, alternated: benchmarks/results/health_check_interval-20261201.txt and
-        # train_throughput_filed_vs_head-20261201.txt), so a user's run keeps Ray's default.
-        force_token_auth()
-        # The dashboard (on loopback only) also serves the state API that Ray Train's placement
-        # group cleaner polls; without it the cleaner logs a warning every few seconds.
-        ray.init(address="local", num_cpus=num_cpus, include_dashboard=True, dashboard_host="127.0.0.1", **kwargs)
-        return True
+    # Cloud-preemption polling means nothing on a local instance and logs an error at start.
+    os.environ.setdefault("RAY_TRAIN_ENABLE_PREEMPTION_WATCHER", "0")
+    # Ray Train's controller polls its workers every 2 s (RAY_TRAIN_HEALTH_CHECK_INTERVAL_S). Polling
+    # at 0.5 s starts and ends a tiny run seconds sooner (the tests do: tests/conftest.py), but costs
+    # the steps in between: the quickstart's workers trained 534 images/s against 583 at 2 s (medians
+    # of 7 runs each, alternated: benchmarks/results/health_check_interval-20261201.txt and
+    # train_throughput_filed_vs_head-20261201.txt), so a user's run keeps Ray's default.
+    force_token_auth()
+    # The dashboard (on loopback only) also serves the state API that Ray Train's placement
+    # group cleaner polls; without it the cleaner logs a warning every few seconds.
+    ray.init(address="local", num_cpus=num_cpus, include_dashboard=True, dashboard_host="127.0.0.1", **kwargs)
+    return True
 
 
 def shutdown_in_background() -> threading.Thread:

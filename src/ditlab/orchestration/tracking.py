@@ -131,7 +131,7 @@ def open_store_in_background(uri: str | None = None) -> threading.Thread:
         except Exception:  # any failure: the run's own first call reports it
             pass
 
-    thread = threading.Thread(target=open_store, name="mlflow-store", daemon=True)
+    thread = threading.Thread(target=open_store, name="mlflow-store")
     thread.start()
     return thread
 
