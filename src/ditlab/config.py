@@ -544,10 +544,16 @@ def read_yaml(path: str | Path, what: str = "spec file") -> Any:
     return parse_yaml(text, source)
 
 
+def printable(text: str) -> str:
+    """`text` with its control characters (a line break in a key, an escape sequence) written escaped,
+    as \\n or \\x1b, so a message that quotes it stays one line."""
+    return "".join(c if c.isprintable() else ascii(c)[1:-1] for c in text)
+
+
 def _describe(error: ValidationError, source: str) -> str:
     lines = []
     for e in error.errors():
-        loc = ".".join(str(p) for p in e["loc"])
+        loc = ".".join(printable(str(p)) for p in e["loc"])
         msg = e["msg"].removeprefix("Value error, ")
         # Our validators start their message with the field they judge ("path: ..."): fold it in.
         field, sep, rest = msg.partition(": ")

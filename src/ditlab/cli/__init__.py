@@ -28,7 +28,7 @@ from types import SimpleNamespace
 from ditlab.cli import augment, cluster, convert, data, evaluate, inspect, restore, run, sample, tune
 from ditlab.cli.common import (EXIT_BAD_INPUT, BadInput, address_flag, dry_run_flag, json_flag, overrides_flag,
                                parent, progress_flag, verbose_flag)
-from ditlab.config import SpecError
+from ditlab.config import SpecError, printable
 from ditlab.orchestration.console import configure_console
 
 COMMAND_MODULES = (run, data, sample, restore, evaluate, inspect, augment, convert, cluster, tune)
@@ -71,8 +71,7 @@ class Parser(argparse.ArgumentParser):
 def error_line(message: str) -> str:
     """The one line a refusal prints: control characters inside a value it quotes (a line break in a
     file name, an escape sequence) are shown escaped, as \\n or \\x1b."""
-    shown = "".join(c if c.isprintable() else ascii(c)[1:-1] for c in message)
-    return f"ditlab: error: {shown}\n"
+    return f"ditlab: error: {printable(message)}\n"
 
 
 def build_parser() -> argparse.ArgumentParser:
