@@ -84,3 +84,49 @@ def test_the_train_worker_hides_ray_trains_report_line(restore_console):
     assert context.logger.level == logging.NOTSET  # left to the worker's root logger (INFO under Ray Train)
     console.quiet_train_worker(verbose=False)
     assert not context.logger.isEnabledFor(logging.INFO) and context.logger.isEnabledFor(logging.WARNING)
+
+
+@pytest.fixture
+def resource_request_logger():
+    logger = logging.getLogger(console._RESOURCE_REQUEST_LOGGER)
+    saved = list(logger.filters)
+    yield logger
+    logger.filters[:] = saved
+
+
+@pytest.mark.parametrize("callback", ["relay", "tune"])
+def test_a_callback_unpickled_in_the_controller_drops_two_timed_out_resource_requests(
+        callback, resource_request_logger, restore_console):
+    # Seen in CI: the controller's first request to Ray Data's autoscaling coordinator timed out on
+    # a busy machine, and its 18-line warning broke test_run_prints_bars_summary_and_nothing_else.
+    import pickle
+
+    from ditlab.orchestration.remote import MetricReportCallback, MetricsRelay
+
+    def made_in_the_driver(verbose: bool):
+        os.environ[console.VERBOSE_ENV] = "1" if verbose else "0"  # the driver's choice
+        if callback == "relay":
+            return MetricsRelay(None)
+        made = MetricReportCallback.__new__(MetricReportCallback)  # its __init__ needs a Tune trial
+        made.__dict__.update(metric="val_loss", verbose=console.verbose_requested())
+        return made
+
+    def unpickled_in_the_controller(made):
+        payload = pickle.dumps(made)
+        resource_request_logger.filters.clear()
+        os.environ[console.VERBOSE_ENV] = "0" if made.verbose else "1"  # the controller's own environment
+        return pickle.loads(payload)
+
+    name = console._RESOURCE_REQUEST_LOGGER
+    failure = "Failed to send resource request for train-83876ef2. If this only happens transiently ..."
+    quiet = made_in_the_driver(verbose=False)
+    unpickled_in_the_controller(quiet)
+    pickle.loads(pickle.dumps(quiet))  # a second callback adds no second allowance
+    assert [_passes(name, failure) for _ in range(3)] == [False, False, True]  # a persisting failure prints
+    assert _passes(name, "Failed to cancel resource request for train-83876ef2.")  # after two dropped
+    assert _passes(name, "another warning")
+    unpickled_in_the_controller(quiet)
+    assert not _passes(name, "Failed to cancel resource request for train-83876ef2.")  # at the end of a run
+
+    unpickled_in_the_controller(made_in_the_driver(verbose=True))
+    assert _passes(name, failure)

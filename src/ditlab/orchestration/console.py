@@ -20,6 +20,16 @@ What is hidden and why (Ray 2.60, MLflow 3.17):
   (a missing or wrong token, for instance) still prints.
 - MLflow logs "Creating initial MLflow database tables..." and "Updating database tables" at INFO
   when it creates a SQLite store (mlflow/store/db/utils.py); that logger is raised to WARNING.
+- Ray Train V2's controller, as it starts, sends the run's resources to Ray Data's autoscaling
+  coordinator (train/v2/_internal/execution/scaling_policy/autoscaling_coordinator_client.py). The
+  first request creates that actor and waits 5 s for it; on a busy machine the wait times out, and
+  the controller logs "Failed to send resource request for train-..." as a WARNING with an 18-line
+  traceback, which Ray's own message calls safe to ignore when it happens only transiently. Seen in
+  CI on an overloaded 2-core machine, before the first step; the next request went through. Failed
+  requests are retried at the controller's next poll, so `quiet_train_controller` drops the first
+  two and lets a failure that persists print from the third on. The request's cancellation at the
+  run's end waits 5 s the same way and, when it times out, logs "Failed to cancel resource request
+  for train-..." (the request expires by itself after 180 s); it counts in the same two.
 """
 
 from __future__ import annotations
@@ -51,9 +61,10 @@ def verbose_requested() -> bool:
 
 
 class _DropMessage(logging.Filter):
-    """Drops the records whose message starts with `prefix`; lets every other record through."""
+    """Drops the records whose message starts with `prefix` (or one of them); lets every other
+    record through."""
 
-    def __init__(self, prefix: str):
+    def __init__(self, prefix: str | tuple[str, ...]):
         super().__init__()
         self.prefix = prefix
 
@@ -61,7 +72,28 @@ class _DropMessage(logging.Filter):
         return not record.getMessage().startswith(self.prefix)
 
 
+class _DropFirst(_DropMessage):
+    """Drops the first `count` records whose message starts with `prefix` and lets the later ones
+    (a failure that persists) and every other record through."""
+
+    def __init__(self, prefix: str | tuple[str, ...], count: int):
+        super().__init__(prefix)
+        self.left = count
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        if self.left <= 0 or super().filter(record):
+            return True
+        self.left -= 1
+        return False
+
+
 _token_filter = _DropMessage(_TOKEN_NOTICE)
+
+# Ray Train's controller: a resource request to the autoscaling coordinator, or its cancellation,
+# that timed out.
+_RESOURCE_REQUEST_LOGGER = "ray.train.v2._internal.execution.scaling_policy.autoscaling_coordinator_client"
+_RESOURCE_REQUEST_FAILURES = ("Failed to send resource request for ", "Failed to cancel resource request for ")
+RESOURCE_REQUEST_FAILURES_DROPPED = 2
 
 
 def configure_console(verbose: bool = False) -> bool:
@@ -102,3 +134,15 @@ def quiet_train_worker(verbose: bool | None = None) -> None:
     logger = getattr(context, "logger", None)
     if isinstance(logger, logging.Logger):
         logger.setLevel(logging.WARNING)
+
+
+def quiet_train_controller(verbose: bool | None = None) -> None:
+    """Runs in Ray Train's controller process (remote.py's callbacks call it as they are unpickled
+    there, before the controller starts the run). Drops the first RESOURCE_REQUEST_FAILURES_DROPPED
+    timed-out resource requests or cancellations (see the module's docstring) unless `verbose` (the driver's choice;
+    default: $DITLAB_VERBOSE). Calling it again in the same process adds no second filter."""
+    if verbose if verbose is not None else verbose_requested():
+        return
+    logger = logging.getLogger(_RESOURCE_REQUEST_LOGGER)
+    if not any(isinstance(f, _DropFirst) for f in logger.filters):
+        logger.addFilter(_DropFirst(_RESOURCE_REQUEST_FAILURES, RESOURCE_REQUEST_FAILURES_DROPPED))

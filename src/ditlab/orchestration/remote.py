@@ -15,6 +15,7 @@ from ray.train import UserCallback
 from ray.tune.integration.ray_train import TuneReportCallback
 
 from ditlab.atomic import fsync_tree
+from ditlab.orchestration.console import quiet_train_controller, verbose_requested
 
 
 def train_worker(config: dict) -> None:
@@ -25,12 +26,23 @@ def train_worker(config: dict) -> None:
     run_worker(config)
 
 
-class MetricsRelay(UserCallback):
+class _QuietsController:
+    """For the callbacks below: unpickled in Ray Train's controller, where they are the only code of
+    ours, before it starts the run, they quiet its console there as the driver chose
+    (console.quiet_train_controller)."""
+
+    def __setstate__(self, state: dict) -> None:
+        self.__dict__.update(state)
+        quiet_train_controller(state.get("verbose"))
+
+
+class MetricsRelay(_QuietsController, UserCallback):
     """Runs in the Ray Train controller; forwards rank 0's metrics to the driver's queue
     (a ray.util.queue.Queue: orchestration/train.py reads it)."""
 
     def __init__(self, queue):
         self.queue = queue
+        self.verbose = verbose_requested()
 
     def after_report(self, run_context, metrics, checkpoint) -> None:
         if checkpoint is not None and Path(checkpoint.path).is_dir():  # Ray Train's copy, on a filesystem we see
@@ -38,7 +50,7 @@ class MetricsRelay(UserCallback):
         self.queue.put(dict(metrics[0]))
 
 
-class MetricReportCallback(TuneReportCallback):
+class MetricReportCallback(_QuietsController, TuneReportCallback):
     """Runs in a Tune trial's Ray Train controller; forwards rank 0's reports to Tune, but only those
     that carry the sweep's metric: Tune requires the metric in every result, and the loop's
     checkpoint-only reports have no val_loss."""
@@ -46,6 +58,7 @@ class MetricReportCallback(TuneReportCallback):
     def __init__(self, metric: str):
         super().__init__()
         self.metric = metric
+        self.verbose = verbose_requested()
 
     def after_report(self, run_context, metrics, checkpoint):
         if self.metric in metrics[0]:
