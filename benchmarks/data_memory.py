@@ -34,7 +34,7 @@ import numpy as np
 
 sys.path.insert(0, str(Path(__file__).parent))
 
-from common import header, table  # noqa: E402
+from common import ISSUE_14_MODEL, header, table  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
 SPEC = ROOT / "experiments" / "quickstart.yaml"
@@ -103,7 +103,7 @@ def run(data_dir: Path, images: int, stream: bool, args, scratch: Path) -> dict:
     from ditlab.orchestration.trainer import stream_datasets, worker_spec
 
     spec = load(SPEC, [
-        "data.format=shards", f"data.path={data_dir}", "data.resolution=32", "data.channels=3",
+        ISSUE_14_MODEL, "data.format=shards", f"data.path={data_dir}", "data.resolution=32", "data.channels=3",
         f"data.stream={str(stream).lower()}", f"train.steps={args.steps}", "train.log_every=10",
         f"train.checkpoint_every={args.steps}", "train.val_images=0", "train.eval_every=null",
         f"train.batch_size={64 * args.workers}", f"resources.num_workers={args.workers}"])

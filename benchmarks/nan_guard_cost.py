@@ -32,7 +32,7 @@ import torch.distributed as dist
 import torch.multiprocessing as mp
 from torch.nn.parallel import DistributedDataParallel
 
-from common import header, table, time_median
+from common import ISSUE_14_MODEL, header, table, time_median
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -51,7 +51,7 @@ def worker(rank: int, variant: str, port: int, steps: int, out: str) -> None:
         loop.grads_finite = lambda grads: bool(torch.stack([torch.isfinite(g).all() for g in grads]).all())
         loop.FiniteStepGuard.distributed = lambda self, wrapped: wrapped  # nothing averaged: all-reduce
     spec = load(str(ROOT / "experiments" / "quickstart.yaml"),
-                [f"train.steps={steps}", "train.checkpoint_every=100000", "train.log_every=20",
+                [ISSUE_14_MODEL, f"train.steps={steps}", "train.checkpoint_every=100000", "train.log_every=20",
                  "train.val_every=100000"])
     rates: list[float] = []
 
@@ -72,7 +72,7 @@ def check_alone() -> list[dict]:
     from ditlab.training.loop import grads_finite
 
     torch.set_num_threads(1)
-    spec = load(str(ROOT / "experiments" / "quickstart.yaml"))
+    spec = load(str(ROOT / "experiments" / "quickstart.yaml"), [ISSUE_14_MODEL])
     grads = [torch.randn_like(p) for p in build_dit(spec, num_classes=10).parameters()]  # the digits' 10 classes
     checks = {"isfinite().all() per gradient (before)": lambda: bool(torch.stack([torch.isfinite(g).all()
                                                                                   for g in grads]).all()),

@@ -26,16 +26,16 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).parent))
 
-from common import header, table  # noqa: E402
+from common import ISSUE_14_MODEL, header, table  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
 SPEC = ROOT / "experiments" / "quickstart.yaml"
 
 
 def overrides(steps: int, workers: int) -> list[str]:
-    return [f"train.steps={steps}", "train.log_every=20", f"train.checkpoint_every={steps}", "train.val_images=0",
-            "train.eval_every=null", f"train.batch_size={64 * workers}", f"resources.num_workers={workers}",
-            "resources.cpus_per_worker=1"]
+    return [ISSUE_14_MODEL, f"train.steps={steps}", "train.log_every=20", f"train.checkpoint_every={steps}",
+            "train.val_images=0", "train.eval_every=null", f"train.batch_size={64 * workers}",
+            f"resources.num_workers={workers}", "resources.cpus_per_worker=1"]
 
 
 def steady_images_per_sec(history: list[dict]) -> float:

@@ -23,7 +23,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).parent))
 
 import torch  # noqa: E402
-from common import count_flops, header, matmul_peak_gflops, table, time_median  # noqa: E402
+from common import ISSUE_14_MODEL, count_flops, header, matmul_peak_gflops, table, time_median  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
 DEFAULT_RUNS = ["ddim:20", "dpmpp-2m:20", "ddim:50", "ddpm:50"]
@@ -38,7 +38,7 @@ def load(checkpoint: str | None):
     from ditlab.builders import build_diffusion, build_dit
     from ditlab.config import load as load_spec
 
-    spec = load_spec(ROOT / "experiments" / "quickstart.yaml")
+    spec = load_spec(ROOT / "experiments" / "quickstart.yaml", [ISSUE_14_MODEL])
     num_classes = 10  # the digits
     model = build_dit(spec, num_classes).eval()
     return LoadedCheckpoint(model=model, diffusion=build_diffusion(spec), spec=spec, step=0, decode=None)

@@ -19,6 +19,20 @@ def test_quickstart_loads_with_overrides():
     assert flatten(spec.to_dict())["diffusion.prediction"] == "v"
 
 
+def test_model_depth_changes_the_presets_blocks_and_the_checkpoints_config():
+    from ditlab.builders import build_dit
+    from ditlab.models import model_from_config
+    from ditlab.training.tasks.restoration import build_restoration_dit
+
+    spec = load(QUICKSTART)
+    assert spec.model.name == "DiT-Ti/4" and spec.model.depth == 4  # the quickstart's (BENCHMARKS.md)
+    model = build_dit(spec, num_classes=10)
+    assert len(model.blocks) == 4 and model.config.hidden_size == 128
+    assert len(model_from_config(model.config.to_dict()).blocks) == 4  # what a checkpoint rebuilds
+    assert len(build_dit(load(QUICKSTART, ["model.depth=null"]), num_classes=10).blocks) == 6  # the preset's
+    assert len(build_restoration_dit(load(QUICKSTART, ["model.depth=2"]), num_classes=10).blocks) == 2
+
+
 @pytest.mark.parametrize(
     "override,message",
     [
@@ -29,6 +43,7 @@ def test_quickstart_loads_with_overrides():
         ("data.source=folder", "data.path: required"),
         ("train.batch_size=7", "train.batch_size: 7 does not split evenly"),
         ("model.name=DiT-Q/2", "model.name: unknown model"),
+        ("model.depth=0", "model.depth: Input should be greater than or equal to 1"),
         ("diffusion.prediction=score", "diffusion.prediction: Input should be 'eps', 'v' or 'x0'"),
         ("trainsteps", "expected KEY=VALUE"),
         ("evaluation.kid.subset_size=500", "evaluation.kid.subset_size: 500 exceeds evaluation.num_samples"),

@@ -196,6 +196,7 @@ def test_a_student_samples_with_its_own_sampler_and_steps_and_refuses_guidance(s
 
 
 @pytest.mark.parametrize("override,field", [("model.name=DiT-N/4", "model.name"),
+                                            ("model.depth=1", "model.depth"),
                                             ("diffusion.prediction=eps", "diffusion.prediction"),
                                             ("distillation.teacher=missing/run", "distillation.teacher"),
                                             ("distillation.compare_teacher_steps=[8, 0]",

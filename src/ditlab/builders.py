@@ -15,11 +15,12 @@ def build_diffusion(spec: ExperimentSpec) -> GaussianDiffusion:
 
 
 def build_dit(spec: ExperimentSpec, num_classes: int, latent_shape: tuple[int, int, int] | None = None) -> DiT:
-    """The spec's DiT preset for its data (resolution, channels), or for latents of `latent_shape`
-    (channels, size, size), and `num_classes` labels."""
+    """The spec's DiT preset (with its `model.depth`, when set) for its data (resolution, channels),
+    or for latents of `latent_shape` (channels, size, size), and `num_classes` labels."""
     channels, size = (spec.data.channels, spec.data.resolution) if latent_shape is None else latent_shape[:2]
     return build_model(
         spec.model.name,
+        **spec.model.architecture(),
         input_size=size,
         in_channels=channels,
         num_classes=num_classes,

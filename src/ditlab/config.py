@@ -89,6 +89,8 @@ class DataSpec(_Section):
 
 class ModelSpec(_Section):
     name: str = "DiT-Ti/2"
+    depth: int | None = Field(None, ge=1, le=64, description="transformer blocks; default: the preset's "
+                                                            "(DiT-Ti 6, S and B 12, L 24, XL 28)")
     learn_sigma: bool = False
     class_dropout_prob: float = Field(0.1, ge=0, lt=1, description="label (or, for text, caption) dropout: "
                                                                     "the null condition classifier-free guidance uses")
@@ -103,6 +105,10 @@ class ModelSpec(_Section):
     max_caption_tokens: int = Field(16, ge=1, le=128, description="text: caption words (tokens) kept")
     word_dropout: float = Field(0.0, ge=0, lt=1, description="text: probability that training leaves a caption's "
                                                              "word out (one always stays)")
+
+    def architecture(self) -> dict:
+        """What the spec changes in its preset (models/registry.py), as DiTConfig fields."""
+        return {} if self.depth is None else {"depth": self.depth}
 
 
 class DiffusionSpec(_Section):

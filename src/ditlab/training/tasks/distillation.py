@@ -70,6 +70,7 @@ from ditlab.config import STUDENT_SAMPLERS, EvaluationSpec, ExperimentSpec
 from ditlab.diffusion import guided_denoiser
 from ditlab.diffusion.samplers import ddim_move, predict_x0_eps, student_stochastic_move
 from ditlab.diffusion.schedules import trailing_timesteps
+from ditlab.models.registry import PRESETS
 from ditlab.training.ema import EMA
 from ditlab.training.optim import adamw
 from ditlab.training.tasks.base import Batch
@@ -138,6 +139,10 @@ def open_teacher(spec: ExperimentSpec):
             if mine != theirs:
                 raise TeacherMismatch(f"{section}.{name}: {mine!r}, but the teacher {where} was trained with "
                                       f"{theirs!r}; a student has its teacher's shape, data and noise process")
+    depth = spec.model.depth or PRESETS[spec.model.name].depth  # the teacher's spec may predate model.depth
+    if depth != teacher.model.config.depth:
+        raise TeacherMismatch(f"model.depth: {depth}, but the teacher {where} has {teacher.model.config.depth} "
+                              "blocks; a student has its teacher's shape, data and noise process")
     guidance = distilled_guidance(spec, teacher.spec)
     if guidance != 1.0 and teacher.model.config.class_dropout_prob == 0:
         raise TeacherMismatch(f"distillation.guidance: {guidance}, but the teacher {where} was trained without "

@@ -47,6 +47,7 @@ def build_restoration_dit(spec: ExperimentSpec, num_classes: int) -> DiT:
     conditional = spec.restoration.class_conditional
     return build_model(
         spec.model.name,
+        **spec.model.architecture(),
         input_size=spec.data.resolution,
         in_channels=spec.data.channels,
         cond_channels=spec.data.channels,
