@@ -20,7 +20,7 @@ from ditlab.training.ema import EMA
 from ditlab.atomic import file_digest
 from ditlab.training.checkpoint import load_bundle, resolve_bundle_path
 from ditlab.training.tasks.base import Batch
-from ditlab.training.tasks.distillation import DistillationTask, open_teacher
+from ditlab.training.tasks.distillation import DistillationTask, TeacherMismatch, check_teacher_shape, open_teacher
 
 from conftest import ROOT, write_digits_folder
 from ddp import run_then_resume_on_two_ranks, same_parameters
@@ -265,3 +265,13 @@ def test_a_teacher_trained_under_ray_is_found_by_its_data_path(teacher, tmp_path
     spec = tiny_student(str(reporter.latest_checkpoint), "resources.num_workers=1", *folder)
     assert len(load_dataset(spec.data, "train"))
     open_teacher(spec)  # no TeacherMismatch
+
+
+@pytest.mark.parametrize("student", ["experiments/distill.yaml", "pipelines/distill/params.yaml"])
+def test_the_shipped_students_have_the_shipped_quickstarts_shape(student):
+    # Their teacher is a quickstart run (the spec's comment; the pipeline's teacher stage): a change to
+    # the quickstart's model that the students do not follow fails here, not 10 minutes into a user's run.
+    check_teacher_shape(load(ROOT / student), load(ROOT / "experiments" / "quickstart.yaml"), "the quickstart")
+    with pytest.raises(TeacherMismatch, match="model.depth: 6, but the teacher the quickstart has 4 blocks"):
+        check_teacher_shape(load(ROOT / student, ["model.depth=6"]), load(ROOT / "experiments" / "quickstart.yaml"),
+                            "the quickstart")

@@ -2,7 +2,8 @@
 
 The S/B/L/XL sizes and patch sizes 2/4/8 are those of the DiT paper (table 1). The Ti and N
 presets are ours, sized for CPU work: DiT-Ti/4 is the quickstart model (about 1.9M parameters
-on 16x16 digits), DiT-N/2 is a few-second model for tests.
+on 16x16 digits; the quickstart trains it with 4 of its 6 blocks, `model.depth`, 1.3M), DiT-N/2 is
+a few-second model for tests. `build_model(name, depth=...)` overrides a preset's block count.
 """
 
 from __future__ import annotations

@@ -129,25 +129,32 @@ def open_teacher(spec: ExperimentSpec):
         raise TeacherMismatch(f"distillation.teacher: {where} is a latent DiT; distilling latent models is not "
                               "supported yet")
     teacher = from_bundle(bundle, str(path), "ema")
-    for section, fields in (("data", ("source", "path", "name", "resolution", "channels", "prepared")),
-                            ("model", ("name", "learn_sigma", "conditioning")),
-                            ("diffusion", ("schedule", "num_timesteps", "prediction"))):
-        for name in fields:
-            mine, theirs = getattr(getattr(spec, section), name), getattr(getattr(teacher.spec, section), name)
-            if name in ("path", "prepared") and mine and theirs:  # the teacher's workers got it made absolute
-                mine, theirs = str(Path(mine).resolve()), str(Path(theirs).resolve())
-            if mine != theirs:
-                raise TeacherMismatch(f"{section}.{name}: {mine!r}, but the teacher {where} was trained with "
-                                      f"{theirs!r}; a student has its teacher's shape, data and noise process")
-    depth = spec.model.depth or PRESETS[spec.model.name].depth  # the teacher's spec may predate model.depth
-    if depth != teacher.model.config.depth:
-        raise TeacherMismatch(f"model.depth: {depth}, but the teacher {where} has {teacher.model.config.depth} "
-                              "blocks; a student has its teacher's shape, data and noise process")
+    check_teacher_shape(spec, teacher.spec, where)
     guidance = distilled_guidance(spec, teacher.spec)
     if guidance != 1.0 and teacher.model.config.class_dropout_prob == 0:
         raise TeacherMismatch(f"distillation.guidance: {guidance}, but the teacher {where} was trained without "
                               "label dropout, so it has no unconditional branch to guide with")
     return teacher, guidance, file_digest(path)
+
+
+def check_teacher_shape(spec: ExperimentSpec, teacher_spec: ExperimentSpec, where: str) -> None:
+    """A TeacherMismatch naming the first field where the student's spec differs from its teacher's
+    in data, model shape (its depth included) or noise process."""
+    for section, fields in (("data", ("source", "path", "name", "resolution", "channels", "prepared")),
+                            ("model", ("name", "learn_sigma", "conditioning")),
+                            ("diffusion", ("schedule", "num_timesteps", "prediction"))):
+        for name in fields:
+            mine, theirs = getattr(getattr(spec, section), name), getattr(getattr(teacher_spec, section), name)
+            if name in ("path", "prepared") and mine and theirs:  # the teacher's workers got it made absolute
+                mine, theirs = str(Path(mine).resolve()), str(Path(theirs).resolve())
+            if mine != theirs:
+                raise TeacherMismatch(f"{section}.{name}: {mine!r}, but the teacher {where} was trained with "
+                                      f"{theirs!r}; a student has its teacher's shape, data and noise process")
+    # A teacher's spec from before model.depth existed has none: its preset's depth.
+    mine, theirs = (s.model.depth or PRESETS[s.model.name].depth for s in (spec, teacher_spec))
+    if mine != theirs:
+        raise TeacherMismatch(f"model.depth: {mine}, but the teacher {where} has {theirs} blocks; a student has "
+                              "its teacher's shape, data and noise process")
 
 
 class DistillationTask(GenerationTask):
