@@ -110,6 +110,13 @@ class ModelSpec(_Section):
         """What the spec changes in its preset (models/registry.py), as DiTConfig fields."""
         return {} if self.depth is None else {"depth": self.depth}
 
+    def blocks(self) -> int:
+        """The model's number of blocks: `depth`, or its preset's (a spec stored before `depth`
+        existed has none)."""
+        from ditlab.models.registry import PRESETS  # late: keeps `import ditlab.config` light
+
+        return self.depth or PRESETS[self.name].depth
+
 
 class DiffusionSpec(_Section):
     schedule: Literal["linear", "cosine"] = "cosine"

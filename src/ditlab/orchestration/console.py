@@ -139,8 +139,9 @@ def quiet_train_worker(verbose: bool | None = None) -> None:
 def quiet_train_controller(verbose: bool | None = None) -> None:
     """Runs in Ray Train's controller process (remote.py's callbacks call it as they are unpickled
     there, before the controller starts the run). Drops the first RESOURCE_REQUEST_FAILURES_DROPPED
-    timed-out resource requests or cancellations (see the module's docstring) unless `verbose` (the driver's choice;
-    default: $DITLAB_VERBOSE). Calling it again in the same process adds no second filter."""
+    timed-out resource requests or cancellations (see the module's docstring) unless `verbose`
+    (the driver's choice; default: $DITLAB_VERBOSE). Calling it again in the same process adds no
+    second filter."""
     if verbose if verbose is not None else verbose_requested():
         return
     logger = logging.getLogger(_RESOURCE_REQUEST_LOGGER)

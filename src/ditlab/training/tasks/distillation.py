@@ -70,7 +70,6 @@ from ditlab.config import STUDENT_SAMPLERS, EvaluationSpec, ExperimentSpec
 from ditlab.diffusion import guided_denoiser
 from ditlab.diffusion.samplers import ddim_move, predict_x0_eps, student_stochastic_move
 from ditlab.diffusion.schedules import trailing_timesteps
-from ditlab.models.registry import PRESETS
 from ditlab.training.ema import EMA
 from ditlab.training.optim import adamw
 from ditlab.training.tasks.base import Batch
@@ -150,8 +149,7 @@ def check_teacher_shape(spec: ExperimentSpec, teacher_spec: ExperimentSpec, wher
             if mine != theirs:
                 raise TeacherMismatch(f"{section}.{name}: {mine!r}, but the teacher {where} was trained with "
                                       f"{theirs!r}; a student has its teacher's shape, data and noise process")
-    # A teacher's spec from before model.depth existed has none: its preset's depth.
-    mine, theirs = (s.model.depth or PRESETS[s.model.name].depth for s in (spec, teacher_spec))
+    mine, theirs = spec.model.blocks(), teacher_spec.model.blocks()
     if mine != theirs:
         raise TeacherMismatch(f"model.depth: {mine}, but the teacher {where} has {theirs} blocks; a student has "
                               "its teacher's shape, data and noise process")
