@@ -23,6 +23,13 @@ from conftest import RAY_TRAIN_POLL, free_port
 VENV_BIN = Path(sys.executable).parent
 
 
+# How fast the head's GCS declares a node dead: Ray checks each raylet every 3 s and gives up after
+# 5 failed checks, so the node-loss test waited about 15 s for a killed raylet's node to be
+# declared dead. Checked every second here (the 5 failures and each check's 10 s timeout as Ray has
+# them: a slow but living raylet still gets 10 s a check).
+NODE_HEALTH_CHECK = {"RAY_health_check_period_ms": "1000"}
+
+
 def node_env(token: str) -> dict[str, str]:
     """The environment of a node, a client or a driver of this cluster: token auth on with `token`,
     the venv first on PATH (as in a cluster image, where `python` has ditlab), and none of this
@@ -30,7 +37,8 @@ def node_env(token: str) -> dict[str, str]:
     tests' Ray Train poll interval (conftest.RAY_TRAIN_POLL)."""
     env = {k: v for k, v in os.environ.items() if not k.startswith("RAY_")}
     env.update(PATH=f"{VENV_BIN}{os.pathsep}{env.get('PATH', '')}", RAY_AUTH_MODE="token", RAY_AUTH_TOKEN=token,
-               RAY_USAGE_STATS_ENABLED="0", **{k: os.environ.get(k, v) for k, v in RAY_TRAIN_POLL.items()})
+               RAY_USAGE_STATS_ENABLED="0", **{k: os.environ.get(k, v) for k, v in RAY_TRAIN_POLL.items()},
+               **NODE_HEALTH_CHECK)
     return env
 
 

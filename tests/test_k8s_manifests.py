@@ -847,6 +847,8 @@ def test_mlflow_server_config_sets_postgres_proxied_artifacts_and_allowed_hosts(
         assert flag in text, flag
     assert "postgresql+psycopg://" in text  # psycopg 3, the driver the image installs
     assert "${database//%/%%}" in text, "the auth ini is read by configparser: '%' must be doubled"
+    assert 'MLFLOW_SERVER_ENABLE_JOB_EXECUTION="${MLFLOW_SERVER_ENABLE_JOB_EXECUTION:-false}"' in text, \
+        "MLflow's job consumers, which ditlab never uses, off unless the operator turns them on"
     dockerfile = (PLATFORM / "Dockerfile").read_text()
     assert '"mlflow[auth]"' in dockerfile and '"psycopg[binary]"' in dockerfile, "basic auth needs Flask-WTF"
     compose = yaml.safe_load((PLATFORM / "mlflow" / "compose.yaml").read_text())

@@ -53,6 +53,11 @@ authorization_function = mlflow.server.auth:authenticate_request_basic_auth
 EOF
 export MLFLOW_AUTH_CONFIG_PATH="$auth_config"
 
+# MLflow 3's job-execution back end (consumer processes for MLflow's GenAI jobs, which ditlab never
+# submits) stays off unless the operator sets MLFLOW_SERVER_ENABLE_JOB_EXECUTION=true: its 8 processes
+# held 1.3 GB and took 13-24 CPU seconds as they started (benchmarks/dashboard_cost.py, `mlflow ui`).
+export MLFLOW_SERVER_ENABLE_JOB_EXECUTION="${MLFLOW_SERVER_ENABLE_JOB_EXECUTION:-false}"
+
 # Not exec: the trap above removes the config file when the server stops.
 mlflow server \
     --host 0.0.0.0 \

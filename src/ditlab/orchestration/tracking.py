@@ -393,4 +393,5 @@ class Tracker:
         view = "?workflowType=machine_learning"
         if self.uri.startswith(("http://", "https://")):
             return f"{self.uri.rstrip('/')}/#/experiments/{self.experiment_id}/runs/{self.run_id}{view}"
-        return f"mlflow ui --backend-store-uri {self.uri}  (then #/experiments/{self.experiment_id}/runs{view})"
+        return (f"MLFLOW_SERVER_ENABLE_JOB_EXECUTION=false mlflow ui --backend-store-uri {self.uri}  "
+                f"(then #/experiments/{self.experiment_id}/runs{view})")
