@@ -1,12 +1,13 @@
-"""Benchmark: what an idle MLflow dashboard costs a training run on the same machine.
+"""Benchmark: what an MLflow dashboard costs the machine a training run shares with it.
 
-    python benchmarks/dashboard_cost.py [--steps 120] [--rounds 3] [--settle 10] [--out FILE]
+    python benchmarks/dashboard_cost.py [--steps 400] [--rounds 3] [--settle 20] [--out FILE]
 
 The README has users open `mlflow ui` beside their runs, and the tests run `mlflow server`. Since
-MLflow 3 both also start a job-execution back end (Huey consumers for MLflow's GenAI jobs, which
-ditlab never submits) unless MLFLOW_SERVER_ENABLE_JOB_EXECUTION is false; its processes poll while
-the dashboard sits idle. This trains the quickstart in this process (the loop alone, no Ray, all
-threads) in three variants, their order reversed every other round:
+MLflow 3 both also start a job-execution back end (a job runner and Huey consumers for MLflow's
+GenAI jobs, which ditlab never submits) unless MLFLOW_SERVER_ENABLE_JOB_EXECUTION is false; those
+processes start after the dashboard answers and then poll. This trains the quickstart in this
+process (the loop alone, no Ray, all threads) in three variants, their order reversed every other
+round:
   "none":           no dashboard running;
   "ui, jobs on":    `mlflow ui` on a fresh SQLite store, MLflow's default;
   "ui, jobs off":   the same with MLFLOW_SERVER_ENABLE_JOB_EXECUTION=false, as the README says.
@@ -119,9 +120,9 @@ def run(variant: str, steps: int, settle: float) -> dict:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--steps", type=int, default=120)
+    parser.add_argument("--steps", type=int, default=400)
     parser.add_argument("--rounds", type=int, default=3)
-    parser.add_argument("--settle", type=float, default=10.0, help="seconds the dashboard idles before training")
+    parser.add_argument("--settle", type=float, default=20.0, help="seconds the dashboard idles before training")
     parser.add_argument("--out", type=Path, help="also write the table here")
     args = parser.parse_args()
     train_rate(40)  # imports and first-run costs outside the timed runs
