@@ -98,9 +98,6 @@ class ServerURI(str):
         return self
 
 
-MLFLOW_WEB_ENV = {"MLFLOW_SERVER_ENABLE_JOB_EXECUTION": "false"}
-
-
 @contextlib.contextmanager
 def mlflow_web(command: str, root: Path, *extra: str, port: int | None = None) -> Iterator[str]:
     """`mlflow server` or `mlflow ui` on 127.0.0.1 (on `port`, default a free one) over the SQLite
@@ -111,10 +108,11 @@ def mlflow_web(command: str, root: Path, *extra: str, port: int | None = None) -
            "--backend-store-uri", f"sqlite:///{root / 'mlflow.db'}", "--artifacts-destination", str(root / "artifacts"),
            *extra]
     log_path = root / f"{command}.log"
-    # As the README starts the dashboard: without MLflow's job-execution back end, whose 8 processes
-    # took 13-24 CPU seconds as they started, 1.3 GB, and 3-6 s more before the server answered
-    # (benchmarks/dashboard_cost.py): the tests start a server or a dashboard 5 times.
-    env = {**os.environ, **MLFLOW_WEB_ENV}
+    # As the README starts the dashboard (tracking.DASHBOARD_ENV): MLflow's job consumers also
+    # made each start 3-6 s slower (benchmarks/dashboard_cost.py), and the tests start 5.
+    from ditlab.orchestration.tracking import DASHBOARD_ENV
+
+    env = {**os.environ, **DASHBOARD_ENV}
     with open(log_path, "w") as log:
         proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, cwd=root, env=env, start_new_session=True)
         try:

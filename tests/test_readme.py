@@ -448,9 +448,6 @@ def test_working_directory_outputs_are_listed_ignored_and_never_submitted():
         assert f"/{name}" in EXCLUDES, f"ditlab submit would ship {name}"
 
 
-JOBS_OFF = "MLFLOW_SERVER_ENABLE_JOB_EXECUTION=false"
-
-
 def dashboard_commands(text: str) -> list[list[str]]:
     """Every `mlflow ui` / `mlflow server` command in a text's code blocks, with the variables
     assigned before it on its line."""
@@ -464,20 +461,30 @@ def dashboard_commands(text: str) -> list[list[str]]:
     return found
 
 
+def jobs_off() -> list[str]:
+    """The assignments a dashboard command starts with (tracking.DASHBOARD_ENV)."""
+    from ditlab.orchestration.tracking import DASHBOARD_ENV
+
+    return [f"{name}={value}" for name, value in DASHBOARD_ENV.items()]
+
+
 @pytest.mark.parametrize("readme", READMES)
 def test_every_dashboard_a_readme_starts_leaves_mlflows_job_consumers_off(readme):
     """MLflow 3's job-execution back end, for jobs ditlab never submits, takes 13-24 CPU seconds
-    as it starts beside the runs and holds 1.3 GB (benchmarks/dashboard_cost.py). The command
-    ditlab prints for a local store says the same."""
+    as it starts beside the runs and holds 1.3 GB (benchmarks/dashboard_cost.py)."""
+    assert jobs_off(), "the assignments to look for"
+    for words in dashboard_commands((ROOT / readme).read_text()):
+        assert set(jobs_off()) <= set(words[:words.index("mlflow")]), f"{readme}: {shlex.join(words)}"
+
+
+def test_the_dashboard_command_ditlab_prints_leaves_the_job_consumers_off():
     from ditlab.orchestration.tracking import Tracker
 
-    for words in dashboard_commands((ROOT / readme).read_text()):
-        assert JOBS_OFF in words[:words.index("mlflow")], f"{readme}: {shlex.join(words)}"
     assert dashboard_commands("```\nmlflow ui --port 1\nX=1 mlflow server\nmlflow runs list\n```\n") == [
-        ["mlflow", "ui", "--port", "1"], ["X=1", "mlflow", "server"]], "the check finds what it should"
+        ["mlflow", "ui", "--port", "1"], ["X=1", "mlflow", "server"]], "the README check finds what it should"
     local = Tracker(None, "r", "1", "sqlite:///x/mlflow.db")
     assert dashboard_commands(f"```\n{local.url.split('  (')[0]}\n```") == [
-        shlex.split(f"{JOBS_OFF} mlflow ui --backend-store-uri sqlite:///x/mlflow.db")]
+        ["MLFLOW_SERVER_ENABLE_JOB_EXECUTION=false", "mlflow", "ui", "--backend-store-uri", "sqlite:///x/mlflow.db"]]
 
 
 def test_mlflow_artifacts_land_beside_the_default_store(tmp_path, monkeypatch):

@@ -269,6 +269,12 @@ def experiment_of_run(run_id: str) -> str:
     return client.get_experiment(client.get_run(run_id).info.experiment_id).name
 
 
+# How ditlab starts and tells users to start an MLflow dashboard: without MLflow 3's job-execution
+# back end, 8 processes for MLflow's GenAI jobs (which ditlab never submits) that took 13-24 CPU
+# seconds as they started and held 1.3 GB (benchmarks/dashboard_cost.py).
+DASHBOARD_ENV = {"MLFLOW_SERVER_ENABLE_JOB_EXECUTION": "false"}
+
+
 class Tracker:
     """One MLflow run."""
 
@@ -393,5 +399,5 @@ class Tracker:
         view = "?workflowType=machine_learning"
         if self.uri.startswith(("http://", "https://")):
             return f"{self.uri.rstrip('/')}/#/experiments/{self.experiment_id}/runs/{self.run_id}{view}"
-        return (f"MLFLOW_SERVER_ENABLE_JOB_EXECUTION=false mlflow ui --backend-store-uri {self.uri}  "
-                f"(then #/experiments/{self.experiment_id}/runs{view})")
+        env = " ".join(f"{name}={value}" for name, value in DASHBOARD_ENV.items())
+        return f"{env} mlflow ui --backend-store-uri {self.uri}  (then #/experiments/{self.experiment_id}/runs{view})"
