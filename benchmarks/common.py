@@ -82,7 +82,7 @@ def header(title: str) -> str:
 def table(rows: list[dict], columns: list[str]) -> str:
     """Rows as an aligned plain-text table (floats to 4 significant figures)."""
     def cell(v):
-        return f"{v:.4g}" if isinstance(v, float) else str(v)
+        return f"{v:.4g}" if isinstance(v, float) else "-" if v is None else str(v)
 
     cells = [[cell(r.get(c, "")) for c in columns] for r in rows]
     widths = [max(len(c), *(len(row[i]) for row in cells)) for i, c in enumerate(columns)]
