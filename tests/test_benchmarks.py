@@ -48,3 +48,18 @@ def test_gpu_benchmark_runs_on_the_cpu_at_a_tiny_size(tmp_path):
     assert figures["model"] == "DiT-N/2" and figures["device"] == "cpu"
     assert figures["images_per_s"] > 0 and 0 < figures["mfu"] < 1
     assert "images_per_s" in proc.stdout and "command: python benchmarks/gpu.py --tiny" in proc.stdout
+
+
+def test_per_worker_images_per_sec_is_the_steady_windows_median_over_the_workers(tmp_path):
+    """quickstart_e2e.py's per-worker figure (issue 14's per-worker target): the log windows after the
+    first (warm-up), each the global batch's images/s, their median divided by the spec's workers."""
+    from quickstart_e2e import per_worker_images_per_sec
+
+    history = [{"step": 20, "images_per_sec": 400.0}, {"step": 40, "images_per_sec": 900.0, "loss": 0.5},
+               {"step": 40, "fid": 80.0}, {"step": 60, "images_per_sec": 880.0},
+               {"step": 80, "images_per_sec": 1000.0}]
+    (tmp_path / "history.json").write_text(json.dumps({"history": history}))
+    (tmp_path / "spec.yaml").write_text("name: x\nresources:\n  num_workers: 2\n")
+    assert per_worker_images_per_sec(tmp_path) == 450.0
+    (tmp_path / "history.json").write_text(json.dumps({"history": history[:1]}))
+    assert per_worker_images_per_sec(tmp_path) is None
