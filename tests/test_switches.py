@@ -59,3 +59,71 @@ def test_the_switches_reach_the_trained_model():
 def test_bad_switches_are_spec_errors_naming_the_field(overrides, match):
     with pytest.raises(SpecError, match=f"train.grad_accumulation: .*{match}"):
         load(TINY, overrides)
+
+
+# -- train.matmul_precision ------------------------------------------------------------------------
+
+def test_attention_runs_its_kernels_with_fp32_products_when_the_step_multiplies_in_bf16():
+    """Under `medium` the linear layers may multiply in bf16 (on CPUs with bf16 matrix instructions);
+    the CPU attention kernels, forward and backward, run with oneDNN's fp32 products (under bf16
+    products they ran 16-24x slower), and give the numbers they give without the setting."""
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    from ditlab.models.attention import attention
+    from ditlab.training.precision import cpu_has_bf16_products, matmul_precision
+
+    class KernelPrecisions(TorchDispatchMode):
+        """Records oneDNN's fp32 product setting at each attention kernel, as it runs."""
+
+        def __init__(self):
+            super().__init__()
+            self.seen = []
+
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            if "scaled_dot_product" in func.name():
+                self.seen.append((func.name().split("::")[1], torch.backends.mkldnn.matmul.fp32_precision))
+            return func(*args, **(kwargs or {}))
+
+    g = torch.Generator().manual_seed(0)
+    q, k, v = (torch.randn(8, 4, 16, 32, generator=g, requires_grad=True) for _ in range(3))
+    grad_out = torch.randn(8, 4, 16, 32, generator=g)
+
+    def run(fn):
+        out = fn(q, k, v)
+        return out.detach(), torch.autograd.grad(out, (q, k, v), grad_out)
+
+    ref_out, ref_grads = run(torch.nn.functional.scaled_dot_product_attention)
+    x, w = torch.randn(256, 128, generator=g), torch.randn(128, 128, generator=g)
+    with matmul_precision("medium", torch.device("cpu")), KernelPrecisions() as spy:
+        out, grads = run(attention)
+        products = x @ w
+    kernels = {name for name, _ in spy.seen}
+    assert any("backward" in name for name in kernels) and any("backward" not in name for name in kernels)
+    assert {setting for _, setting in spy.seen} == {"ieee"}
+    assert torch.equal(out, ref_out)
+    assert all(torch.equal(a, b) for a, b in zip(grads, ref_grads, strict=True))
+    if cpu_has_bf16_products():  # the setting did reach the linear layers around attention
+        assert not torch.equal(products, x @ w)
+    assert torch.get_float32_matmul_precision() == "highest"
+
+
+def test_matmul_precision_holds_for_the_training_step_only(monkeypatch):
+    from ditlab.training.precision import effective_precision
+    from ditlab.training.tasks.generation import GenerationTask
+
+    seen = []
+    step = GenerationTask.step
+
+    def spy(self, *args, **kwargs):
+        seen.append(torch.get_float32_matmul_precision())
+        return step(self, *args, **kwargs)
+
+    monkeypatch.setattr(GenerationTask, "step", spy)
+    train(tiny("train.matmul_precision=medium"), LocalReporter())
+    assert seen == [effective_precision("medium", torch.device("cpu"))] * 2
+    assert torch.get_float32_matmul_precision() == "highest"  # validation and what follows: fp32
+
+
+def test_an_unknown_matmul_precision_is_a_spec_error_naming_the_field():
+    with pytest.raises(SpecError, match="train.matmul_precision"):
+        load(TINY, ["train.matmul_precision=low"])

@@ -30,8 +30,9 @@ import zlib
 from functools import lru_cache
 
 import torch
-import torch.nn.functional as F
 from torch import nn
+
+from ditlab.models.attention import attention
 
 HASH_BUCKETS = 4096
 MINILM_DIM = 384
@@ -153,7 +154,7 @@ class CrossAttention(nn.Module):
 
     def forward(self, x: torch.Tensor, tokens: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
         q, k, v = self.qkv(x, tokens)
-        out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask[:, None, None, :])
+        out = attention(q, k, v, attn_mask=mask[:, None, None, :])
         return x + self.proj(out.transpose(1, 2).reshape(x.shape))
 
     def attention(self, x: torch.Tensor, tokens: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:

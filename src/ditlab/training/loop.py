@@ -42,6 +42,7 @@ from ditlab.data.streaming import StreamBatches
 from ditlab.training.checkpoint import BUNDLE_NAME, capture_rng_state, load_bundle, restore_rng_state, save_bundle
 from ditlab.training.ema import EMA
 from ditlab.training.faults import maybe_exit, pace, poison_batch
+from ditlab.training.precision import matmul_precision
 from ditlab.training.reporter import Reporter
 from ditlab.training.tasks import Batch, Task, task_class
 
@@ -297,7 +298,8 @@ def train_step(state: TrainState, placement: Placement) -> dict[str, float] | No
     # checkpoint holds rank 0's RNG state only, so no other rank could resume its own.
     torch.manual_seed(global_seed(state.spec.seed, placement.rank, state.step))
     skipped_before = state.guard.skipped
-    metrics = state.task.step(batch, step_generator(state.spec.seed, placement.rank, state.step))
+    with matmul_precision(state.spec.train.matmul_precision, placement.device):
+        metrics = state.task.step(batch, step_generator(state.spec.seed, placement.rank, state.step))
     state.step += 1
     if all_ranks(math.isfinite(metrics["loss"]), placement.device) and state.guard.skipped == skipped_before:
         state.ema.update(state.task.model)
