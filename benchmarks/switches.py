@@ -1,11 +1,14 @@
 """Benchmark: what each memory and speed switch of `train` does to step time and peak memory.
 
     python benchmarks/switches.py [--model DiT-S/2] [--batch 32] [--steps 6]
+    python benchmarks/switches.py --model DiT-Ti/4 --depth 6 --resolution 16 --channels 1 --batch 64 \
+        --threads 1 --steps 30    # the quickstart model, as one of its workers runs it
 
 Each configuration runs the generation task's own training step (GenerationTask.step: diffusion
 loss, accumulation, clipping, AdamW) in a fresh process, so that its peak RSS (ru_maxrss) is its
 own: fp32 (baseline), bf16 autocast, gradient checkpointing, gradient accumulation in 2 and 4
-micro-batches, and torch.compile (its compile time printed apart). Step time is the median of
+micro-batches, torch.compile (its compile time printed apart), and fp32 matrix products in bf16
+(`train.matmul_precision: medium`). Step time is the median of
 `--steps` steps after two warm-up steps. On a GPU the script reports peak allocated memory and MFU.
 """
 
@@ -31,33 +34,41 @@ CONFIGS = {
     "grad accumulation 2": ["train.grad_accumulation=2"],
     "grad accumulation 4": ["train.grad_accumulation=4"],
     "torch.compile": ["train.compile=true"],
+    "matmul precision medium": ["train.matmul_precision=medium"],
 }
 
 
-def one(name: str, model: str, batch: int, steps: int) -> dict:
-    """Time GenerationTask.step under configuration `name`, in this process."""
+def one(name: str, model: str, batch: int, steps: int, resolution: int = 32, channels: int = 3,
+        depth: int | None = None, threads: int | None = None) -> dict:
+    """Time GenerationTask.step under configuration `name`, in this process, as the training loop
+    runs it (inside `train.matmul_precision`)."""
     import torch
 
     from ditlab.config import from_dict
+    from ditlab.training.precision import matmul_precision
     from ditlab.training.tasks.base import Batch
     from ditlab.training.tasks.generation import GenerationTask
 
-    raw = {"name": "switches", "data": {"source": "digits", "resolution": 32, "channels": 3},
-           "model": {"name": model}, "train": {"batch_size": batch, "val_images": 0},
-           "resources": {"num_workers": 1}}
+    if threads:
+        torch.set_num_threads(threads)
+    raw = {"name": "switches", "data": {"source": "digits", "resolution": resolution, "channels": channels},
+           "model": {"name": model, **({"depth": depth} if depth else {})},
+           "train": {"batch_size": batch, "val_images": 0}, "resources": {"num_workers": 1}}
     for kv in CONFIGS[name]:
         key, value = kv.split("=")
         raw["train"][key.split(".")[1]] = json.loads(value) if value in ("true", "false") else (
             int(value) if value.isdigit() else value)
     spec = from_dict(raw)
     g = torch.Generator().manual_seed(0)
-    images, labels = torch.rand(batch, 3, 32, 32, generator=g) * 2 - 1, torch.randint(0, 10, (batch,), generator=g)
+    images = torch.rand(batch, channels, resolution, resolution, generator=g) * 2 - 1
+    labels = torch.randint(0, 10, (batch,), generator=g)
     task = GenerationTask(spec, 10, torch.device("cpu"))
     task.wrap(lambda m: m)
     batch_ = Batch(images, labels, torch.arange(batch))
 
     def step():
-        task.step(batch_, torch.Generator().manual_seed(1))
+        with matmul_precision(spec.train.matmul_precision, torch.device("cpu")):
+            task.step(batch_, torch.Generator().manual_seed(1))
 
     tic = time.perf_counter()
     step()
@@ -81,17 +92,30 @@ def main() -> None:
     parser.add_argument("--batch", type=int, default=32)
     parser.add_argument("--steps", type=int, default=6)
     parser.add_argument("--configs", nargs="+", default=list(CONFIGS))
+    parser.add_argument("--resolution", type=int, default=32)
+    parser.add_argument("--channels", type=int, default=3)
+    parser.add_argument("--depth", type=int, help="blocks, when not the preset's (the quickstart model: 6)")
+    parser.add_argument("--threads", type=int, help="torch threads (the quickstart's workers: 1)")
     parser.add_argument("--one", help=argparse.SUPPRESS)
     parser.add_argument("--json", help="also write the rows here")
     args = parser.parse_args()
+    shape = dict(resolution=args.resolution, channels=args.channels, depth=args.depth, threads=args.threads)
     if args.one:
-        print(json.dumps(one(args.one, args.model, args.batch, args.steps)))
+        print(json.dumps(one(args.one, args.model, args.batch, args.steps, **shape)))
         return
+    import torch
+
+    if args.threads:
+        torch.set_num_threads(args.threads)
     peak = matmul_peak_gflops()
+    torch.set_float32_matmul_precision("medium")
+    bf16_peak = matmul_peak_gflops()  # the same product with bf16 multiplies, where the CPU has them
+    torch.set_float32_matmul_precision("highest")
+    passed = [f"--{k}={v}" for k, v in shape.items() if v is not None]
     rows = []
     for name in args.configs:
         proc = subprocess.run([sys.executable, __file__, "--one", name, "--model", args.model, "--batch",
-                               str(args.batch), "--steps", str(args.steps)], capture_output=True, text=True)
+                               str(args.batch), "--steps", str(args.steps), *passed], capture_output=True, text=True)
         if proc.returncode:
             sys.exit(f"{name} failed:\n{proc.stderr[-3000:]}")
         rows.append(json.loads(proc.stdout.strip().splitlines()[-1]))
@@ -101,8 +125,10 @@ def main() -> None:
         row["rss_vs_fp32"] = row["peak_rss_mb"] / base["peak_rss_mb"]
         if row["gflops"]:
             row["pct_peak"] = 100 * row["gflops"] / peak
-    print(header(f"train switches, {args.model} on 32x32x3, batch {args.batch}, GenerationTask.step; "
-                 f"matmul peak {peak:.0f} GFLOP/s"))
+    size = args.model + (f" with {args.depth} blocks" if args.depth else "")
+    print(header(f"train switches, {size} on {args.resolution}x{args.resolution}x{args.channels}, batch {args.batch}, "
+                 f"GenerationTask.step; matmul peak {peak:.0f} GFLOP/s fp32 ({bf16_peak:.0f} with "
+                 "matmul_precision medium)"))
     print(table(rows, ["config", "step_ms", "img_s", "speed_vs_fp32", "gflops", "pct_peak", "peak_rss_mb",
                        "rss_vs_fp32", "first_step_s"]))
     if args.json:

@@ -3,14 +3,14 @@
 `torch.set_float32_matmul_precision` for the length of each step, then the setting before it back:
 validation, sample quality and checkpoints run at full precision whatever the spec says. "high" is
 TF32 on GPUs (the DiT reference code trains with TF32 on). "medium" also lets oneDNN multiply in
-bf16 with fp32 accumulation on CPUs that have bf16 matrix instructions; on a CPU without them it is
-"high", which is torch's own definition of "medium" where no fast bf16 products exist, and a warning
-says so. Attention keeps fp32 products on CPU (models/attention.py).
+bf16 with fp32 accumulation on CPUs that have bf16 matrix instructions. On a CPU without them it is
+"high", as torch defines "medium" where no fast bf16 products exist: there oneDNN would convert
+to bf16 without the instructions that make it pay. Attention keeps fp32 products on CPU
+(models/attention.py).
 """
 
 from __future__ import annotations
 
-import warnings
 from collections.abc import Iterator
 from contextlib import contextmanager
 
@@ -24,11 +24,8 @@ def cpu_has_bf16_products() -> bool:
 
 
 def effective_precision(setting: str, device: torch.device) -> str:
-    if setting == "medium" and device.type == "cpu" and not cpu_has_bf16_products():
-        warnings.warn("train.matmul_precision: medium: this CPU has no bf16 matrix instructions (AMX or "
-                      "AVX512-BF16); its fp32 matrix products stay fp32", stacklevel=3)
-        return "high"
-    return setting
+    """What torch is told for `setting` on `device`."""
+    return "high" if setting == "medium" and device.type == "cpu" and not cpu_has_bf16_products() else setting
 
 
 @contextmanager
