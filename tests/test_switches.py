@@ -69,7 +69,7 @@ def test_attention_runs_its_kernels_with_fp32_products_when_the_step_multiplies_
     products they ran 16-24x slower), and give the numbers they give without the setting."""
     from torch.utils._python_dispatch import TorchDispatchMode
 
-    from ditlab.models.attention import attention
+    from ditlab.models.attention import scaled_dot_product_attention
     from ditlab.training.precision import cpu_has_bf16_products, matmul_precision
 
     class KernelPrecisions(TorchDispatchMode):
@@ -95,7 +95,7 @@ def test_attention_runs_its_kernels_with_fp32_products_when_the_step_multiplies_
     ref_out, ref_grads = run(torch.nn.functional.scaled_dot_product_attention)
     x, w = torch.randn(256, 128, generator=g), torch.randn(128, 128, generator=g)
     with matmul_precision("medium", torch.device("cpu")), KernelPrecisions() as spy:
-        out, grads = run(attention)
+        out, grads = run(scaled_dot_product_attention)
         products = x @ w
     kernels = {name for name, _ in spy.seen}
     assert any("backward" in name for name in kernels) and any("backward" not in name for name in kernels)

@@ -3,12 +3,12 @@ does not.
 
 `train.matmul_precision: medium` (torch.set_float32_matmul_precision) lets oneDNN compute fp32
 matrix multiplies as bf16 products with fp32 accumulation on CPUs with bf16 matrix instructions
-(AMX, AVX512-BF16), as TF32 does on GPUs. The linear layers gain from it: 3-4x for the quickstart's
-projections on this machine's AMX. Torch's CPU flash-attention kernel does not. It runs many small
-products per query block, and under that setting its forward and backward took 16x and 24x as long
-at the quickstart's shapes (BENCHMARKS.md, "Matrix products in bf16"). So on CPU, attention computes
-its forward and backward with fp32 products, whatever the setting. Elsewhere (CUDA, or fp32
-products already) it is `F.scaled_dot_product_attention` as it is.
+(AMX, AVX512-BF16), as TF32 does on GPUs. The linear layers gain from it: about 3x for the
+quickstart's projections, forward and backward, on this machine's AMX. Torch's CPU flash-attention
+kernel does not. It runs many small products per query block, and under that setting its forward
+and backward took 16x and 24x as long at the quickstart's shapes (BENCHMARKS.md, "Matrix products
+in bf16"). So on CPU, attention computes its forward and backward with fp32 products, whatever the
+setting. Elsewhere (CUDA, or fp32 products already) it is `F.scaled_dot_product_attention` as it is.
 """
 
 from __future__ import annotations
@@ -31,8 +31,8 @@ def fp32_products() -> Iterator[None]:
         torch.backends.mkldnn.matmul.fp32_precision = before
 
 
-def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, attn_mask: torch.Tensor | None = None,
-              dropout_p: float = 0.0) -> torch.Tensor:
+def scaled_dot_product_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
+                                 attn_mask: torch.Tensor | None = None, dropout_p: float = 0.0) -> torch.Tensor:
     """`F.scaled_dot_product_attention(q, k, v, attn_mask, dropout_p)`, with fp32 products on CPU."""
     if q.device.type != "cpu" or q.dtype != torch.float32 or torch.backends.mkldnn.matmul.fp32_precision == "ieee":
         return F.scaled_dot_product_attention(q, k, v, attn_mask=attn_mask, dropout_p=dropout_p)

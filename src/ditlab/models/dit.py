@@ -17,7 +17,7 @@ import torch.nn.functional as F
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 
-from ditlab.models.attention import attention
+from ditlab.models.attention import scaled_dot_product_attention
 
 
 @dataclass(frozen=True)
@@ -132,7 +132,7 @@ class Attention(nn.Module):
         q, k, v = (t.view(b, n, self.num_heads, c // self.num_heads).transpose(1, 2)
                    for t in self.qkv(x).split(c, dim=-1))
         p = self.dropout if self.training else 0.0
-        out = attention(q, k, v, dropout_p=p)
+        out = scaled_dot_product_attention(q, k, v, dropout_p=p)
         return self.proj(out.transpose(1, 2).reshape(b, n, c))
 
 

@@ -32,7 +32,7 @@ from functools import lru_cache
 import torch
 from torch import nn
 
-from ditlab.models.attention import attention
+from ditlab.models.attention import scaled_dot_product_attention
 
 HASH_BUCKETS = 4096
 MINILM_DIM = 384
@@ -154,7 +154,7 @@ class CrossAttention(nn.Module):
 
     def forward(self, x: torch.Tensor, tokens: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
         q, k, v = self.qkv(x, tokens)
-        out = attention(q, k, v, attn_mask=mask[:, None, None, :])
+        out = scaled_dot_product_attention(q, k, v, attn_mask=mask[:, None, None, :])
         return x + self.proj(out.transpose(1, 2).reshape(x.shape))
 
     def attention(self, x: torch.Tensor, tokens: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
