@@ -127,3 +127,17 @@ def test_matmul_precision_holds_for_the_training_step_only(monkeypatch):
 def test_an_unknown_matmul_precision_is_a_spec_error_naming_the_field():
     with pytest.raises(SpecError, match="train.matmul_precision"):
         load(TINY, ["train.matmul_precision=low"])
+
+
+def test_attention_outside_any_setting_is_torchs_own():
+    """With no setting made (torch's "none": fp32 products), attention is the plain kernel, not the
+    wrapper, so it keeps everything the plain kernel allows (a second backward, for one)."""
+    import subprocess
+    import sys
+
+    probe = ("import torch; from ditlab.models.attention import scaled_dot_product_attention as a; "
+             "q = torch.randn(2, 2, 4, 8, requires_grad=True); "
+             "print(torch.backends.mkldnn.matmul.fp32_precision, type(a(q, q, q).grad_fn).__name__)")
+    done = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, check=True)
+    setting, node = done.stdout.split()
+    assert setting == "none" and "Fp32Attention" not in node, done.stdout

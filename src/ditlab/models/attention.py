@@ -31,10 +31,19 @@ def fp32_products() -> Iterator[None]:
         torch.backends.mkldnn.matmul.fp32_precision = before
 
 
+def onednn_products() -> str:
+    """How oneDNN multiplies fp32 matrices now: "ieee" (fp32 products), "bf16" or "tf32". Its own
+    setting, else the generic one it inherits from ("none" at both: fp32)."""
+    for setting in (torch.backends.mkldnn.matmul.fp32_precision, torch.backends.fp32_precision):
+        if setting != "none":
+            return setting
+    return "ieee"
+
+
 def scaled_dot_product_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
                                  attn_mask: torch.Tensor | None = None, dropout_p: float = 0.0) -> torch.Tensor:
     """`F.scaled_dot_product_attention(q, k, v, attn_mask, dropout_p)`, with fp32 products on CPU."""
-    if q.device.type != "cpu" or q.dtype != torch.float32 or torch.backends.mkldnn.matmul.fp32_precision == "ieee":
+    if q.device.type != "cpu" or q.dtype != torch.float32 or onednn_products() == "ieee":
         return F.scaled_dot_product_attention(q, k, v, attn_mask=attn_mask, dropout_p=dropout_p)
     if torch.is_grad_enabled() and any(t.requires_grad for t in (q, k, v)):
         return _Fp32Attention.apply(q, k, v, attn_mask, dropout_p)
