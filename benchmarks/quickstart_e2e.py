@@ -25,17 +25,16 @@ with no steps and no evaluation, before and after a change:
 Each run is what the README's quickstart does on a fresh clone with a cold cache: a `git clone` of
 this repository at REV into a temporary folder, an empty DITLAB_CACHE_DIR (no cached Inception
 reference features), then `python -m ditlab.cli run SPEC --json --no-progress` (`train` with
-`--command train`; what the clone's
-`ditlab` executable runs, its exit included) with that clone's package (PYTHONPATH) and this
-environment's packages. Rounds alternate the variants, in reverse order every other round (A B C,
-C B A, A B C), so a machine that slows down or speeds up mid-run shifts every variant alike, and no
-variant always runs right after the same other one. Printed per variant: the median wall seconds
-(process start to exit), the run's own train_seconds, the median of the rest (wall less training:
-imports, Ray, MLflow, the evaluation, the exit), its final FID and conditional accuracy
-(deterministic for a revision and settings), the training loop's steady images/s per worker (the
-median of its log windows after the first, from the run's history.json), and the ratios of wall time
-and of images/s per worker to the first variant. Run it with nothing else on the machine: it
-measures the whole machine.
+`--command train`; what the clone's `ditlab` executable runs, its exit included) with that clone's
+package (PYTHONPATH) and this environment's packages. Rounds alternate the variants, in reverse
+order every other round (A B C, C B A, A B C), so a machine that slows down or speeds up mid-run
+shifts every variant alike, and no variant always runs right after the same other one. Printed per
+variant: the median wall seconds (process start to exit), the run's own train_seconds, the median of
+the rest (wall less training: imports, Ray, MLflow, the evaluation, the exit), its final FID and
+conditional accuracy (deterministic for a revision and settings), the training loop's steady
+images/s per worker (the median of its log windows after the first, from the run's history.json),
+and the ratios of wall time and of images/s per worker to the first variant. Run it with nothing
+else on the machine: it measures the whole machine.
 """
 
 from __future__ import annotations
