@@ -31,7 +31,7 @@ order every other round (A B C, C B A, A B C), so a machine that slows down or s
 shifts every variant alike, and no variant always runs right after the same other one. Printed per
 variant: the median wall seconds (process start to exit), the run's own train_seconds, the median of
 the rest (wall less training: imports, Ray, MLflow, the evaluation, the exit), its final FID and
-conditional accuracy (deterministic for a revision and settings), the training loop's steady
+conditional accuracy (deterministic for a revision, its settings and the CPU), the training loop's steady
 images/s per worker (the median of its log windows after the first, from the run's history.json),
 and the ratios of wall time and of images/s per worker to the first variant. Run it with nothing
 else on the machine: it measures the whole machine.
