@@ -61,6 +61,13 @@ def time_median(fn: Callable[[], object], repeats: int, warmup: int = 1) -> floa
     return statistics.median(times)
 
 
+def steady_images_per_sec(history: list[dict]) -> float | None:
+    """The training loop's steady images/s (the global batch's: all workers together): the median of
+    its log windows after the first (warm-up). None for a run with fewer than two windows."""
+    rates = [h["images_per_sec"] for h in history if "images_per_sec" in h][1:]
+    return statistics.median(rates) if rates else None
+
+
 def matmul_peak_gflops(size: int = 2048, repeats: int = 5) -> float:
     """GFLOP/s of a large fp32 matmul on the current torch threads: the physical limit the other
     figures are a share of."""

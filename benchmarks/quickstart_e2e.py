@@ -52,7 +52,7 @@ from pathlib import Path
 
 import yaml
 
-from common import header, table
+from common import header, steady_images_per_sec, table
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -67,15 +67,12 @@ def parse_variant(text: str) -> tuple[str, str, list[str]]:
 
 
 def per_worker_images_per_sec(run_dir: Path) -> float | None:
-    """The training loop's steady images/s per worker: the median of its log windows after the first
-    (warm-up), each the global batch's images over the window's seconds, divided by the workers.
-    None for a run with fewer than two windows."""
-    history = json.loads((run_dir / "history.json").read_text())["history"]
-    rates = [h["images_per_sec"] for h in history if "images_per_sec" in h][1:]
-    if not rates:
+    """The run's steady images/s (common.steady_images_per_sec, from its history.json) divided by
+    its spec's workers; None for a run with fewer than two log windows."""
+    steady = steady_images_per_sec(json.loads((run_dir / "history.json").read_text())["history"])
+    if steady is None:
         return None
-    workers = yaml.safe_load((run_dir / "spec.yaml").read_text())["resources"]["num_workers"]
-    return statistics.median(rates) / workers
+    return steady / yaml.safe_load((run_dir / "spec.yaml").read_text())["resources"]["num_workers"]
 
 
 def run_once(rev: str, args: list[str], spec: str, command_name: str = "run") -> dict:

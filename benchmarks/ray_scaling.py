@@ -18,7 +18,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import statistics
 import subprocess
 import sys
 import tempfile
@@ -26,7 +25,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).parent))
 
-from common import ISSUE_14_MODEL, header, table  # noqa: E402
+from common import ISSUE_14_MODEL, header, steady_images_per_sec, table  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
 SPEC = ROOT / "experiments" / "quickstart.yaml"
@@ -36,13 +35,6 @@ def overrides(steps: int, workers: int) -> list[str]:
     return [ISSUE_14_MODEL, f"train.steps={steps}", "train.log_every=20", f"train.checkpoint_every={steps}",
             "train.val_images=0", "train.eval_every=null", f"train.batch_size={64 * workers}",
             f"resources.num_workers={workers}", "resources.cpus_per_worker=1"]
-
-
-def steady_images_per_sec(history: list[dict]) -> float:
-    """Median images/s (the global batch's: all workers together) of the log windows after the first
-    (warm-up)."""
-    rates = [h["images_per_sec"] for h in history if "images_per_sec" in h][1:]
-    return statistics.median(rates)
 
 
 def in_process(steps: int) -> float:

@@ -108,9 +108,10 @@ def main() -> None:
     if args.threads:
         torch.set_num_threads(args.threads)
     peak = matmul_peak_gflops()
-    torch.set_float32_matmul_precision("medium")
-    bf16_peak = matmul_peak_gflops()  # the same product with bf16 multiplies, where the CPU has them
-    torch.set_float32_matmul_precision("highest")
+    from ditlab.training.precision import matmul_precision
+
+    with matmul_precision("medium", torch.device("cpu")):
+        bf16_peak = matmul_peak_gflops()  # the same product with bf16 multiplies, where the CPU has them
     passed = [f"--{k}={v}" for k, v in shape.items() if v is not None]
     rows = []
     for name in args.configs:

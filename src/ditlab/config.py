@@ -145,9 +145,8 @@ class TrainSpec(_Section):
     precision: Literal["fp32", "bf16"] = "fp32"
     matmul_precision: Literal["highest", "high", "medium"] = Field(
         "highest", description="torch.set_float32_matmul_precision during each training step: 'high' lets GPUs "
-                               "multiply fp32 matrices in TF32, 'medium' also lets CPUs with bf16 matrix "
-                               "instructions (AMX, AVX512-BF16) multiply them in bf16, accumulating in fp32 (elsewhere "
-                               "as 'high'); "
+                               "multiply fp32 matrices in TF32, 'medium' also lets CPUs with bf16 matrix instructions "
+                               "(AMX, AVX512-BF16) multiply them in bf16, accumulating in fp32 (elsewhere as 'high'); "
                                "weights, activations and everything outside the step stay fp32")
     # Memory and speed switches (BENCHMARKS.md has their measured effect).
     grad_accumulation: int = Field(1, ge=1, description="micro-batches each worker's batch is split into, one backward "

@@ -13,10 +13,12 @@ from __future__ import annotations
 
 from collections.abc import Iterator
 from contextlib import contextmanager
+from functools import cache
 
 import torch
 
 
+@cache
 def cpu_has_bf16_products() -> bool:
     """AMX tiles or AVX512-BF16: what oneDNN needs for bf16 matrix products faster than fp32 ones."""
     checks = ("_is_amx_tile_supported", "_is_avx512_bf16_supported")
