@@ -294,7 +294,7 @@ def test_run_folder_check_finds_a_checkpoint_that_never_exists():
                 Command("x", 2, ["sample", "runs/qs/checkpoint_000300", "--num", "2", "--out", "s"]),
                 Command("x", 3, ["sample", "runs/other", "--num", "2", "--out", "s"])]
     problems = run_folder_problems(commands)
-    assert len(problems) == 2 and "checkpoint_000225, checkpoint_000450" in problems[0]
+    assert len(problems) == 2 and "checkpoint_000250, checkpoint_000500" in problems[0]
 
 
 def sample_sizes_problems(commands: list[Command]) -> list[str]:
