@@ -123,3 +123,23 @@ def test_shipped_file(kind, path, doc, capsys):
         check_rayjob(path, doc, capsys)
     else:
         pytest.fail(f"nothing shipped in {path}: the folder was moved or emptied")
+
+
+def test_the_pipelines_params_train_what_the_quickstart_trains():
+    """params.yaml is the quickstart for DVC (README: "the quickstart's values"), kept by hand in two
+    files: any field that differs, once both are resolved, but the run's name and MLflow experiment."""
+    quickstart, pipeline = (load(ROOT / name).to_dict() for name in ("experiments/quickstart.yaml", "params.yaml"))
+
+    def differences(a: dict, b: dict, prefix: str = "") -> list[str]:
+        found = []
+        for key in sorted(a.keys() | b.keys()):
+            x, y = a.get(key), b.get(key)
+            if isinstance(x, dict) and isinstance(y, dict):
+                found += differences(x, y, f"{prefix}{key}.")
+            elif x != y:
+                found.append(f"{prefix}{key}: quickstart {x!r}, params.yaml {y!r}")
+        return found
+
+    assert differences(quickstart, pipeline) == ["name: quickstart 'quickstart', params.yaml 'pipeline'",
+                                                 "tracking.experiment: quickstart 'ditlab-quickstart', "
+                                                 "params.yaml 'ditlab-pipeline'"]
