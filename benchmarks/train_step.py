@@ -7,7 +7,9 @@ batch, resolution, AdamW optimizer (ditlab's, fused on CPU) and loss (MSE on the
 channels). Each size is timed alternately, ours then diffusers', as the median of `--repeats`
 steps after a warm-up step. FLOPs per step come from torch's FlopCounterMode with attention added
 (common.count_flops); the share of peak is against a large fp32 matmul measured in the same run on
-the same threads.
+the same threads. The process keeps the memory it frees, as the `ditlab` command does
+(ditlab/allocator.py), for both models alike; DITLAB_KEEP_FREED_MEMORY=0 runs it with glibc's
+defaults.
 
 Sizes: "quickstart" is the quickstart's DiT-Ti/4 on 16x16x1 digits at 64 images (one worker's
 share of its batch) on one thread, as each of its two Ray workers runs; the DiT paper sizes run on
@@ -89,6 +91,9 @@ default_threads = torch.get_num_threads()
 
 
 def main() -> None:
+    from ditlab.allocator import keep_freed_memory
+
+    kept = keep_freed_memory()
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--sizes", nargs="+", default=["quickstart", "DiT-S/4", "DiT-S/2", "DiT-B/4"])
     parser.add_argument("--batch", type=int, default=32, help="batch of the DiT paper sizes")
@@ -97,6 +102,7 @@ def main() -> None:
     args = parser.parse_args()
     rows = [measure(name, args.batch, args.repeats) for name in args.sizes]
     print(header("training step: ditlab DiT vs diffusers DiTTransformer2DModel (same weights, AdamW, MSE)"))
+    print(f"# freed memory kept (ditlab/allocator.py): {'yes' if kept else 'no, glibc defaults'}")
     print(table(rows, ["size", "input", "batch", "threads", "gflop_step", "peak_gflops", "ours_ms", "diffusers_ms",
                        "ours_img_s", "ours_gflops", "ours_pct_peak", "diffusers_pct_peak", "ours_vs_diffusers"]))
     if args.json:

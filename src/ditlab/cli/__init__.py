@@ -25,6 +25,7 @@ import sys
 import threading
 from types import SimpleNamespace
 
+from ditlab.allocator import keep_freed_memory
 from ditlab.cli import augment, cluster, convert, data, evaluate, inspect, restore, run, sample, tune
 from ditlab.cli.common import (EXIT_BAD_INPUT, BadInput, address_flag, dry_run_flag, json_flag, overrides_flag,
                                parent, progress_flag, verbose_flag)
@@ -94,7 +95,10 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def console() -> None:
-    """The `ditlab` executable (and `python -m ditlab.cli`): `main`, then `exit_now` with its code."""
+    """The `ditlab` executable (and `python -m ditlab.cli`): `main`, then `exit_now` with its code.
+    First the process is set to keep the memory it frees (ditlab/allocator.py): not in `main`,
+    which tests call in their own process."""
+    keep_freed_memory()
     exit_now(main())
 
 
