@@ -4,9 +4,10 @@ NaN guard's agreement test.
     records = run_then_resume_on_two_ranks(spec, tmp_path, summarize)
 
 Each rank trains `spec` to its last step (reports into <tmp>/full), then trains it again resumed
-from the full run's step-3 checkpoint (into <tmp>/resumed), every module DDP-wrapped as Ray Train
-wraps them. `summarize(rank, spec, full, end_full, resumed, end_resumed)` (a module-level function,
-so the spawned processes can import it) turns each rank's reporters and end states into a JSON
+from the full run's step-3 checkpoint (into <tmp>/resumed), every module wrapped as ditlab's Ray
+Train workers wrap them (DDP, its gradients averaged through shared memory:
+training/host_allreduce.py). `summarize(rank, spec, full, end_full, resumed, end_resumed)` (a
+module-level function, so the spawned processes can import it) turns each rank's reporters and end states into a JSON
 record; the records come back in rank order.
 
     records = guard_on_two_ranks(tmp_path)
@@ -24,6 +25,7 @@ import torch.multiprocessing as mp
 
 from ditlab.config import from_dict
 from ditlab.training import LocalReporter, Placement, train
+from ditlab.training.host_allreduce import share_gradients
 
 
 def same_parameters(a: torch.nn.Module, b: torch.nn.Module) -> bool:
@@ -47,7 +49,7 @@ def _rank(rank: int, init_file: str, out_dir: str, spec_dict: dict, checkpoint: 
     with gloo_rank(rank, init_file):
         spec = from_dict(spec_dict)
         placement = Placement(rank=rank, world_size=2,
-                              wrap_model=lambda m: torch.nn.parallel.DistributedDataParallel(m))
+                              wrap_model=lambda m: share_gradients(torch.nn.parallel.DistributedDataParallel(m)))
         full = LocalReporter(f"{out_dir}/full")
         end_full = train(spec, full, placement)
         dist.barrier()
@@ -78,7 +80,7 @@ def _guard_rank(rank: int, init_file: str, out_dir: str) -> None:
         torch.manual_seed(0)
         model, extra = torch.nn.Linear(4, 4), torch.nn.Parameter(torch.zeros(4))
         guard = loop.FiniteStepGuard(torch.device("cpu"))
-        wrapped = guard.distributed(torch.nn.parallel.DistributedDataParallel(model))
+        wrapped = guard.distributed(share_gradients(torch.nn.parallel.DistributedDataParallel(model)))
         inside, outside = torch.optim.SGD(model.parameters(), lr=0.1), torch.optim.SGD([extra], lr=0.1)
         guard.cover([inside, outside])
         weights = []

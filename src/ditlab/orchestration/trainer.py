@@ -24,6 +24,7 @@ from ditlab.orchestration.console import quiet_train_worker, train_log_level, ve
 from ditlab.orchestration.remote import train_worker
 from ditlab.training.checkpoint import checkpoint_dirs
 from ditlab.training.faults import fault_environment
+from ditlab.training.host_allreduce import share_gradients
 from ditlab.training.loop import Placement, train
 from ditlab.training.tasks import task_class
 
@@ -55,7 +56,7 @@ def run_worker(config: dict) -> None:
     torch.set_num_threads(max(1, int(spec.resources.cpus_per_worker)))
     ctx = ray.train.get_context()
     placement = Placement(rank=ctx.get_world_rank(), world_size=ctx.get_world_size(),
-                          device=ray.train.torch.get_device(), wrap_model=ray.train.torch.prepare_model,
+                          device=ray.train.torch.get_device(), wrap_model=wrap_for_ranks,
                           stream=ray.train.get_dataset_shard("train") if streams(spec) else None)
     checkpoint = ray.train.get_checkpoint()
     if checkpoint is None and config.get("resume_folder") and checkpoint_dirs(config["resume_folder"]):
@@ -63,6 +64,12 @@ def run_worker(config: dict) -> None:
         checkpoint = Checkpoint.from_directory(str(checkpoint_dirs(config["resume_folder"])[-1]))
     with checkpoint.as_directory() if checkpoint else nullcontext(None) as resume_dir:
         train(spec, RayReporter(), placement, resume_from=resume_dir)
+
+
+def wrap_for_ranks(module: torch.nn.Module) -> torch.nn.Module:
+    """Ray Train's DDP wrapping; where the ranks share one host's CPUs, gradients are then averaged
+    through shared memory instead of gloo's TCP (training/host_allreduce.py)."""
+    return share_gradients(ray.train.torch.prepare_model(module))
 
 
 def worker_spec(spec: ExperimentSpec) -> dict:
