@@ -1,7 +1,7 @@
 """DDP's gradient average through shared memory (training/host_allreduce.py) against gloo's, on real
 gloo ranks in three processes (no Ray): bit for bit on two ranks, to float rounding on three, over
-several steps and the buckets DDP rebuilds after the first; gloo kept where it is turned off; no
-file left in /dev/shm."""
+several steps and the buckets DDP rebuilds after the first; gloo kept where it is turned off; a
+rank that ends fails the others' wait; no file left in /dev/shm."""
 
 import datetime
 import glob
@@ -63,9 +63,17 @@ def _rank(rank: int, init_file: str, out_dir: str) -> None:
     dist.barrier()
     os.environ[ENV] = "0"
     record["off_hooked"] = hasattr(share_gradients(DDP(_model())), "host_average")
-    dist.destroy_process_group()
+    os.environ[ENV] = "1"
+    # rank 2 ends before its first backward: the others' wait fails, naming it, as gloo would fail
+    orphaned = share_gradients(DDP(_model()))
+    if rank != 2:
+        try:
+            _train(orphaned, rank, steps=1)
+        except RuntimeError as err:
+            record["orphaned_error"] = str(err)
     with open(f"{out_dir}/rank{rank}.json", "w") as f:
         json.dump(record, f)
+    os._exit(0)  # no teardown of a process group that lost a rank
 
 
 @pytest.fixture(scope="module")
@@ -96,6 +104,15 @@ def test_a_bucket_larger_than_a_slot_goes_through_gloo(records):
         shared_memory, gloo = record["mixed_paths"]
         assert shared_memory > 0 and gloo > 0, record["mixed_paths"]
         assert record["mixed_max_diff"] < 1e-6
+
+
+def test_a_rank_whose_process_ended_fails_the_others_wait_as_a_lost_peer(records):
+    from ditlab.orchestration.train import lost_peer_error
+
+    for record in records[:2]:
+        error = record.get("orphaned_error", "")
+        assert "rank 2's process" in error and "ended" in error, error
+        assert lost_peer_error(error)
 
 
 def test_turned_off_keeps_gloo(records):

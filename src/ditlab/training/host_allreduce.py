@@ -1,11 +1,12 @@
 """DDP's gradient average through shared memory, for ranks that share one host's CPUs.
 
 On CPUs DDP averages each bucket of gradients with gloo over TCP, through the kernel's loopback. On
-the 2-core development machine that cost the shipped quickstart's two workers 13-17% of their
-images/s, though gloo moves the model's 5.2 MB of gradients in 4.4 ms alone (BENCHMARKS.md, "Where
-the shipped quickstart's per-worker images/s go"). Ranks on one host can instead each write their
-bucket into a shared memory segment, wait until every other rank has written its own, and sum the
-slots in rank order. That is a DDP communication hook, registered here.
+the 2-core development machine that cost the shipped quickstart's two ranks 11-17% of their
+images/s, though gloo moves the model's 5.2 MB of gradients in 4.4 ms alone (BENCHMARKS.md,
+"Gradients through shared memory"). Ranks on one host can instead each write their bucket into a
+shared memory segment, wait until every other rank has written its own, and sum the slots in rank
+order. That is a DDP communication hook, registered here: 1.056x the images/s per worker of the
+quickstart at the filed model size, in Ray Train's 2-worker run.
 
 The average is the one DDP computes: each rank's gradients divided by the world size, then summed.
 With two ranks that is bit for bit gloo's result (tests/test_host_allreduce.py); with more, the sum
@@ -70,17 +71,35 @@ def share_gradients(model: nn.Module) -> nn.Module:
         offer = [_create_segment(size)]
     dist.broadcast_object_list(offer, src=dist.get_global_rank(group, 0), group=group)
     segment = _open_segment(*offer[0], size) if usable and offer[0] is not None else None
-    agreed: list = [None] * world
-    dist.all_gather_object(agreed, segment is not None, group=group)
+    # (mapped it, process id, process id namespace): a rank waiting for another checks that it lives
+    ranks: list = [None] * world
+    dist.all_gather_object(ranks, (segment is not None, os.getpid(), _pid_namespace()), group=group)
     if rank == 0 and offer[0] is not None:
         os.unlink(offer[0][0])  # every rank that could has mapped it by now
-    if not all(agreed):
+    if not all(mapped for mapped, _, _ in ranks) or len({ns for _, _, ns in ranks}) != 1 or ranks[0][2] is None:
         if segment is not None:
             segment.close()
         return model
-    model.host_average = _HostAverage(segment, group, rank, world, numel)  # for inspection
+    pids = [pid for _, pid, _ in ranks]
+    model.host_average = _HostAverage(segment, group, rank, world, numel, pids)  # for inspection
     model.register_comm_hook(model.host_average, _HostAverage.hook)
     return model
+
+
+def _pid_namespace() -> int | None:
+    try:
+        return os.stat("/proc/self/ns/pid").st_ino
+    except OSError:
+        return None
+
+
+def _alive(pid: int) -> bool:
+    """Whether process `pid` runs (in this process's pid namespace): exists and is not a zombie."""
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            return f.read().rsplit(")", 1)[1].split()[0] != "Z"
+    except (OSError, IndexError):
+        return False
 
 
 def _data_offset(world: int) -> int:
@@ -133,8 +152,9 @@ class _HostAverage:
     while another rank still reads it. A bucket larger than a slot (not expected: DDP's cap bounds
     them) goes through gloo; its size is the same on every rank, so every rank does."""
 
-    def __init__(self, segment: mmap.mmap, group, rank: int, world: int, numel: int):
+    def __init__(self, segment: mmap.mmap, group, rank: int, world: int, numel: int, pids: list[int]):
         self.segment, self.group, self.rank, self.world, self.numel = segment, group, rank, world, numel
+        self.pids = pids
         self.counters = np.frombuffer(segment, dtype=np.int64, count=FLAG_STRIDE // 8 * world,
                                       offset=HEADER)[::FLAG_STRIDE // 8]
         self.slots = torch.frombuffer(segment, dtype=torch.float32, offset=_data_offset(world),
@@ -164,6 +184,9 @@ class _HostAverage:
         return future
 
     def _wait_for_others(self) -> None:
+        """Until every rank has written this call. Where gloo would fail on a closed connection, a
+        rank whose process has ended fails the wait (in words `lost_peer_error` reads as a lost
+        peer), so the survivors end as they do with gloo, not at the timeout."""
         spins, since = 0, None
         while self.counters.min() < self.calls:
             spins += 1
@@ -172,7 +195,11 @@ class _HostAverage:
             time.sleep(0 if spins <= 2000 else 1e-4)  # lets the process's other threads run
             if spins % 1000 == 0:
                 since = since or time.monotonic()
+                late = [r for r in range(self.world) if self.counters[r] < self.calls]
+                for r in late:
+                    if not _alive(self.pids[r]):
+                        raise RuntimeError(f"rank {r}'s process ({self.pids[r]}) ended while rank {self.rank} "
+                                           "waited for its gradients in shared memory (a remote worker crash)")
                 if time.monotonic() - since > WAIT_TIMEOUT_S:
-                    late = [r for r in range(self.world) if self.counters[r] < self.calls]
                     raise RuntimeError(f"rank {self.rank} waited {WAIT_TIMEOUT_S:.0f} s for the gradients of "
                                        f"rank(s) {late} in shared memory (call {self.calls})")
