@@ -7,8 +7,8 @@ Each rank trains `spec` to its last step (reports into <tmp>/full), then trains 
 from the full run's step-3 checkpoint (into <tmp>/resumed), every module wrapped as ditlab's Ray
 Train workers wrap them (DDP, its gradients averaged through shared memory:
 training/host_allreduce.py). `summarize(rank, spec, full, end_full, resumed, end_resumed)` (a
-module-level function, so the spawned processes can import it) turns each rank's reporters and end states into a JSON
-record; the records come back in rank order.
+module-level function, so the spawned processes can import it) turns each rank's reporters and end
+states into a JSON record; the records come back in rank order.
 
     records = guard_on_two_ranks(tmp_path)
 

@@ -176,11 +176,11 @@ class _HostAverage:
         torch.div(grads, self.world, out=slots[self.rank])
         self.counters[self.rank] = self.calls
         self._wait_for_others()
-        total = slots[0].clone()
+        grads.copy_(slots[0])  # the bucket itself, already copied out: DDP then has nothing to copy back
         for r in range(1, self.world):
-            total.add_(slots[r])
+            grads.add_(slots[r])
         future: torch.futures.Future[torch.Tensor] = torch.futures.Future()
-        future.set_result(total)
+        future.set_result(grads)
         return future
 
     def _wait_for_others(self) -> None:
