@@ -94,19 +94,19 @@ def resource_request_logger():
     logger.filters[:] = saved
 
 
-@pytest.mark.parametrize("callback", ["relay", "tune"])
+@pytest.mark.parametrize("callback", ["checkpoint_sync", "tune"])
 def test_a_callback_unpickled_in_the_controller_drops_two_timed_out_resource_requests(
         callback, resource_request_logger, restore_console):
     # Seen in CI: the controller's first request to Ray Data's autoscaling coordinator timed out on
     # a busy machine, and its 18-line warning broke test_run_prints_bars_summary_and_nothing_else.
     import pickle
 
-    from ditlab.orchestration.remote import MetricReportCallback, MetricsRelay
+    from ditlab.orchestration.remote import MetricReportCallback, CheckpointSync
 
     def made_in_the_driver(verbose: bool):
         os.environ[console.VERBOSE_ENV] = "1" if verbose else "0"  # the driver's choice
-        if callback == "relay":
-            return MetricsRelay(None)
+        if callback == "checkpoint_sync":
+            return CheckpointSync()
         made = MetricReportCallback.__new__(MetricReportCallback)  # its __init__ needs a Tune trial
         made.__dict__.update(metric="val_loss", verbose=console.verbose_requested())
         return made

@@ -327,3 +327,31 @@ def test_a_resumed_run_reports_again_what_came_before_its_checkpoint(tmp_path):
     train(spec, resumed, resume_from=str(tmp_path / "full" / "checkpoint_000004"))
     assert [h["step"] for h in resumed.history] == [1, 2, 3, 4, 5, 6]
     assert [h["loss"] for h in resumed.history] == [h["loss"] for h in full.history]
+
+
+def test_reports_reach_the_driver_from_rank_zero_and_only_checkpoint_steps_go_through_ray_train(monkeypatch):
+    """Ray Train's controller takes a worker's report only on its 2 s poll, holding one: reports
+    sent more often wait (BENCHMARKS.md, "Reports that wait for Ray Train's poll"). Under `ditlab
+    run` and `ditlab train`, rank 0 puts every report's metrics in the driver's queue, and every
+    rank calls ray.train.report (a collective: all ranks or none) at checkpoint steps only."""
+    import queue
+
+    import ray.train
+
+    from ditlab.orchestration.trainer import RayReporter
+
+    through_ray_train = []
+    monkeypatch.setattr(ray.train, "report", lambda metrics, checkpoint=None, checkpoint_dir_name=None:
+                        through_ray_train.append((int(metrics["step"]), checkpoint is not None, checkpoint_dir_name)))
+    relay = queue.Queue()
+    train(tiny("train.steps=6", "train.checkpoint_every=4"), RayReporter(relay, rank=0))
+    assert [relay.get_nowait()["step"] for _ in range(relay.qsize())] == [1, 2, 3, 4, 5, 6]
+    assert through_ray_train == [(4, True, "checkpoint_000004"), (6, True, "checkpoint_000006")]
+
+    through_ray_train.clear()
+    other_rank = RayReporter(relay, rank=1)
+    other_rank.report({"step": 7, "loss": 1.0})
+    other_rank.report({"step": 8, "loss": 1.0}, None, checkpoint_step=True)
+    assert relay.empty() and through_ray_train == [(8, False, None)]
+    RayReporter(None, rank=0).report({"step": 9, "loss": 1.0})  # a Tune trial's: every report to Ray Train
+    assert through_ray_train == [(8, False, None), (9, False, None)]

@@ -44,12 +44,12 @@ def test_what_ray_train_unpickles_in_its_controller_imports_no_torch_mlflow_or_e
 
     import cloudpickle
 
-    from ditlab.orchestration.remote import MetricReportCallback, MetricsRelay
+    from ditlab.orchestration.remote import MetricReportCallback, CheckpointSync
     from ditlab.orchestration.trainer import train_worker  # what build_trainer hands to TorchTrainer
 
     # The classes, not instances: a TuneReportCallback is made in a Tune session only; an instance
     # pickles its class by the same reference.
-    payload = cloudpickle.dumps([train_worker, MetricsRelay, MetricReportCallback])
+    payload = cloudpickle.dumps([train_worker, CheckpointSync, MetricReportCallback])
     heavy = ("torch", "mlflow", "ditlab.evaluation", "ditlab.training", "sklearn")
     prefixes = tuple(h + "." for h in heavy)
     probe = ("import pickle, sys; pickle.loads(sys.stdin.buffer.read()); "

@@ -36,18 +36,17 @@ class _QuietsController:
         quiet_train_controller(state.get("verbose"))
 
 
-class MetricsRelay(_QuietsController, UserCallback):
-    """Runs in the Ray Train controller; forwards rank 0's metrics to the driver's queue
-    (a ray.util.queue.Queue: orchestration/train.py reads it)."""
+class CheckpointSync(_QuietsController, UserCallback):
+    """Runs in the Ray Train controller; makes each checkpoint Ray Train records durable (fsync) on a
+    filesystem this machine sees. The reports' metrics reach the driver from rank 0 directly
+    (trainer.RayReporter's relay)."""
 
-    def __init__(self, queue):
-        self.queue = queue
+    def __init__(self):
         self.verbose = verbose_requested()
 
     def after_report(self, run_context, metrics, checkpoint) -> None:
         if checkpoint is not None and Path(checkpoint.path).is_dir():  # Ray Train's copy, on a filesystem we see
             fsync_tree(checkpoint.path)
-        self.queue.put(dict(metrics[0]))
 
 
 class MetricReportCallback(_QuietsController, TuneReportCallback):

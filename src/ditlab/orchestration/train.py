@@ -27,7 +27,7 @@ from ditlab.evaluation.plots import save_loss_curve, save_sample_grid
 from ditlab.evaluation.suite import Report
 from ditlab.orchestration.ray_session import ensure_ray, shutdown_in_background
 from ditlab.orchestration.records import open_recorded_run
-from ditlab.orchestration.remote import MetricsRelay
+from ditlab.orchestration.remote import CheckpointSync
 from ditlab.orchestration.tracking import Tracker, check_server, mlflow_metric_name, open_store_in_background
 from ditlab.orchestration.trainer import build_trainer
 from ditlab.orchestration.versioning import run_tags
@@ -281,7 +281,8 @@ def fit(spec: ExperimentSpec, folder: RunFolder, tracker: Tracker, progress: boo
     try:
         storage, filesystem = folder.ray_storage()
         result = build_trainer(spec, name=run_name, storage=storage, storage_filesystem=filesystem,
-                               callbacks=[MetricsRelay(queue)], resume_folder=resume_folder).fit()
+                               callbacks=[CheckpointSync()], metrics_queue=queue,
+                               resume_folder=resume_folder).fit()
     except Exception as err:
         # Ray declares a node dead some seconds after the surviving workers fail on it: wait that long
         # when the error looks like a lost peer (on a multi-node cluster), not after any failure.

@@ -32,11 +32,27 @@ from ditlab.training.tasks import task_class
 class RayReporter:
     """The training loop's Reporter under Ray Train: every rank reports, rank 0 with the bundle.
     A resumed loop reports the steps before its checkpoint again (training/loop.py, replay_reports):
-    the driver logs the ones it missed and drops the others."""
+    the driver logs the ones it missed and drops the others.
+
+    With a `relay` (the driver's metrics queue, for `ditlab run` and `ditlab train`), rank 0 puts
+    every report's metrics in it, and only checkpoint steps go through `ray.train.report`. Ray
+    Train's controller takes each worker's reports when it polls the workers, every 2 s, and holds
+    one unread report per worker: a loop that reported every 1.4 s, as the quickstart's does, waited
+    at each report for the next poll (BENCHMARKS.md, "Reports that wait for Ray Train's poll").
+    Without one (Tune trials: Tune takes the reports from Ray Train), every report goes to Ray Train."""
 
     replays_reports = True
 
-    def report(self, metrics: dict[str, float], checkpoint_dir: str | None = None) -> None:
+    def __init__(self, relay=None, rank: int = 0):
+        self.relay, self.rank = relay, rank
+
+    def report(self, metrics: dict[str, float], checkpoint_dir: str | None = None, *,
+               checkpoint_step: bool = False) -> None:
+        if self.relay is not None:
+            if self.rank == 0:
+                self.relay.put(dict(metrics))  # returns once the driver's queue holds it
+            if not checkpoint_step:
+                return
         if checkpoint_dir is None:
             ray.train.report(metrics)
             return
@@ -63,7 +79,7 @@ def run_worker(config: dict) -> None:
         # Ray Train's record was set aside with a corrupt checkpoint: the newest one left.
         checkpoint = Checkpoint.from_directory(str(checkpoint_dirs(config["resume_folder"])[-1]))
     with checkpoint.as_directory() if checkpoint else nullcontext(None) as resume_dir:
-        train(spec, RayReporter(), placement, resume_from=resume_dir)
+        train(spec, RayReporter(config.get("metrics_queue"), placement.rank), placement, resume_from=resume_dir)
 
 
 def wrap_for_ranks(module: torch.nn.Module) -> torch.nn.Module:
@@ -127,10 +143,12 @@ def training_stream(spec: ExperimentSpec) -> ray.data.Dataset:
 
 def build_trainer(spec: ExperimentSpec, *, name: str, storage: str | Path, callbacks: list,
                   checkpoints_kept: int = 2, resume_folder: str | Path | None = None,
-                  storage_filesystem=None) -> TorchTrainer:
+                  storage_filesystem=None, metrics_queue=None) -> TorchTrainer:
     """A TorchTrainer for `spec` as the Ray Train run `name` under `storage`: rerunning the same
     name and storage resumes from its latest checkpoint (or, when Ray Train has no record of one,
-    from the newest checkpoint folder in `resume_folder`). `callbacks` receive rank 0's reports.
+    from the newest checkpoint folder in `resume_folder`). `callbacks` receive rank 0's reports
+    that go through Ray Train: all of them, or with `metrics_queue` (a ray.util.queue.Queue, which
+    then gets every report's metrics from rank 0) those at checkpoint steps (RayReporter).
     `storage_filesystem`: the pyarrow filesystem `storage` is a path on (object storage, storage.py)."""
     res = spec.resources
     per_worker = {"CPU": res.cpus_per_worker, **({"GPU": 1} if res.use_gpu else {})}
@@ -138,7 +156,8 @@ def build_trainer(spec: ExperimentSpec, *, name: str, storage: str | Path, callb
         train_worker,  # by reference: remote.py says why it lives there
         train_loop_config={"spec": worker_spec(spec), "faults": fault_environment(), "verbose": verbose_requested(),
                            "filesystems": handed_filesystems(spec.data.path) if spec.data.path else {},
-                           "resume_folder": str(resume_folder) if resume_folder else None},
+                           "resume_folder": str(resume_folder) if resume_folder else None,
+                           "metrics_queue": metrics_queue},
         **stream_datasets(spec),
         scaling_config=ScalingConfig(num_workers=res.num_workers, use_gpu=res.use_gpu,
                                      resources_per_worker=per_worker),

@@ -338,11 +338,11 @@ def maybe_checkpoint(state: TrainState, placement: Placement, reporter: Reporter
     if not (force or state.step % state.spec.train.checkpoint_every == 0):
         return False
     if placement.rank != 0:
-        reporter.report(metrics, None)
+        reporter.report(metrics, None, checkpoint_step=True)
         return True
     with tempfile.TemporaryDirectory(prefix="ditlab-ckpt-") as tmp:
         save_bundle(f"{tmp}/{BUNDLE_NAME}", make_bundle(state))
-        reporter.report(metrics, tmp)
+        reporter.report(metrics, tmp, checkpoint_step=True)
     return True
 
 

@@ -10,9 +10,11 @@ from typing import Protocol
 
 
 class Reporter(Protocol):
-    def report(self, metrics: dict[str, float], checkpoint_dir: str | None = None) -> None:
-        """Called by every rank at each log or checkpoint step; `checkpoint_dir` only on rank 0,
-        and only at checkpoint steps. The folder is temporary: the reporter must copy it."""
+    def report(self, metrics: dict[str, float], checkpoint_dir: str | None = None, *,
+               checkpoint_step: bool = False) -> None:
+        """Called by every rank at each log or checkpoint step; `checkpoint_step` on every rank at
+        checkpoint steps, `checkpoint_dir` only on rank 0 there. The folder is temporary: the
+        reporter must copy it."""
 
 
 class LocalReporter:
@@ -23,7 +25,8 @@ class LocalReporter:
         self.history: list[dict[str, float]] = []
         self.checkpoints: list[Path] = []
 
-    def report(self, metrics: dict[str, float], checkpoint_dir: str | None = None) -> None:
+    def report(self, metrics: dict[str, float], checkpoint_dir: str | None = None, *,
+               checkpoint_step: bool = False) -> None:
         self.history.append(dict(metrics))
         if checkpoint_dir and self.out_dir:
             dest = self.out_dir / f"checkpoint_{int(metrics['step']):06d}"

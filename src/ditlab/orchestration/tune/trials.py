@@ -36,7 +36,8 @@ class TuneCheckpointReporter:
     def __init__(self, metric: str):
         self.metric = metric
 
-    def report(self, metrics: dict[str, float], checkpoint_dir: str | None = None) -> None:
+    def report(self, metrics: dict[str, float], checkpoint_dir: str | None = None, *,
+               checkpoint_step: bool = False) -> None:
         if self.metric not in metrics:
             return
         checkpoint = tune.Checkpoint.from_directory(checkpoint_dir) if checkpoint_dir else None
