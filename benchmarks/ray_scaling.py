@@ -1,7 +1,7 @@
 """Benchmark: what Ray Train costs per step, how 1 -> 2 workers scale here, and what scaling to expect
 for DiT-XL/2 on a GPU cluster, worked out on paper.
 
-    python benchmarks/ray_scaling.py [--steps 200] [--skip-ray] [--paper-only]
+    python benchmarks/ray_scaling.py [--steps 200] [--paper-only] [--json FILE]
 
 Three runs of the quickstart model (DiT-Ti/4 on 16x16 digits, 64 images a worker, one thread a
 worker), each timed two ways, both leaving out start-up and the first window's warm-up:
