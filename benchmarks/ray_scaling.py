@@ -34,11 +34,12 @@ from common import ISSUE_14_MODEL, header, steady_images_per_sec, table  # noqa:
 
 ROOT = Path(__file__).resolve().parents[1]
 SPEC = ROOT / "experiments" / "quickstart.yaml"
+PER_WORKER_BATCH = 64
 
 
 def overrides(steps: int, workers: int) -> list[str]:
     return [ISSUE_14_MODEL, f"train.steps={steps}", "train.log_every=20", f"train.checkpoint_every={steps}",
-            "train.val_images=0", "train.eval_every=null", f"train.batch_size={64 * workers}",
+            "train.val_images=0", "train.eval_every=null", f"train.batch_size={PER_WORKER_BATCH * workers}",
             f"resources.num_workers={workers}", "resources.cpus_per_worker=1"]
 
 
@@ -58,6 +59,10 @@ def in_process(steps: int) -> tuple[float, float]:
     from ditlab.training import LocalReporter, train
 
     class Timed(LocalReporter):
+        def __init__(self, out_dir):
+            super().__init__(out_dir)
+            self.times: list[tuple[int, float]] = []
+
         def report(self, metrics, checkpoint_dir=None, *, checkpoint_step=False):
             self.times.append((int(metrics["step"]), time.perf_counter()))  # as the driver gets it
             super().report(metrics, checkpoint_dir, checkpoint_step=checkpoint_step)
@@ -66,7 +71,6 @@ def in_process(steps: int) -> tuple[float, float]:
     spec = load(SPEC, overrides(steps, 1))
     with tempfile.TemporaryDirectory() as tmp:
         reporter = Timed(tmp)
-        reporter.times = []
         train(spec, reporter)
     return steady_images_per_sec(reporter.history), by_the_clock(reporter.times, spec.train.batch_size)
 
@@ -89,7 +93,7 @@ def under_ray(steps: int, workers: int) -> tuple[float, float]:
         client = MlflowClient(uri)
         (run,) = client.search_runs([e.experiment_id for e in client.search_experiments()])
         logged = sorted((m.step, m.timestamp / 1e3) for m in client.get_metric_history(run.info.run_id, "train/loss"))
-    return steady_images_per_sec(history), by_the_clock(logged, 64 * workers)
+    return steady_images_per_sec(history), by_the_clock(logged, PER_WORKER_BATCH * workers)
 
 
 # -- on paper: DiT-XL/2 data-parallel on GPUs ---------------------------------------------------------

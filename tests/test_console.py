@@ -101,7 +101,7 @@ def test_a_callback_unpickled_in_the_controller_drops_two_timed_out_resource_req
     # a busy machine, and its 18-line warning broke test_run_prints_bars_summary_and_nothing_else.
     import pickle
 
-    from ditlab.orchestration.remote import MetricReportCallback, CheckpointSync
+    from ditlab.orchestration.remote import CheckpointSync, MetricReportCallback
 
     def made_in_the_driver(verbose: bool):
         os.environ[console.VERBOSE_ENV] = "1" if verbose else "0"  # the driver's choice

@@ -44,7 +44,7 @@ def test_what_ray_train_unpickles_in_its_controller_imports_no_torch_mlflow_or_e
 
     import cloudpickle
 
-    from ditlab.orchestration.remote import MetricReportCallback, CheckpointSync
+    from ditlab.orchestration.remote import CheckpointSync, MetricReportCallback
     from ditlab.orchestration.trainer import train_worker  # what build_trainer hands to TorchTrainer
 
     # The classes, not instances: a TuneReportCallback is made in a Tune session only; an instance
