@@ -13,10 +13,10 @@ from dataclasses import asdict, dataclass
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 
+from ditlab.kernels import gelu_tanh
 from ditlab.models.attention import scaled_dot_product_attention
 
 
@@ -144,7 +144,7 @@ class Mlp(nn.Module):
         self.drop = nn.Dropout(dropout)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.drop(self.fc2(self.drop(F.gelu(self.fc1(x), approximate="tanh"))))
+        return self.drop(self.fc2(self.drop(gelu_tanh(self.fc1(x)))))
 
 
 class DiTBlock(nn.Module):
