@@ -1,5 +1,5 @@
-"""ditlab.kernels: the compiled GELU computes torch's function, forward and backward, and falls back
-to torch's where it does not apply."""
+"""ditlab.kernels: the compiled kernels compute torch's functions, forward and backward, as closely as
+torch does, and fall back to torch's operations where they do not apply."""
 
 from __future__ import annotations
 
@@ -20,34 +20,57 @@ def own_cache(tmp_path_factory, monkeypatch):
     kernels.library.cache_clear()
 
 
-def gelu_and_grad(fn, x: torch.Tensor, grad: torch.Tensor):
-    x = x.clone().requires_grad_()
-    y = fn(x)
-    y.backward(grad)
-    return y.detach(), x.grad
-
-
-def torchs(x):
-    return F.gelu(x, approximate="tanh")
-
-
-@pytest.mark.parametrize("threads", [1, 2])
-def test_the_kernel_computes_gelu_forward_and_backward_as_closely_as_torch(threads):
+@pytest.fixture(params=[1, 2], ids=["1 thread", "2 threads"])
+def threads(request):
     before = torch.get_num_threads()
-    torch.set_num_threads(threads)
-    try:
-        g = torch.Generator().manual_seed(0)
-        # 3 * (4099 * 5 + 1) elements: not a multiple of the kernel's pieces or of any vector width;
-        # values up to |x| = 40, where the sigmoid saturates and the exponent is clamped.
-        x = torch.randn(3, 4099 * 5 + 1, generator=g) * torch.tensor([1.0, 4.0, 40.0]).unsqueeze(1)
-        grad = torch.randn(x.shape, generator=g)
-        assert kernels.uses_kernel(x)
-        ours, ours_grad = gelu_and_grad(kernels.gelu_tanh, x, grad)
-        theirs, theirs_grad = gelu_and_grad(torchs, x, grad)
-    finally:
-        torch.set_num_threads(before)
-    exact, exact_grad = gelu_and_grad(torchs, x.double(), grad.double())
-    assert not torch.equal(ours, theirs)  # the kernel ran: a different computation of the same function
+    torch.set_num_threads(request.param)
+    yield request.param
+    torch.set_num_threads(before)
+
+
+def torch_linear_gelu(x, weight, bias):
+    return F.gelu(F.linear(x, weight, bias), approximate="tanh")
+
+
+def torch_norm_modulate(x, shift, scale, eps=1e-6):
+    return F.layer_norm(x, x.shape[-1:], eps=eps) * (1 + scale.unsqueeze(1)) + shift.unsqueeze(1)
+
+
+def torch_gated_add(x, gate, h, bias):
+    return x + gate.unsqueeze(1) * (h + bias)
+
+
+OURS = {"linear_gelu": kernels.linear_gelu, "norm_modulate": lambda *a: kernels.norm_modulate(*a, 1e-6),
+        "gated_add": kernels.gated_add}
+TORCHS = {"linear_gelu": torch_linear_gelu, "norm_modulate": torch_norm_modulate, "gated_add": torch_gated_add}
+NODES = {"linear_gelu": "_LinearGeluBackward", "norm_modulate": "_NormModulateBackward",
+         "gated_add": "_GatedAddBackward"}
+
+
+def values_and_grads(fn, inputs, grad):
+    """fn's value and its inputs' gradients, and the name of the autograd node that made the value."""
+    inputs = [t.clone().requires_grad_() for t in inputs]
+    y = fn(*inputs)
+    y.backward(grad)
+    return [y.detach()] + [t.grad for t in inputs], type(y.grad_fn).__name__
+
+
+def gelu_through_identity(x):
+    """GELU alone, through linear_gelu with an identity weight and a zero bias (an exact product)."""
+    eye = torch.eye(x.shape[-1], dtype=x.dtype)
+    return kernels.linear_gelu(x, eye, torch.zeros(x.shape[-1], dtype=x.dtype))
+
+
+def test_gelu_forward_and_backward_are_as_close_to_the_exact_function_as_torchs(threads):
+    g = torch.Generator().manual_seed(0)
+    # 3 rows of 1031: not a multiple of any vector width; values up to |x| = 40, where the sigmoid
+    # saturates and the exponent is clamped.
+    x = torch.randn(3, 1031, generator=g) * torch.tensor([1.0, 4.0, 40.0]).unsqueeze(1)
+    grad = torch.randn(x.shape, generator=g)
+    (ours, ours_grad), node = values_and_grads(gelu_through_identity, [x], grad)
+    (theirs, theirs_grad), _ = values_and_grads(lambda x: F.gelu(x, approximate="tanh"), [x], grad)
+    (exact, exact_grad), _ = values_and_grads(lambda x: F.gelu(x, approximate="tanh"), [x.double()], grad.double())
+    assert node == "_LinearGeluBackward"  # the kernel ran, not torch
     scale = x.double().abs().clamp_min(1.0)  # float rounding of values up to 40
     assert ((ours - exact).abs() / scale).max().item() < 2e-7
     assert ((ours - exact).abs() / scale).max() <= 1.5 * ((theirs - exact).abs() / scale).max()
@@ -56,38 +79,79 @@ def test_the_kernel_computes_gelu_forward_and_backward_as_closely_as_torch(threa
     assert (ours_grad - exact_grad).abs().max() <= (theirs_grad - exact_grad).abs().max()
 
 
-def test_a_strided_input_gives_the_same_values_as_its_contiguous_copy():
-    x = torch.randn(64, 96).t()
-    assert not x.is_contiguous()
-    assert torch.equal(kernels.gelu_tanh(x), kernels.gelu_tanh(x.contiguous()))
+def test_gelu_keeps_nan_and_its_limits():
+    y = gelu_through_identity(torch.tensor([[0.0, -0.0, 30.0, -30.0, 1e4, -1e4], [float("nan")] + [1.0] * 5]))
+    assert y[0, :3].tolist() == [0.0, 0.0, 30.0] and -1e-30 < y[0, 3].item() <= 0.0
+    assert y[0, 4].item() == 1e4 and -1e-30 < y[0, 5].item() <= 0.0
+    assert torch.isnan(y[1]).all()  # NaN times the identity's zeros spreads over the row; it never vanishes
 
 
-def test_nan_stays_nan_and_infinities_keep_their_limits():
-    y = kernels.gelu_tanh(torch.tensor([float("nan"), float("inf"), 0.0, -0.0, 30.0, -30.0]))
-    assert torch.isnan(y[0])
-    assert y[1].item() == float("inf")
-    assert y[2].item() == 0.0 and y[3].item() == 0.0 and y[4].item() == 30.0
-    assert -1e-30 < y[5].item() <= 0.0
+@pytest.mark.parametrize("shape", [(3, 5, 77), (1, 16, 384)], ids=["odd sizes", "one sample"])
+@pytest.mark.parametrize("name", ["linear_gelu", "norm_modulate", "gated_add"])
+def test_each_kernel_computes_torchs_function_forward_and_backward(name, shape, threads):
+    b, n, c = shape
+    g = torch.Generator().manual_seed(1)
+    x = torch.randn(shape, generator=g) * 3 + 1  # a mean and a scale for LayerNorm to remove
+    rows = torch.randn(2 * b, c, generator=g)  # per-sample rows, views of one tensor as adaLN's chunks are
+    if name == "linear_gelu":
+        hidden = 2 * c + 3
+        inputs = [x, torch.randn(hidden, c, generator=g) / c**0.5, torch.randn(hidden, generator=g)]
+        grad = torch.randn(b, n, hidden, generator=g)
+    else:
+        h, bias = torch.randn(shape, generator=g), torch.randn(c, generator=g)
+        inputs = [x, rows[:b], rows[b:]] if name == "norm_modulate" else [x, rows[:b], h, bias]
+        grad = torch.randn(shape, generator=g)
+    assert kernels.uses_kernel(*inputs)
+    ours, node = values_and_grads(OURS[name], inputs, grad)
+    theirs, _ = values_and_grads(TORCHS[name], inputs, grad)
+    exact, _ = values_and_grads(TORCHS[name], [t.double() for t in inputs], grad.double())
+    assert node == NODES[name]
+    for which, mine, torchs_value, truth in zip(["value"] + [f"grad {i}" for i in range(len(inputs))], ours, theirs,
+                                                 exact, strict=True):
+        ours_error, torchs_error = (mine - truth).abs().max().item(), (torchs_value - truth).abs().max().item()
+        assert ours_error <= max(4 * torchs_error, 2e-6), (which, ours_error, torchs_error)
 
 
-def test_other_dtypes_and_the_opt_out_use_torchs_gelu(monkeypatch):
-    x = torch.randn(50, 50)
-    assert not kernels.uses_kernel(x.to(torch.bfloat16))
-    assert torch.equal(kernels.gelu_tanh(x.to(torch.bfloat16)), torchs(x.to(torch.bfloat16)))
+def test_a_gated_add_without_a_bias_adds_none():
+    x, gate, h = torch.randn(2, 3, 8), torch.randn(2, 8), torch.randn(2, 3, 8)
+    assert torch.allclose(kernels.gated_add(x, gate, h), x + gate.unsqueeze(1) * h, atol=1e-6)
+
+
+def test_strided_inputs_give_the_values_of_their_contiguous_copies():
+    x = torch.randn(4, 6, 16).transpose(0, 1)  # [6, 4, 16], not contiguous
+    rows = torch.randn(6, 32)
+    shift, scale = rows[:, :16], rows[:, 16:]
+    assert not x.is_contiguous() and not shift.is_contiguous()
+    assert torch.equal(kernels.norm_modulate(x, shift, scale, 1e-6),
+                       kernels.norm_modulate(x.contiguous(), shift.contiguous(), scale.contiguous(), 1e-6))
+    weight = torch.randn(40, 16)
+    assert torch.equal(kernels.linear_gelu(x, weight, rows[0, :40]), kernels.linear_gelu(x.contiguous(), weight,
+                                                                                        rows[0, :40].contiguous()))
+
+
+def test_other_dtypes_autocast_and_the_opt_out_use_torchs_operations(monkeypatch):
+    x, rows, weight = torch.randn(2, 3, 8), torch.randn(2, 8), torch.randn(5, 8)
+    bias = rows[0, :5]
+    assert torch.equal(kernels.norm_modulate(x.double(), rows.double(), rows.double(), 1e-6),
+                       torch_norm_modulate(x.double(), rows.double(), rows.double()))
+    assert torch.equal(kernels.gated_add(x, rows[:1], x), x + rows[:1].unsqueeze(1) * x)  # one gate for all: torch's
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        assert not kernels.uses_kernel(x)
+        assert torch.equal(kernels.linear_gelu(x, weight, bias), torch_linear_gelu(x, weight, bias))
     monkeypatch.setenv(kernels.OPT_OUT, "0")
     kernels.library.cache_clear()
     assert kernels.library() is None and not kernels.uses_kernel(x)
-    assert torch.equal(kernels.gelu_tanh(x), torchs(x))
+    assert torch.equal(kernels.linear_gelu(x, weight, bias), torch_linear_gelu(x, weight, bias))
 
 
-def test_a_compiler_that_fails_turns_the_kernel_off_with_a_warning(monkeypatch, tmp_path, caplog):
+def test_a_compiler_that_fails_turns_the_kernels_off_with_a_warning(monkeypatch, tmp_path, caplog):
     monkeypatch.setenv("DITLAB_CACHE_DIR", str(tmp_path))
     monkeypatch.setenv("CC", "false")  # exits 1 at `--version`
     with caplog.at_level(logging.WARNING, logger="ditlab.kernels"):
         assert kernels.library() is None
     assert "CPU kernels are off" in caplog.text
-    x = torch.randn(10)
-    assert torch.equal(kernels.gelu_tanh(x), torchs(x))
+    x, weight, bias = torch.randn(3, 8), torch.randn(5, 8), torch.randn(5)
+    assert torch.equal(kernels.linear_gelu(x, weight, bias), torch_linear_gelu(x, weight, bias))
     assert not list(tmp_path.rglob("*.so")) and not list(tmp_path.rglob("*.partial"))
 
 
@@ -96,7 +160,7 @@ def test_the_library_is_built_once_per_cache_and_named_by_its_inputs(tmp_path, m
     first = kernels.build()
     mtime = first.stat().st_mtime_ns
     assert kernels.build() == first and first.stat().st_mtime_ns == mtime  # taken from the cache
-    assert first.parent == tmp_path / "kernels" and first.name.startswith("gelu_tanh-")
+    assert first.parent == tmp_path / "kernels" and first.name.startswith("kernels-")
     assert [p.name for p in first.parent.iterdir()] == [first.name]  # no temporary file left
     monkeypatch.setattr(kernels, "_cpu_identity", lambda: "another CPU")
     assert kernels.build() != first  # a library built for another CPU is never reused

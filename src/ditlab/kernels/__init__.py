@@ -1,11 +1,19 @@
-"""CPU kernels that torch runs slowly, compiled on this machine the first time a process needs them.
+"""CPU kernels for DiT's blocks that torch runs in several passes, compiled on this machine the first
+time a process needs them.
 
-One so far: GELU in its tanh form (DiT's MLP activation, and diffusers'), forward and backward, for
-float32 tensors on the CPU. torch's kernel for it calls a vectorised tanh that is slow on x86 CPUs:
-on the 2-core Xeon the MLP activations of the quickstart's model took 1.3 ms forward and 1.4 ms
-backward in torch, 0.28 and 0.43 ms in this kernel (BENCHMARKS.md, "GELU as a compiled kernel").
-The source, `gelu_tanh.c`, computes the same function in plain arithmetic the compiler vectorises;
-its values differ from torch's by float rounding (at most about 5e-7 at the activations' scale).
+- `linear_gelu`: a linear layer and GELU in its tanh form (DiT's first MLP layer, and diffusers').
+  torch's kernel for the tanh form calls a vectorised tanh that is slow on x86 CPUs: at DiT-S/4's
+  MLP activations on 2 threads it took 2.7 ms forward and 2.9 ms backward, this kernel 0.6 and
+  0.9 ms (BENCHMARKS.md, "Kernels of our own"). The bias is added in the same pass, where torch's
+  addmm copies it into the output before the product, and its gradient is summed in the backward's.
+- `norm_modulate`: adaLN's LayerNorm (no affine weights) and modulation, `x_hat * (1 + scale) +
+  shift`, in one pass forward and one backward, where torch takes a LayerNorm, a multiply and an
+  add each way plus the sums for scale's and shift's gradients.
+- `gated_add`: adaLN-Zero's gated residual `x + gate * (h + bias)`, likewise, with the bias of the
+  linear layer that made h.
+
+The source, `kernels.c`, is plain arithmetic the compiler vectorises; the values differ from
+torch's by float rounding (tests/test_kernels.py bounds it).
 
 How it is built: the C compiler (`$CC`, else `cc`) compiles the source for this CPU
 (`-march=native`, OpenMP for the threads torch is set to use) into a shared library under
@@ -13,13 +21,12 @@ How it is built: the C compiler (`$CC`, else `cc`) compiles the source for this 
 the flags, the compiler's version and this CPU's model and instruction sets, so a cache shared by
 different machines never hands one a library built for another. Compiling takes well under a
 second; processes that start together (Ray Train's workers) each write a temporary file and rename
-it into place. The library links the same OpenMP runtime torch has already loaded (libgomp), so
-it shares torch's threads rather than starting its own.
+it into place. The library links the OpenMP runtime torch has already loaded (libgomp), so it
+shares torch's threads rather than starting its own.
 
-Where it does not apply, `gelu_tanh` is torch's `F.gelu(x, approximate="tanh")`: tensors on a GPU
-(torch's CUDA kernel is fast), dtypes other than float32 (bf16 autocast), inside `torch.compile`
-(which fuses the activation itself), with no C compiler or if compiling fails (logged once), and
-when DITLAB_CPU_KERNELS is 0.
+Where they do not apply, each function is torch's own operations: tensors on a GPU, dtypes other
+than float32, under autocast (the bf16 switch), inside `torch.compile` (which fuses these itself), with no C compiler
+or if compiling fails (logged once), and when DITLAB_CPU_KERNELS is 0.
 """
 
 from __future__ import annotations
@@ -41,7 +48,7 @@ import torch.nn.functional as F
 log = logging.getLogger(__name__)
 
 OPT_OUT = "DITLAB_CPU_KERNELS"
-SOURCE = Path(__file__).with_name("gelu_tanh.c")
+SOURCE = Path(__file__).with_name("kernels.c")
 
 
 def _flags() -> list[str]:
@@ -82,7 +89,8 @@ def build(compiler: str | None = None) -> Path:
     fd, partial = tempfile.mkstemp(dir=target.parent, prefix=f".{target.name}.", suffix=".partial")
     os.close(fd)
     try:
-        subprocess.run([compiler, *_flags(), str(SOURCE), "-o", partial], capture_output=True, text=True, check=True)
+        subprocess.run([compiler, *_flags(), str(SOURCE), "-o", partial, "-lm"], capture_output=True, text=True,
+                       check=True)
         os.replace(partial, target)
     finally:
         if os.path.exists(partial):
@@ -99,43 +107,132 @@ def library() -> ctypes.CDLL | None:
         lib = ctypes.CDLL(str(build()))
     except (OSError, subprocess.CalledProcessError) as e:
         detail = e.stderr.strip().splitlines()[-1:] if isinstance(e, subprocess.CalledProcessError) and e.stderr else e
-        log.warning("ditlab's CPU kernels are off (torch's GELU is used instead): %s", detail)
+        log.warning("ditlab's CPU kernels are off (torch's operations are used instead): %s", detail)
         return None
-    for name in ("ditlab_gelu_tanh_forward", "ditlab_gelu_tanh_backward"):
+    p, i64, i32, f32 = ctypes.c_void_p, ctypes.c_int64, ctypes.c_int, ctypes.c_float
+    signatures = {
+        "ditlab_bias_gelu_forward": [p, p, p, i64, i64, i32],
+        "ditlab_bias_gelu_backward": [p, p, p, p, i64, i64, i32],
+        "ditlab_norm_modulate_forward": [p, p, p, p, p, p, i64, i64, i64, f32, i32],
+        "ditlab_norm_modulate_backward": [p, p, p, p, p, p, p, p, i64, i64, i64, i32],
+        "ditlab_gated_add_forward": [p, p, p, p, p, i64, i64, i64, i32],
+        "ditlab_gated_add_backward": [p, p, p, p, p, p, p, i64, i64, i64, i32],
+    }
+    for name, argtypes in signatures.items():
         fn = getattr(lib, name)
-        fn.restype = None
-    lib.ditlab_gelu_tanh_forward.argtypes = [ctypes.c_void_p, ctypes.c_void_p, ctypes.c_int64, ctypes.c_int]
-    lib.ditlab_gelu_tanh_backward.argtypes = [ctypes.c_void_p, ctypes.c_void_p, ctypes.c_void_p, ctypes.c_int64,
-                                              ctypes.c_int]
+        fn.argtypes, fn.restype = argtypes, None
     return lib
 
 
-class _GeluTanh(torch.autograd.Function):
+class _LinearGelu(torch.autograd.Function):
+    """gelu(x @ weight.T + bias): torch's product, then the bias and GELU in one pass; the backward
+    takes GELU's gradient and the bias's in one pass, then the two products a linear layer's
+    backward takes."""
+
     @staticmethod
-    def forward(ctx, x: torch.Tensor) -> torch.Tensor:
-        x = x.contiguous()
-        y = torch.empty_like(x)
-        library().ditlab_gelu_tanh_forward(x.data_ptr(), y.data_ptr(), x.numel(), torch.get_num_threads())
-        ctx.save_for_backward(x)
+    def forward(ctx, x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor) -> torch.Tensor:
+        rows = x.reshape(-1, x.shape[-1])
+        a = rows.mm(weight.t())  # the product alone: the kernel adds the bias, where addmm would copy it in first
+        y, bias = torch.empty_like(a), bias.contiguous()
+        library().ditlab_bias_gelu_forward(a.data_ptr(), bias.data_ptr(), y.data_ptr(), a.shape[0], a.shape[1],
+                                           torch.get_num_threads())
+        ctx.save_for_backward(rows, weight, a)
+        ctx.input_shape = x.shape
+        return y.view(*x.shape[:-1], a.shape[1])
+
+    @staticmethod
+    @torch.autograd.function.once_differentiable
+    def backward(ctx, grad: torch.Tensor):
+        rows, weight, a = ctx.saved_tensors
+        grad = grad.reshape(a.shape).contiguous()
+        threads = torch.get_num_threads()
+        grad_a, partials = torch.empty_like(a), a.new_zeros(threads, a.shape[1])
+        library().ditlab_bias_gelu_backward(grad.data_ptr(), a.data_ptr(), grad_a.data_ptr(), partials.data_ptr(),
+                                            a.shape[0], a.shape[1], threads)
+        need_x, need_weight, need_bias = ctx.needs_input_grad
+        return (grad_a.mm(weight).view(ctx.input_shape) if need_x else None,
+                grad_a.t().mm(rows) if need_weight else None,
+                partials.sum(0) if need_bias else None)
+
+
+class _NormModulate(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x: torch.Tensor, shift: torch.Tensor, scale: torch.Tensor, eps: float) -> torch.Tensor:
+        x, shift, scale = x.contiguous(), shift.contiguous(), scale.contiguous()
+        b, n, c = x.shape
+        y, mean, rstd = torch.empty_like(x), x.new_empty(b, n), x.new_empty(b, n)
+        library().ditlab_norm_modulate_forward(x.data_ptr(), shift.data_ptr(), scale.data_ptr(), y.data_ptr(),
+                                               mean.data_ptr(), rstd.data_ptr(), b, n, c, eps,
+                                               torch.get_num_threads())
+        ctx.save_for_backward(x, scale, mean, rstd)
         return y
 
     @staticmethod
     @torch.autograd.function.once_differentiable
-    def backward(ctx, grad: torch.Tensor) -> torch.Tensor:
-        (x,) = ctx.saved_tensors
+    def backward(ctx, grad: torch.Tensor):
+        x, scale, mean, rstd = ctx.saved_tensors
         grad = grad.contiguous()
-        grad_x = torch.empty_like(x)
-        library().ditlab_gelu_tanh_backward(grad.data_ptr(), x.data_ptr(), grad_x.data_ptr(), x.numel(),
-                                            torch.get_num_threads())
-        return grad_x
+        b, n, c = x.shape
+        grad_x, grad_shift, grad_scale = torch.empty_like(x), x.new_empty(b, c), x.new_empty(b, c)
+        library().ditlab_norm_modulate_backward(grad.data_ptr(), x.data_ptr(), scale.data_ptr(), mean.data_ptr(),
+                                                rstd.data_ptr(), grad_x.data_ptr(), grad_shift.data_ptr(),
+                                                grad_scale.data_ptr(), b, n, c, torch.get_num_threads())
+        return grad_x, grad_shift, grad_scale, None
 
 
-def uses_kernel(x: torch.Tensor) -> bool:
-    """Whether `gelu_tanh(x)` runs the compiled kernel rather than torch's."""
-    return (x.device.type == "cpu" and x.dtype == torch.float32 and not torch.compiler.is_compiling()
+class _GatedAdd(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x: torch.Tensor, gate: torch.Tensor, h: torch.Tensor, bias: torch.Tensor) -> torch.Tensor:
+        x, gate, h, bias = x.contiguous(), gate.contiguous(), h.contiguous(), bias.contiguous()
+        b, n, c = x.shape
+        y = torch.empty_like(x)
+        library().ditlab_gated_add_forward(x.data_ptr(), gate.data_ptr(), h.data_ptr(), bias.data_ptr(),
+                                           y.data_ptr(), b, n, c, torch.get_num_threads())
+        ctx.save_for_backward(gate, h, bias)
+        return y
+
+    @staticmethod
+    @torch.autograd.function.once_differentiable
+    def backward(ctx, grad: torch.Tensor):
+        gate, h, bias = ctx.saved_tensors
+        grad = grad.contiguous()
+        b, n, c = h.shape
+        threads = torch.get_num_threads()
+        grad_h, grad_gate, partials = torch.empty_like(h), h.new_empty(b, c), h.new_zeros(threads, c)
+        library().ditlab_gated_add_backward(grad.data_ptr(), gate.data_ptr(), h.data_ptr(), bias.data_ptr(),
+                                            grad_h.data_ptr(), grad_gate.data_ptr(), partials.data_ptr(), b, n, c,
+                                            threads)
+        return grad, grad_gate, grad_h, partials.sum(0)
+
+
+def uses_kernel(*tensors: torch.Tensor) -> bool:
+    """Whether these tensors go to the compiled kernels rather than torch's operations."""
+    return (all(t.device.type == "cpu" and t.dtype == torch.float32 for t in tensors)
+            and not torch.is_autocast_enabled("cpu") and not torch.compiler.is_compiling()
             and library() is not None)
 
 
-def gelu_tanh(x: torch.Tensor) -> torch.Tensor:
-    """GELU, tanh form: `F.gelu(x, approximate="tanh")`, by the compiled kernel where it applies."""
-    return _GeluTanh.apply(x) if uses_kernel(x) else F.gelu(x, approximate="tanh")
+def linear_gelu(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
+    """GELU (tanh form) of a linear layer's output: `F.gelu(F.linear(x, weight, bias), approximate="tanh")`."""
+    if bias is not None and uses_kernel(x, weight, bias):
+        return _LinearGelu.apply(x, weight, bias)
+    return F.gelu(F.linear(x, weight, bias), approximate="tanh")
+
+
+def norm_modulate(x: torch.Tensor, shift: torch.Tensor, scale: torch.Tensor, eps: float) -> torch.Tensor:
+    """adaLN: LayerNorm without affine weights over x's last axis, then `* (1 + scale) + shift`, with
+    shift and scale one row per sample (x [B, N, C], shift and scale [B, C])."""
+    b, _, c = x.shape
+    if shift.shape == scale.shape == (b, c) and uses_kernel(x, shift, scale):
+        return _NormModulate.apply(x, shift, scale, eps)
+    return F.layer_norm(x, (c,), eps=eps) * (1 + scale.unsqueeze(1)) + shift.unsqueeze(1)
+
+
+def gated_add(x: torch.Tensor, gate: torch.Tensor, h: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
+    """adaLN-Zero's gated residual `x + gate * (h + bias)`, with the gate one row per sample (x and h
+    [B, N, C], gate [B, C]) and `bias` that of the linear layer that made h, if it has not added it."""
+    b, _, c = x.shape
+    shapes_fit = h.shape == x.shape and gate.shape == (b, c) and (bias is None or bias.shape == (c,))
+    if shapes_fit and uses_kernel(x, gate, h, *([] if bias is None else [bias])):
+        return _GatedAdd.apply(x, gate, h, h.new_zeros(c) if bias is None else bias)
+    return x + gate.unsqueeze(1) * (h if bias is None else h + bias)

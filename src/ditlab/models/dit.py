@@ -13,10 +13,11 @@ from dataclasses import asdict, dataclass
 
 import numpy as np
 import torch
+import torch.nn.functional as F
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 
-from ditlab.kernels import gelu_tanh
+from ditlab import kernels
 from ditlab.models.attention import scaled_dot_product_attention
 
 
@@ -49,11 +50,6 @@ class DiTConfig:
 
     def to_dict(self) -> dict:
         return asdict(self)
-
-
-def modulate(x: torch.Tensor, shift: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
-    """adaLN modulation: per-sample scale and shift broadcast over the token axis."""
-    return x * (1 + scale.unsqueeze(1)) + shift.unsqueeze(1)
 
 
 def timestep_embedding(t: torch.Tensor, dim: int, max_period: float = 10000.0, shift: int = 0) -> torch.Tensor:
@@ -123,7 +119,8 @@ class Attention(nn.Module):
         self.proj = nn.Linear(dim, dim)
         self.dropout = dropout
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, proj_bias: bool = True) -> torch.Tensor:
+        """With `proj_bias` False the output projection's bias is left for the caller to add."""
         b, n, c = x.shape
         # Split the fused projection on its last axis, then view each part as heads: the same
         # numbers as permuting a [b, n, 3, heads, d] view, but q, k and v reach the attention kernel
@@ -133,7 +130,8 @@ class Attention(nn.Module):
                    for t in self.qkv(x).split(c, dim=-1))
         p = self.dropout if self.training else 0.0
         out = scaled_dot_product_attention(q, k, v, dropout_p=p)
-        return self.proj(out.transpose(1, 2).reshape(b, n, c))
+        out = out.transpose(1, 2).reshape(b, n, c)
+        return self.proj(out) if proj_bias else F.linear(out, self.proj.weight)
 
 
 class Mlp(nn.Module):
@@ -143,8 +141,10 @@ class Mlp(nn.Module):
         self.fc2 = nn.Linear(hidden, dim)
         self.drop = nn.Dropout(dropout)
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.drop(self.fc2(self.drop(gelu_tanh(self.fc1(x)))))
+    def forward(self, x: torch.Tensor, out_bias: bool = True) -> torch.Tensor:
+        """With `out_bias` False fc2's bias is left for the caller to add (never with dropout on)."""
+        h = self.drop(kernels.linear_gelu(x, self.fc1.weight, self.fc1.bias))
+        return self.drop(self.fc2(h) if out_bias else F.linear(h, self.fc2.weight))
 
 
 class DiTBlock(nn.Module):
@@ -162,9 +162,15 @@ class DiTBlock(nn.Module):
 
     def forward(self, x: torch.Tensor, c: torch.Tensor) -> torch.Tensor:
         shift1, scale1, gate1, shift2, scale2, gate2 = self.adaLN_modulation(c).chunk(6, dim=1)
-        x = x + gate1.unsqueeze(1) * self.attn(modulate(self.norm1(x), shift1, scale1))
-        x = x + gate2.unsqueeze(1) * self.mlp(modulate(self.norm2(x), shift2, scale2))
-        return x
+        # adaLN: LayerNorm, then a per-sample scale and shift; each sub-layer's output is added to the
+        # residual through a per-sample gate. Where ditlab.kernels apply (float32 on CPUs) each of these is
+        # one pass, and the gated add also adds the sub-layer's last bias (not under dropout, which acts
+        # on the output with its bias).
+        fuse = kernels.uses_kernel(x) and not (self.training and self.mlp.drop.p > 0)
+        h = self.attn(kernels.norm_modulate(x, shift1, scale1, self.norm1.eps), proj_bias=not fuse)
+        x = kernels.gated_add(x, gate1, h, self.attn.proj.bias if fuse else None)
+        h = self.mlp(kernels.norm_modulate(x, shift2, scale2, self.norm2.eps), out_bias=not fuse)
+        return kernels.gated_add(x, gate2, h, self.mlp.fc2.bias if fuse else None)
 
 
 class FinalLayer(nn.Module):
@@ -178,7 +184,7 @@ class FinalLayer(nn.Module):
 
     def forward(self, x: torch.Tensor, c: torch.Tensor) -> torch.Tensor:
         shift, scale = self.adaLN_modulation(c).chunk(2, dim=1)
-        return self.linear(modulate(self.norm_final(x), shift, scale))
+        return self.linear(kernels.norm_modulate(x, shift, scale, self.norm_final.eps))
 
 
 class DiT(nn.Module):

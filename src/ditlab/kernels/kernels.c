@@ -1,0 +1,203 @@
+/* ditlab's CPU kernels (ditlab.kernels compiles this file on the machine that runs it).
+
+   Each is one pass over memory where torch takes several, for float32 tensors in DiT's blocks:
+   GELU in its tanh form (with the bias before it), adaLN's modulated LayerNorm, and the gated
+   residual add (with the bias of the product before it). Rows are split
+   over the threads with OpenMP; the inner loops are plain arithmetic the compiler vectorises. */
+
+/* GELU, tanh form:
+
+   gelu(x) = 0.5 x (1 + tanh(u)),  u = sqrt(2/pi) (x + 0.044715 x^3)
+
+   is computed as x * s with s = 1 / (1 + 2^t), t = -2 log2(e) u: the same function, since
+   0.5 (1 + tanh(u)) is the logistic sigmoid of 2u. 2^t is split into 2^n 2^f with n the integer
+   nearest t and f in [-0.5, 0.5]; 2^f is a degree-6 polynomial (coefficients fitted to 2^f on
+   Chebyshev nodes, relative error 2e-9 before float rounding) and 2^n goes into the exponent
+   bits. torch's own kernel calls a vectorised tanh that took 3-5x as long here (BENCHMARKS.md).
+   NaN stays NaN. */
+
+#include <math.h>
+#include <omp.h>
+#include <stdint.h>
+#include <string.h>
+
+#define SQRT_2_OVER_PI 0.7978845608028654f
+#define KAPPA 0.044715f
+#define LOG2E 1.4426950408889634f
+#define CHUNK 4096 /* elements per piece of work: 16 KB, so a piece stays in L1 */
+
+static const float EXP2_POLY[7] = {1.000000001e+00f, 6.931472056e-01f, 2.402264661e-01f, 5.550328998e-02f,
+                           9.618519534e-03f, 1.339986036e-03f, 1.533757697e-04f};
+
+/* 2^t for t in [-125, 125], which the caller guarantees. */
+static inline float exp2_clamped(float t) {
+    const float shifter = 12582912.0f; /* 1.5 * 2^23: adding it rounds t to an integer */
+    float r = t + shifter;
+    float f = t - (r - shifter);
+    float p = EXP2_POLY[6];
+    p = p * f + EXP2_POLY[5];
+    p = p * f + EXP2_POLY[4];
+    p = p * f + EXP2_POLY[3];
+    p = p * f + EXP2_POLY[2];
+    p = p * f + EXP2_POLY[1];
+    p = p * f + EXP2_POLY[0];
+    int32_t rb, pb;
+    memcpy(&rb, &r, 4);
+    memcpy(&pb, &p, 4);
+    pb += (rb - 0x4B400000) << 23; /* the low bits of r hold n: add it to p's exponent */
+    memcpy(&p, &pb, 4);
+    return p;
+}
+
+/* 2^t with t = -2 log2(e) u(x), clamped where the sigmoid is 0 or 1 to float precision. */
+static inline float two_to_t(float x) {
+    float t = (-2.0f * LOG2E * SQRT_2_OVER_PI) * x * (1.0f + KAPPA * x * x);
+    t = t < -125.0f ? -125.0f : (t > 125.0f ? 125.0f : t);
+    return exp2_clamped(t);
+}
+
+static inline float gelu(float x) { return x / (1.0f + two_to_t(x)); }
+
+/* d gelu / dx = s + x s (1 - s) d(2u)/dx, with 1 - s computed as p s, which does not cancel where s
+   is near 1. */
+static inline float gelu_grad(float x) {
+    float p = two_to_t(x), s = 1.0f / (1.0f + p);
+    float one_minus_s = p * s; /* in [0, 1]: p alone can be near 2^125 */
+    float du = (2.0f * SQRT_2_OVER_PI) * (1.0f + 3.0f * KAPPA * x * x);
+    return s + x * one_minus_s * s * du;
+}
+
+/* A linear layer's bias and GELU after its product (DiT's first MLP layer): over rows of H values,
+   a += bias in place (a holds the product; the sum is what the backward needs), y = gelu(a). */
+void ditlab_bias_gelu_forward(float *a, const float *bias, float *y, int64_t R, int64_t H, int threads) {
+#pragma omp parallel for num_threads(threads) schedule(static)
+    for (int64_t r = 0; r < R; r++) {
+        float *ar = a + r * H, *yr = y + r * H;
+#pragma omp simd
+        for (int64_t c = 0; c < H; c++) {
+            float v = ar[c] + bias[c];
+            ar[c] = v;
+            yr[c] = gelu(v);
+        }
+    }
+}
+
+/* Its backward: grad_a = grad * gelu'(a), and each thread's column sums of grad_a in its own row of
+   partials ([threads, H], zeroed by the caller), which the caller adds up for the bias. */
+void ditlab_bias_gelu_backward(const float *grad, const float *a, float *grad_a, float *partials, int64_t R,
+                               int64_t H, int threads) {
+#pragma omp parallel num_threads(threads)
+    {
+        float *part = partials + (int64_t)omp_get_thread_num() * H;
+#pragma omp for schedule(static)
+        for (int64_t r = 0; r < R; r++) {
+            const float *g = grad + r * H, *ar = a + r * H;
+            float *gr = grad_a + r * H;
+#pragma omp simd
+            for (int64_t c = 0; c < H; c++) {
+                gr[c] = g[c] * gelu_grad(ar[c]);
+                part[c] += gr[c];
+            }
+        }
+    }
+}
+
+/* adaLN's modulated LayerNorm over rows of C values (DiT's norm without affine weights, then
+   modulate): y = (x - mean) * rstd * (1 + scale) + shift, with rstd = 1 / sqrt(var + eps). x and y
+   are [B, N, C]; shift and scale [B, C], one row per sample. mean and rstd ([B, N]) are written for
+   the backward. */
+void ditlab_norm_modulate_forward(const float *x, const float *shift, const float *scale, float *y, float *mean,
+                                  float *rstd, int64_t B, int64_t N, int64_t C, float eps, int threads) {
+#pragma omp parallel for num_threads(threads) schedule(static)
+    for (int64_t r = 0; r < B * N; r++) {
+        const float *xr = x + r * C, *sh = shift + (r / N) * C, *sc = scale + (r / N) * C;
+        float *yr = y + r * C;
+        float sum = 0.0f, sq = 0.0f;
+#pragma omp simd reduction(+ : sum)
+        for (int64_t c = 0; c < C; c++) sum += xr[c];
+        float mu = sum / (float)C;
+#pragma omp simd reduction(+ : sq)
+        for (int64_t c = 0; c < C; c++) sq += (xr[c] - mu) * (xr[c] - mu);
+        float rs = 1.0f / sqrtf(sq / (float)C + eps);
+#pragma omp simd
+        for (int64_t c = 0; c < C; c++) yr[c] = (xr[c] - mu) * rs * (1.0f + sc[c]) + sh[c];
+        mean[r] = mu;
+        rstd[r] = rs;
+    }
+}
+
+/* Its backward. With xh = (x - mean) * rstd and gh = grad * (1 + scale):
+   grad_shift = sum over N of grad, grad_scale = sum over N of grad * xh, and
+   grad_x = rstd * (gh - mean_C(gh) - xh * mean_C(gh * xh)). Samples are split over the threads, so
+   each sums its own rows of grad_shift and grad_scale. */
+void ditlab_norm_modulate_backward(const float *grad, const float *x, const float *scale, const float *mean,
+                                   const float *rstd, float *grad_x, float *grad_shift, float *grad_scale,
+                                   int64_t B, int64_t N, int64_t C, int threads) {
+#pragma omp parallel for num_threads(threads) schedule(static)
+    for (int64_t b = 0; b < B; b++) {
+        const float *sc = scale + b * C;
+        float *gsh = grad_shift + b * C, *gsc = grad_scale + b * C;
+        for (int64_t c = 0; c < C; c++) gsh[c] = gsc[c] = 0.0f;
+        for (int64_t r = b * N; r < (b + 1) * N; r++) {
+            const float *g = grad + r * C, *xr = x + r * C;
+            float *gx = grad_x + r * C;
+            float mu = mean[r], rs = rstd[r], sum_gh = 0.0f, sum_ghxh = 0.0f;
+#pragma omp simd reduction(+ : sum_gh, sum_ghxh)
+            for (int64_t c = 0; c < C; c++) {
+                float xh = (xr[c] - mu) * rs, gh = g[c] * (1.0f + sc[c]);
+                sum_gh += gh;
+                sum_ghxh += gh * xh;
+                gsh[c] += g[c];
+                gsc[c] += g[c] * xh;
+            }
+            float a = sum_gh / (float)C, d = sum_ghxh / (float)C;
+#pragma omp simd
+            for (int64_t c = 0; c < C; c++) {
+                float xh = (xr[c] - mu) * rs;
+                gx[c] = rs * (g[c] * (1.0f + sc[c]) - a - xh * d);
+            }
+        }
+    }
+}
+
+/* The gated residual add of adaLN-Zero, with the bias of the sub-layer's last linear layer:
+   y = x + gate * (h + bias), with x, h and y [B, N, C], gate [B, C] and bias [C]. */
+void ditlab_gated_add_forward(const float *x, const float *gate, const float *h, const float *bias, float *y,
+                              int64_t B, int64_t N, int64_t C, int threads) {
+#pragma omp parallel for num_threads(threads) schedule(static)
+    for (int64_t r = 0; r < B * N; r++) {
+        const float *xr = x + r * C, *hr = h + r * C, *gr = gate + (r / N) * C;
+        float *yr = y + r * C;
+#pragma omp simd
+        for (int64_t c = 0; c < C; c++) yr[c] = xr[c] + gr[c] * (hr[c] + bias[c]);
+    }
+}
+
+/* Its backward for h, gate and bias (x's gradient is grad itself): grad_h = grad * gate,
+   grad_gate = sum over N of grad * (h + bias), and the bias's gradient, the sum of grad_h over all
+   rows, as each thread's sums in its own row of partials ([threads, C], zeroed by the caller).
+   Samples are split over the threads. */
+void ditlab_gated_add_backward(const float *grad, const float *gate, const float *h, const float *bias,
+                               float *grad_h, float *grad_gate, float *partials, int64_t B, int64_t N, int64_t C,
+                               int threads) {
+#pragma omp parallel num_threads(threads)
+    {
+        float *part = partials + (int64_t)omp_get_thread_num() * C;
+#pragma omp for schedule(static)
+        for (int64_t b = 0; b < B; b++) {
+            const float *gr = gate + b * C;
+            float *gg = grad_gate + b * C;
+            for (int64_t c = 0; c < C; c++) gg[c] = 0.0f;
+            for (int64_t r = b * N; r < (b + 1) * N; r++) {
+                const float *g = grad + r * C, *hr = h + r * C;
+                float *gh = grad_h + r * C;
+#pragma omp simd
+                for (int64_t c = 0; c < C; c++) {
+                    gh[c] = g[c] * gr[c];
+                    gg[c] += g[c] * (hr[c] + bias[c]);
+                    part[c] += gh[c];
+                }
+            }
+        }
+    }
+}
