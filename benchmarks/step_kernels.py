@@ -1,4 +1,4 @@
-"""Benchmark: three choices inside a CPU training step, each against its alternative.
+"""Benchmark: choices inside a CPU training step, each against its alternative.
 
     python benchmarks/step_kernels.py [--shapes "quickstart DiT-Ti/4" DiT-S/4] [--rounds 5] [--json FILE]
 
@@ -15,6 +15,11 @@
    inside the attention layer, where q, k and v are strided views of the fused qkv projection, it
    is not (below); the model keeps the fused kernel. Timed as the attention layer's forward and
    backward in either form.
+4. ditlab.kernels (3 December): adaLN's LayerNorm and modulation, the gated residual adds with
+   the biases before them, and fc1's bias and GELU, each one compiled pass, against torch's
+   operations (the kernels turned off). Timed as a DiT block's forward and backward, and as a
+   whole training step (forward, MSE loss, backward, AdamW) of the full model at the shape's
+   preset size.
 
 Each pair is timed alternately, `--rounds` times, in one process (medians of 20 calls a round);
 printed per round as the ratio alternative / ours, so above 1 means the shipped choice is faster.
@@ -35,6 +40,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).parent))
 
 from common import header, table, time_median  # noqa: E402
+from train_step import train_step  # noqa: E402
 
 # name -> (preset, images, tokens, width, heads, threads, input size, input channels, classes)
 SHAPES = {"quickstart DiT-Ti/4": ("DiT-Ti/4", 64, 16, 128, 4, 1, 16, 1, 10),
@@ -54,6 +60,21 @@ class MatmulAttention(torch.nn.Module):
         q, k, v = (t.view(b, n, heads, c // heads).transpose(1, 2) for t in self.layer.qkv(x).split(c, dim=-1))
         out = torch.softmax((q * q.shape[-1] ** -0.5) @ k.transpose(-2, -1), dim=-1) @ v
         return self.layer.proj(out.transpose(1, 2).reshape(b, n, c))
+
+
+def torch_ops(fn):
+    """fn with ditlab.kernels off: torch's operations throughout, as where no compiler is found."""
+    from ditlab import kernels
+
+    def run():
+        library = kernels.library
+        kernels.library = lambda: None
+        try:
+            fn()
+        finally:
+            kernels.library = library
+
+    return run
 
 
 def rounds(ours, alternative, count: int, calls: int = 20) -> list[tuple[float, float]]:
@@ -103,6 +124,17 @@ def measure(name: str, count: int) -> list[dict]:
     x = contiguous.detach().requires_grad_(True)
     out.append(row("attention layer with SDPA (ours) vs matmuls and a softmax", name,
                    rounds(lambda: block.attn(x).backward(grad), lambda: matmul(x).backward(grad), count)))
+    out.append(row("DiT block with ditlab.kernels (ours) vs torch's operations", name,
+                   rounds(lambda: block(contiguous, c).backward(grad),
+                          torch_ops(lambda: block(contiguous, c).backward(grad)), count)))
+
+    model = build_model(preset, input_size=size, in_channels=channels, num_classes=classes).train()
+    g = torch.Generator().manual_seed(1)
+    x, target = (torch.randn(images, channels, size, size, generator=g) for _ in range(2))
+    t, y = torch.randint(0, 1000, (images,), generator=g), torch.randint(0, classes, (images,), generator=g)
+    step = train_step(model, model, x, t, y, target)
+    out.append(row(f"{preset} training step with ditlab.kernels (ours) vs torch's operations", name,
+                   rounds(step, torch_ops(step), count, calls=5)))
     for r in out:
         r["threads"] = threads
     return out
