@@ -38,7 +38,8 @@ EXCLUDES = [
 # reads. Credentials are the cluster's own (MLFLOW_TRACKING_USERNAME/PASSWORD from a Kubernetes
 # Secret, k8s/README.md); a tracking URI goes without the user and password it may hold.
 FORWARDED_ENV = ("MLFLOW_TRACKING_URI", "MLFLOW_EXPERIMENT_NAME", "DITLAB_INCEPTION_WEIGHTS", "DITLAB_VERBOSE",
-                 "DITLAB_TELEMETRY", "DITLAB_KEEP_FREED_MEMORY", "DITLAB_SHARED_MEMORY_ALLREDUCE")
+                 "DITLAB_TELEMETRY", "DITLAB_KEEP_FREED_MEMORY", "DITLAB_SHARED_MEMORY_ALLREDUCE",
+                 "DITLAB_CPU_KERNELS")
 # What `--env` refuses: a name like these, or a value holding `scheme://user:password@`.
 SECRET_NAME = re.compile(r"PASSWORD|PASSWD|SECRET|TOKEN|CREDENTIAL|PRIVATE|(^|_)(API_)?KEY($|_)|ACCESS_KEY",
                          re.IGNORECASE)
