@@ -3,9 +3,10 @@ time a process needs them.
 
 - `linear_gelu`: a linear layer and GELU in its tanh form (DiT's first MLP layer, and diffusers').
   torch's kernel for the tanh form calls a vectorised tanh that is slow on x86 CPUs: at DiT-S/4's
-  MLP activations on 2 threads it took 2.7 ms forward and 2.9 ms backward, this kernel 0.6 and
-  0.9 ms (BENCHMARKS.md, "Kernels of our own"). The bias is added in the same pass, where torch's
-  addmm copies it into the output before the product, and its gradient is summed in the backward's.
+  MLP activations on 2 threads its GELU took 2.7 ms forward and 2.9 ms backward, this kernel 0.9
+  and 1.1 ms with the bias added in the same pass (BENCHMARKS.md, "Kernels of our own"). torch's
+  addmm copies the bias into its output before the product; here the product runs without it, and
+  the backward sums the bias's gradient in GELU's pass.
 - `norm_modulate`: adaLN's LayerNorm (no affine weights) and modulation, `x_hat * (1 + scale) +
   shift`, in one pass forward and one backward, where torch takes a LayerNorm, a multiply and an
   add each way plus the sums for scale's and shift's gradients.
@@ -25,8 +26,8 @@ it into place. The library links the OpenMP runtime torch has already loaded (li
 shares torch's threads rather than starting its own.
 
 Where they do not apply, each function is torch's own operations: tensors on a GPU, dtypes other
-than float32, under autocast (the bf16 switch), inside `torch.compile` (which fuses these itself), with no C compiler
-or if compiling fails (logged once), and when DITLAB_CPU_KERNELS is 0.
+than float32, under autocast (the bf16 switch), inside `torch.compile` (which fuses these itself),
+with no C compiler or if compiling fails (logged once), and when DITLAB_CPU_KERNELS is 0.
 """
 
 from __future__ import annotations
@@ -36,6 +37,7 @@ import hashlib
 import logging
 import os
 import platform
+import shlex
 import shutil
 import subprocess
 import tempfile
@@ -78,9 +80,10 @@ def build(compiler: str | None = None) -> Path:
     compiler = compiler or os.environ.get("CC") or shutil.which("cc") or shutil.which("gcc")
     if not compiler:
         raise OSError("no C compiler found (set CC, or install gcc)")
-    version = subprocess.run([compiler, "--version"], capture_output=True, text=True, check=True).stdout
+    command = shlex.split(compiler)  # CC may carry flags of its own
+    version = subprocess.run([*command, "--version"], capture_output=True, text=True, check=True).stdout
     source = SOURCE.read_bytes()
-    digest = hashlib.sha256(b"\0".join([source, " ".join(_flags()).encode(), version.encode(),
+    digest = hashlib.sha256(b"\0".join([source, " ".join(command + _flags()).encode(), version.encode(),
                                         _cpu_identity().encode()])).hexdigest()[:16]
     target = cache_dir() / f"{SOURCE.stem}-{digest}.so"
     if target.is_file():
@@ -89,7 +92,7 @@ def build(compiler: str | None = None) -> Path:
     fd, partial = tempfile.mkstemp(dir=target.parent, prefix=f".{target.name}.", suffix=".partial")
     os.close(fd)
     try:
-        subprocess.run([compiler, *_flags(), str(SOURCE), "-o", partial, "-lm"], capture_output=True, text=True,
+        subprocess.run([*command, *_flags(), str(SOURCE), "-o", partial, "-lm"], capture_output=True, text=True,
                        check=True)
         os.replace(partial, target)
     finally:
