@@ -164,3 +164,35 @@ def test_the_library_is_built_once_per_cache_and_named_by_its_inputs(tmp_path, m
     assert [p.name for p in first.parent.iterdir()] == [first.name]  # no temporary file left
     monkeypatch.setattr(kernels, "_cpu_identity", lambda: "another CPU")
     assert kernels.build() != first  # a library built for another CPU is never reused
+
+
+@pytest.mark.parametrize("dropout", [0.0, 0.1], ids=["biases in the gated adds", "dropout: biases in the layers"])
+def test_a_dit_trains_the_same_with_the_kernels_as_with_torchs_operations(dropout):
+    from ditlab.models import build_model
+
+    torch.manual_seed(0)
+    model = build_model("DiT-Ti/4", input_size=8, in_channels=2, num_classes=3, depth=2, dropout=dropout).train()
+    with torch.no_grad():
+        for p in model.parameters():  # random weights everywhere: adaLN-Zero starts the gates at zero
+            if p.requires_grad:
+                p.normal_(std=0.1)
+    g = torch.Generator().manual_seed(2)
+    x, t, y = torch.randn(4, 2, 8, 8, generator=g), torch.tensor([1, 50, 500, 999]), torch.tensor([0, 1, 2, 3])
+
+    def loss_and_grads():
+        model.zero_grad()
+        torch.manual_seed(3)  # the same dropout masks both times
+        loss = model(x, t, y).square().mean()
+        loss.backward()
+        return loss.detach(), [p.grad.clone() for p in model.parameters() if p.requires_grad]
+
+    assert kernels.uses_kernel(x)
+    ours = loss_and_grads()
+    library, kernels.library = kernels.library, lambda: None
+    try:
+        theirs = loss_and_grads()
+    finally:
+        kernels.library = library
+    assert torch.allclose(ours[0], theirs[0], rtol=1e-5)
+    for mine, torchs in zip(ours[1], theirs[1], strict=True):
+        assert torch.allclose(mine, torchs, rtol=1e-4, atol=1e-6)
