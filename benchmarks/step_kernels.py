@@ -67,12 +67,8 @@ def torch_ops(fn):
     from ditlab import kernels
 
     def run():
-        library = kernels.library
-        kernels.library = lambda: None
-        try:
+        with kernels.off():
             fn()
-        finally:
-            kernels.library = library
 
     return run
 
