@@ -811,6 +811,15 @@ def test_broken_dockerfile_is_rejected(broken):
     assert dockerfile_problems(broken((PLATFORM / "Dockerfile").read_text())) != []
 
 
+def test_image_has_a_c_compiler_for_the_cpu_kernels():
+    """rayproject/ray's CPU images remove g++ after their build: without a compiler ditlab's CPU
+    kernels are off on those nodes. The image installs gcc and checks, at build time, that they compile."""
+    text = re.sub(r"\\\n", " ", (PLATFORM / "Dockerfile").read_text())
+    installs = [line for line in text.splitlines() if re.match(r"RUN\b.*apt-get install\b", line)]
+    assert any(re.search(r"\bgcc\b", line) and "libc6-dev" in line for line in installs)
+    assert "kernels.library() is None" in text
+
+
 def _features_constant(name: str) -> str:
     """A string constant of ditlab.evaluation.features, read without importing torch."""
     tree = ast.parse((REPO / "src" / "ditlab" / "evaluation" / "features.py").read_text())
