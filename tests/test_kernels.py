@@ -166,32 +166,107 @@ def test_the_library_is_built_once_per_cache_and_named_by_its_inputs(tmp_path, m
     assert kernels.build() != first  # a library built for another CPU is never reused
 
 
+def torch_attention(qkv, num_heads):
+    b, n, c3 = qkv.shape
+    q, k, v = (t.view(b, n, num_heads, -1).transpose(1, 2) for t in qkv.split(c3 // 3, dim=-1))
+    return F.scaled_dot_product_attention(q, k, v).transpose(1, 2).reshape(b, n, c3 // 3)
+
+
+def needs_attention_kernel():
+    if not kernels.library().has_attention:
+        pytest.skip("the attention kernel needs a CPU with AVX-512")
+
+
+# (batch, tokens, heads, head size): 48 tokens take both widths of the product's tiles; 256 is the most
+# the kernel takes (DiT-XL/2 and DiT-S/2 at 256px).
+@pytest.mark.parametrize("shape", [(3, 48, 3, 32), (1, 16, 2, 16), (2, 256, 2, 64)],
+                         ids=["48 tokens", "one sample", "256 tokens"])
+def test_attention_computes_torchs_function_forward_and_backward(shape, threads):
+    needs_attention_kernel()
+    b, n, heads, d = shape
+    g = torch.Generator().manual_seed(4)
+    qkv = torch.randn(b, n, 3 * heads * d, generator=g) * 2  # scores of a few units: peaked rows
+    grad = torch.randn(b, n, heads * d, generator=g)
+    ours, node = values_and_grads(lambda t: kernels.attention(t, heads), [qkv], grad)
+    theirs, _ = values_and_grads(lambda t: torch_attention(t, heads), [qkv], grad)
+    exact, _ = values_and_grads(lambda t: torch_attention(t, heads), [qkv.double()], grad.double())
+    assert node == "_AttentionBackward"
+    for which, mine, torchs_value, truth in zip(["value", "grad"], ours, theirs, exact, strict=True):
+        ours_error, torchs_error = (mine - truth).abs().max().item(), (torchs_value - truth).abs().max().item()
+        assert ours_error <= max(4 * torchs_error, 2e-6), (which, ours_error, torchs_error)
+
+
+def test_attention_with_saturated_scores_stays_finite_and_as_close_as_torchs():
+    needs_attention_kernel()
+    g = torch.Generator().manual_seed(5)
+    qkv = torch.randn(2, 16, 3 * 16, generator=g)
+    qkv[..., :32] *= 100  # scores in the thousands: each row's softmax is one key or a near-tie of two
+    grad = torch.randn(2, 16, 16, generator=g)
+    ours, _ = values_and_grads(lambda t: kernels.attention(t, 1), [qkv], grad)
+    theirs, _ = values_and_grads(lambda t: torch_attention(t, 1), [qkv], grad)
+    exact, _ = values_and_grads(lambda t: torch_attention(t, 1), [qkv.double()], grad.double())
+    for mine, torchs_value, truth in zip(ours, theirs, exact, strict=True):
+        assert torch.isfinite(mine).all()
+        assert (mine - truth).abs().max() <= max(4 * (torchs_value - truth).abs().max().item(), 2e-6)
+
+
+def test_attention_outside_the_kernels_reach_is_torchs():
+    needs_attention_kernel()
+    cases = [(torch.randn(2, 20, 96), 2, 0.0),  # 20 tokens: not a multiple of 16
+             (torch.randn(1, 272, 96), 2, 0.0),  # more tokens than the kernel keeps in cache
+             (torch.randn(2, 16, 48), 2, 0.0),  # heads of 8 channels
+             (torch.randn(2, 16, 96).double(), 2, 0.0)]
+    for qkv, heads, p in cases:
+        assert torch.equal(kernels.attention(qkv, heads, p), torch_attention(qkv, heads))
+    qkv = torch.randn(2, 16, 96, requires_grad=True)
+    assert type(kernels.attention(qkv, 2).grad_fn).__name__ == "_AttentionBackward"
+    assert type(kernels.attention(qkv, 2, dropout_p=0.1).grad_fn).__name__ != "_AttentionBackward"
+
+
+def graph_nodes(t: torch.Tensor) -> set[str]:
+    """The names of the autograd nodes that made t."""
+    seen, stack, names = set(), [t.grad_fn], set()
+    while stack:
+        node = stack.pop()
+        if node is None or node in seen:
+            continue
+        seen.add(node)
+        names.add(type(node).__name__)
+        stack.extend(next_node for next_node, _ in node.next_functions)
+    return names
+
+
 @pytest.mark.parametrize("dropout", [0.0, 0.1], ids=["biases in the gated adds", "dropout: biases in the layers"])
 def test_a_dit_trains_the_same_with_the_kernels_as_with_torchs_operations(dropout):
     from ditlab.models import build_model
 
     torch.manual_seed(0)
-    model = build_model("DiT-Ti/4", input_size=8, in_channels=2, num_classes=3, depth=2, dropout=dropout).train()
+    # 16 tokens of 3 heads of 64 channels: the attention kernel's too, where the CPU has AVX-512
+    model = build_model("DiT-Ti/4", input_size=16, in_channels=2, num_classes=3, depth=2, dropout=dropout).train()
     with torch.no_grad():
         for p in model.parameters():  # random weights everywhere: adaLN-Zero starts the gates at zero
             if p.requires_grad:
                 p.normal_(std=0.1)
     g = torch.Generator().manual_seed(2)
-    x, t, y = torch.randn(4, 2, 8, 8, generator=g), torch.tensor([1, 50, 500, 999]), torch.tensor([0, 1, 2, 3])
+    x, t, y = torch.randn(4, 2, 16, 16, generator=g), torch.tensor([1, 50, 500, 999]), torch.tensor([0, 1, 2, 3])
 
     def loss_and_grads():
         model.zero_grad()
         torch.manual_seed(3)  # the same dropout masks both times
         loss = model(x, t, y).square().mean()
+        nodes.append(graph_nodes(loss))
         loss.backward()
         return loss.detach(), [p.grad.clone() for p in model.parameters() if p.requires_grad]
 
+    nodes = []
     assert kernels.uses_kernel(x)
     ours = loss_and_grads()
     with kernels.off():
         assert not kernels.uses_kernel(x)
         theirs = loss_and_grads()
     assert kernels.uses_kernel(x)  # back on after the block
+    attention_kernel = dropout == 0 and kernels.library().has_attention
+    assert ("_AttentionBackward" in nodes[0]) == attention_kernel and "_AttentionBackward" not in nodes[1]
     assert torch.allclose(ours[0], theirs[0], rtol=1e-5)
     for mine, torchs in zip(ours[1], theirs[1], strict=True):
         assert torch.allclose(mine, torchs, rtol=1e-4, atol=1e-6)

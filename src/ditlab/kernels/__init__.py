@@ -12,9 +12,15 @@ time a process needs them.
   add each way plus the sums for scale's and shift's gradients.
 - `gated_add`: adaLN-Zero's gated residual `x + gate * (h + bias)`, likewise, with the bias of the
   linear layer that made h.
+- `attention`: multi-head self-attention from the fused qkv projection's output, on CPUs with
+  AVX-512, with matrix products of its own (register-tiled, one sample-head's N x N scores in cache).
+  torch's flash-attention kernel took 1.4x as long forward and backward at DiT-S/2's 256 tokens and
+  2-2.7x at the quickstart's 16, counting the concatenation of its three gradients that autograd
+  adds; this one reads q, k and v where the projection wrote them and writes qkv's gradient whole.
 
-The source, `kernels.c`, is plain arithmetic the compiler vectorises; the values differ from
-torch's by float rounding (tests/test_kernels.py bounds it).
+The source, `kernels.c`, is plain arithmetic the compiler vectorises, and AVX-512 intrinsics for
+attention's products; the values differ from torch's by float rounding (tests/test_kernels.py
+bounds it).
 
 How it is built: the C compiler (`$CC`, else `cc`) compiles the source for this CPU
 (`-march=native`, OpenMP for the threads torch is set to use) into a shared library under
@@ -123,6 +129,11 @@ def library() -> ctypes.CDLL | None:
         "ditlab_gated_add_forward": [p, p, p, p, p, i64, i64, i64, i32],
         "ditlab_gated_add_backward": [p, p, p, p, p, p, p, i64, i64, i64, i32],
     }
+    lib.ditlab_attention_available.argtypes, lib.ditlab_attention_available.restype = [], ctypes.c_int
+    lib.has_attention = bool(lib.ditlab_attention_available())
+    if lib.has_attention:  # compiled for a CPU with AVX-512
+        signatures.update({"ditlab_attention_forward": [p, p, p, i64, i64, i64, i64, i32],
+                           "ditlab_attention_backward": [p, p, p, p, p, i64, i64, i64, i64, i32]})
     for name, argtypes in signatures.items():
         fn = getattr(lib, name)
         fn.argtypes, fn.restype = argtypes, None
@@ -222,6 +233,33 @@ class _GatedAdd(torch.autograd.Function):
         return grad, grad_gate, grad_h, partials.sum(0)
 
 
+class _Attention(torch.autograd.Function):
+    """Multi-head self-attention from qkv [B, N, 3C] to [B, N, C]; the backward returns qkv's gradient
+    as one tensor."""
+
+    @staticmethod
+    def forward(ctx, qkv: torch.Tensor, num_heads: int) -> torch.Tensor:
+        qkv = qkv.contiguous()
+        b, n, c3 = qkv.shape
+        out, lse = qkv.new_empty(b, n, c3 // 3), qkv.new_empty(b, num_heads, n)
+        library().ditlab_attention_forward(qkv.data_ptr(), out.data_ptr(), lse.data_ptr(), b, n, num_heads,
+                                           c3 // 3 // num_heads, torch.get_num_threads())
+        ctx.save_for_backward(qkv, out, lse)
+        ctx.num_heads = num_heads
+        return out
+
+    @staticmethod
+    @torch.autograd.function.once_differentiable
+    def backward(ctx, grad: torch.Tensor):
+        qkv, out, lse = ctx.saved_tensors
+        grad, grad_qkv = grad.contiguous(), torch.empty_like(qkv)
+        b, n, c3 = qkv.shape
+        library().ditlab_attention_backward(grad.data_ptr(), qkv.data_ptr(), out.data_ptr(), lse.data_ptr(),
+                                            grad_qkv.data_ptr(), b, n, ctx.num_heads, c3 // 3 // ctx.num_heads,
+                                            torch.get_num_threads())
+        return grad_qkv, None
+
+
 def uses_kernel(*tensors: torch.Tensor) -> bool:
     """Whether these tensors go to the compiled kernels rather than torch's operations."""
     return (all(t.device.type == "cpu" and t.dtype == torch.float32 for t in tensors)
@@ -253,3 +291,26 @@ def gated_add(x: torch.Tensor, gate: torch.Tensor, h: torch.Tensor, bias: torch.
     if shapes_fit and uses_kernel(x, gate, h, *([] if bias is None else [bias])):
         return _GatedAdd.apply(x, gate, h, h.new_zeros(c) if bias is None else bias)
     return x + gate.unsqueeze(1) * (h if bias is None else h + bias)
+
+
+# The most tokens the attention kernel takes: one sample-head's N x N scores (and, in the backward,
+# their gradient) are kept whole per thread, 256 KB each at 256 tokens (DiT-XL/2 at 256px).
+ATTENTION_MAX_TOKENS = 256
+
+
+def attention(qkv: torch.Tensor, num_heads: int, dropout_p: float = 0.0) -> torch.Tensor:
+    """Multi-head self-attention, `softmax(Q K^T / sqrt(d)) V` per head, from a fused projection's
+    output qkv [B, N, 3C] (q, k and v side by side, each `num_heads` heads of d channels) to
+    [B, N, C] (the heads side by side). The kernel takes N and d multiples of 16, N up to
+    ATTENTION_MAX_TOKENS, and no dropout; elsewhere it is torch's attention
+    (`ditlab.models.attention.scaled_dot_product_attention`)."""
+    b, n, c3 = qkv.shape
+    c = c3 // 3
+    d = c // num_heads
+    if (dropout_p == 0 and n % 16 == 0 and d % 16 == 0 and n <= ATTENTION_MAX_TOKENS and uses_kernel(qkv)
+            and library().has_attention):
+        return _Attention.apply(qkv, num_heads)
+    from ditlab.models.attention import scaled_dot_product_attention  # here: ditlab.models imports this module
+
+    q, k, v = (t.view(b, n, num_heads, d).transpose(1, 2) for t in qkv.split(c, dim=-1))
+    return scaled_dot_product_attention(q, k, v, dropout_p=dropout_p).transpose(1, 2).reshape(b, n, c)

@@ -3,7 +3,9 @@
    Each is one pass over memory where torch takes several, for float32 tensors in DiT's blocks:
    GELU in its tanh form (with the bias before it), adaLN's modulated LayerNorm, and the gated
    residual add (with the bias of the product before it). Rows are split
-   over the threads with OpenMP; the inner loops are plain arithmetic the compiler vectorises. */
+   over the threads with OpenMP; the inner loops are plain arithmetic the compiler vectorises.
+   Last, on CPUs with AVX-512, multi-head self-attention read straight from the fused qkv
+   projection's output, with matrix products of its own (at the end of this file). */
 
 /* GELU, tanh form:
 
@@ -201,3 +203,165 @@ void ditlab_gated_add_backward(const float *grad, const float *gate, const float
         }
     }
 }
+
+
+/* Multi-head self-attention, softmax(Q K^T / sqrt(d)) V per sample and head, for the token counts
+   of DiT's blocks (N a multiple of 16, small enough that one head's N x N scores stay in cache).
+   q, k and v are read where the fused qkv projection wrote them ([B, N, 3C], heads of d channels
+   side by side), the output is written as [B, N, C], the layout the output projection takes, and
+   the backward writes the gradient of qkv as one [B, N, 3C] tensor. torch's CPU flash-attention
+   kernel takes q, k and v as [B, H, N, d] views, its backward returns three gradients that autograd
+   then concatenates, and at these sizes its block products run well below the machine's peak
+   (BENCHMARKS.md, "Attention of our own"). Sample-heads are split over the threads; each head's
+   products are the register-tiled AVX-512 kernel below. */
+#if defined(__AVX512F__)
+#include <immintrin.h>
+#include <stdlib.h>
+
+int ditlab_attention_available(void) { return 1; }
+
+/* n floats of scratch, 64-byte aligned (aligned_alloc wants a size that is a multiple of 64). */
+static float *scratch(int64_t n) { return aligned_alloc(64, (sizeof(float) * n + 63) / 64 * 64); }
+
+/* One tile of a matrix product: C[r, 0:16V] = alpha * sum_k A(r, k) B[k, 0:16V] for r < 8, with V = 1
+   or 2 vectors of 16 floats, A(r, k) = A[r rsa + k csa] (so A can be read transposed), and B
+   row-major with row stride ldb. The 8 x 16V sums stay in registers over k. */
+static inline __attribute__((always_inline)) void tile(const int V, const float *A, int64_t rsa, int64_t csa,
+                                                       const float *B, int64_t ldb, int64_t K, float *C,
+                                                       int64_t ldc, float alpha) {
+    __m512 c[8][2];
+#pragma GCC unroll 8
+    for (int r = 0; r < 8; r++) c[r][0] = c[r][1] = _mm512_setzero_ps();
+    for (int64_t k = 0; k < K; k++) {
+        const float *ak = A + k * csa, *bk = B + k * ldb;
+        __m512 b0 = _mm512_loadu_ps(bk), b1 = V == 2 ? _mm512_loadu_ps(bk + 16) : b0;
+#pragma GCC unroll 8
+        for (int r = 0; r < 8; r++) {
+            __m512 a = _mm512_set1_ps(ak[r * rsa]);
+            c[r][0] = _mm512_fmadd_ps(a, b0, c[r][0]);
+            if (V == 2) c[r][1] = _mm512_fmadd_ps(a, b1, c[r][1]);
+        }
+    }
+    __m512 va = _mm512_set1_ps(alpha);
+#pragma GCC unroll 8
+    for (int r = 0; r < 8; r++) {
+        _mm512_storeu_ps(C + r * ldc, _mm512_mul_ps(va, c[r][0]));
+        if (V == 2) _mm512_storeu_ps(C + r * ldc + 16, _mm512_mul_ps(va, c[r][1]));
+    }
+}
+
+static void tile32(const float *A, int64_t rsa, int64_t csa, const float *B, int64_t ldb, int64_t K, float *C,
+                   int64_t ldc, float alpha) {
+    tile(2, A, rsa, csa, B, ldb, K, C, ldc, alpha);
+}
+
+static void tile16(const float *A, int64_t rsa, int64_t csa, const float *B, int64_t ldb, int64_t K, float *C,
+                   int64_t ldc, float alpha) {
+    tile(1, A, rsa, csa, B, ldb, K, C, ldc, alpha);
+}
+
+/* C = alpha * A B for an M x K matrix A (M a multiple of 8, read as in `tile`) and a K x Nc matrix B
+   (Nc a multiple of 16). */
+static void gemm(const float *A, int64_t rsa, int64_t csa, const float *B, int64_t ldb, int64_t K, float *C,
+                 int64_t ldc, int64_t M, int64_t Nc, float alpha) {
+    for (int64_t i = 0; i < M; i += 8) {
+        int64_t j = 0;
+        for (; j + 32 <= Nc; j += 32) tile32(A + i * rsa, rsa, csa, B + j, ldb, K, C + i * ldc + j, ldc, alpha);
+        if (j < Nc) tile16(A + i * rsa, rsa, csa, B + j, ldb, K, C + i * ldc + j, ldc, alpha);
+    }
+}
+
+/* dst[c ldd + j] = src[j lds + c] for j < n (a multiple of 16) and c < d, in blocks of 16 rows so
+   that the lines read and written stay in L1. */
+static void transpose(const float *src, int64_t lds, float *dst, int64_t ldd, int64_t n, int64_t d) {
+    for (int64_t j0 = 0; j0 < n; j0 += 16)
+        for (int64_t c = 0; c < d; c++)
+#pragma omp simd
+            for (int64_t j = j0; j < j0 + 16; j++) dst[c * ldd + j] = src[j * lds + c];
+}
+
+/* 2^t for t <= 0 (underflowing to 2^-125 rather than 0, which no sum of probabilities can tell). */
+static inline float exp2_nonpositive(float t) { return exp2_clamped(t < -125.0f ? -125.0f : t); }
+
+/* Forward: out [B, N, C] from qkv [B, N, 3C], and lse [B, H, N], each row's log-normaliser in units
+   of log2 (scores are taken in log2 units, so that the softmax's exponential is 2^t). */
+void ditlab_attention_forward(const float *qkv, float *out, float *lse, int64_t B, int64_t N, int64_t H, int64_t d,
+                              int threads) {
+    const int64_t C = H * d, ld = 3 * C, lt = N + 16; /* lt: K^T's row stride, off the powers of two */
+    const float alpha = LOG2E / sqrtf((float)d);
+#pragma omp parallel num_threads(threads)
+    {
+        float *kt = scratch(d * lt + N * N), *s = kt + d * lt;
+#pragma omp for schedule(static)
+        for (int64_t bh = 0; bh < B * H; bh++) {
+            const int64_t b = bh / H, h = bh % H;
+            const float *q = qkv + b * N * ld + h * d, *k = q + C, *v = q + 2 * C;
+            float *l = lse + bh * N;
+            transpose(k, ld, kt, lt, N, d);
+            gemm(q, ld, 1, kt, lt, d, s, N, N, N, alpha); /* s = log2(e) Q K^T / sqrt(d) */
+            for (int64_t i = 0; i < N; i++) {
+                float *row = s + i * N, m = row[0], sum = 0.0f;
+#pragma omp simd reduction(max : m)
+                for (int64_t j = 1; j < N; j++) m = row[j] > m ? row[j] : m;
+#pragma omp simd reduction(+ : sum)
+                for (int64_t j = 0; j < N; j++) {
+                    row[j] = exp2_nonpositive(row[j] - m);
+                    sum += row[j];
+                }
+                const float inv = 1.0f / sum;
+#pragma omp simd
+                for (int64_t j = 0; j < N; j++) row[j] *= inv;
+                l[i] = m + log2f(sum);
+            }
+            gemm(s, N, 1, v, ld, N, out + b * N * C + h * d, C, N, d, 1.0f); /* out = P V */
+        }
+        free(kt);
+    }
+}
+
+/* Backward: grad_qkv [B, N, 3C] from grad_out [B, N, C], with qkv, out and lse as the forward left
+   them. P is recomputed from the scores and lse; with D_i = sum_c dO_ic O_ic,
+   dV = P^T dO, dS = P * (dO V^T - D), dQ = dS K / sqrt(d), dK = dS^T Q / sqrt(d). */
+void ditlab_attention_backward(const float *grad_out, const float *qkv, const float *out, const float *lse,
+                               float *grad_qkv, int64_t B, int64_t N, int64_t H, int64_t d, int threads) {
+    const int64_t C = H * d, ld = 3 * C, lt = N + 16;
+    const float scale = 1.0f / sqrtf((float)d), alpha = LOG2E * scale;
+#pragma omp parallel num_threads(threads)
+    {
+        float *kt = scratch(2 * d * lt + 2 * N * N + N);
+        float *vt = kt + d * lt, *p = vt + d * lt, *ds = p + N * N, *D = ds + N * N;
+#pragma omp for schedule(static)
+        for (int64_t bh = 0; bh < B * H; bh++) {
+            const int64_t b = bh / H, h = bh % H;
+            const float *q = qkv + b * N * ld + h * d, *k = q + C, *v = q + 2 * C;
+            const float *go = grad_out + b * N * C + h * d, *o = out + b * N * C + h * d, *l = lse + bh * N;
+            float *gq = grad_qkv + b * N * ld + h * d, *gk = gq + C, *gv = gq + 2 * C;
+            transpose(k, ld, kt, lt, N, d);
+            transpose(v, ld, vt, lt, N, d);
+            for (int64_t i = 0; i < N; i++) {
+                float acc = 0.0f;
+#pragma omp simd reduction(+ : acc)
+                for (int64_t c = 0; c < d; c++) acc += go[i * C + c] * o[i * C + c];
+                D[i] = acc;
+            }
+            gemm(q, ld, 1, kt, lt, d, p, N, N, N, alpha); /* the forward's scores, log2 units */
+            gemm(go, C, 1, vt, lt, d, ds, N, N, N, 1.0f); /* dP = dO V^T */
+            for (int64_t i = 0; i < N; i++) {
+                float *pr = p + i * N, *dr = ds + i * N;
+                const float li = l[i], Di = D[i];
+#pragma omp simd
+                for (int64_t j = 0; j < N; j++) {
+                    pr[j] = exp2_nonpositive(pr[j] - li);
+                    dr[j] = pr[j] * (dr[j] - Di);
+                }
+            }
+            gemm(p, 1, N, go, C, N, gv, ld, N, d, 1.0f);   /* dV = P^T dO */
+            gemm(ds, N, 1, k, ld, N, gq, ld, N, d, scale); /* dQ = dS K / sqrt(d) */
+            gemm(ds, 1, N, q, ld, N, gk, ld, N, d, scale); /* dK = dS^T Q / sqrt(d) */
+        }
+        free(kt);
+    }
+}
+#else
+int ditlab_attention_available(void) { return 0; }
+#endif

@@ -18,7 +18,6 @@ from torch import nn
 from torch.utils.checkpoint import checkpoint
 
 from ditlab import kernels
-from ditlab.models.attention import scaled_dot_product_attention
 
 
 @dataclass(frozen=True)
@@ -121,16 +120,11 @@ class Attention(nn.Module):
 
     def forward(self, x: torch.Tensor, proj_bias: bool = True) -> torch.Tensor:
         """With `proj_bias` False the output projection's bias is left for the caller to add."""
-        b, n, c = x.shape
-        # Split the fused projection on its last axis, then view each part as heads: the same
-        # numbers as permuting a [b, n, 3, heads, d] view, but q, k and v reach the attention kernel
-        # with the strides it prefers; 15% less time for the attention sub-layer's forward and
-        # backward at DiT-S/2 on CPU (BENCHMARKS.md).
-        q, k, v = (t.view(b, n, self.num_heads, c // self.num_heads).transpose(1, 2)
-                   for t in self.qkv(x).split(c, dim=-1))
-        p = self.dropout if self.training else 0.0
-        out = scaled_dot_product_attention(q, k, v, dropout_p=p)
-        out = out.transpose(1, 2).reshape(b, n, c)
+        # ditlab's CPU kernel where it applies (float32 on a CPU with AVX-512), else torch's attention
+        # on q, k and v split from the fused projection's last axis and viewed as heads: the same
+        # numbers as permuting a [b, n, 3, heads, d] view, with the strides torch's kernel prefers
+        # (15% less time for the sub-layer at DiT-S/2 on CPU; BENCHMARKS.md).
+        out = kernels.attention(self.qkv(x), self.num_heads, dropout_p=self.dropout if self.training else 0.0)
         return self.proj(out) if proj_bias else F.linear(out, self.proj.weight)
 
 
