@@ -43,8 +43,12 @@ SDPA_ON_CPU = {aten._scaled_dot_product_flash_attention_for_cpu: _sdpa_cpu,
 
 
 def count_flops(fn: Callable[[], object]) -> int:
-    """FLOPs (a multiply-add counts 2) of running `fn` once, attention included."""
-    with FlopCounterMode(display=False, custom_mapping=SDPA_ON_CPU) as counter:
+    """FLOPs (a multiply-add counts 2) of running `fn` once, attention included. Counted with
+    ditlab's CPU kernels off: FlopCounterMode sees torch's operations only, and the attention kernel
+    does its products inside (the same products, so the same count)."""
+    from ditlab import kernels
+
+    with kernels.off(), FlopCounterMode(display=False, custom_mapping=SDPA_ON_CPU) as counter:
         fn()
     return counter.get_total_flops()
 

@@ -1,6 +1,6 @@
 """Benchmark: choices inside a CPU training step, each against its alternative.
 
-    python benchmarks/step_kernels.py [--shapes "quickstart DiT-Ti/4" DiT-S/4] [--rounds 5] [--json FILE]
+    python benchmarks/step_kernels.py [--shapes "quickstart DiT-Ti/4" DiT-S/4 DiT-S/2] [--rounds 5] [--json FILE]
 
 1. AdamW. `training/optim.py` builds it fused; torch's default on CPU is a loop of small ops per
    parameter. Timed as one `step()` over the quickstart model's parameters (1.9M in 71 tensors)
@@ -13,18 +13,21 @@
 3. Attention as two matmuls and a softmax instead of `scaled_dot_product_attention` (on CPU its
    flash kernel). On contiguous q, k and v alone the matmul form is faster at 16-64 tokens, but
    inside the attention layer, where q, k and v are strided views of the fused qkv projection, it
-   is not (below); the model keeps the fused kernel. Timed as the attention layer's forward and
-   backward in either form.
+   is not (below). Timed as the attention layer's forward and backward in either form, with
+   ditlab.kernels off. Since ditlab's own attention kernel (item 4) the model runs neither where it
+   applies.
 4. ditlab.kernels (3 December): adaLN's LayerNorm and modulation, the gated residual adds with
-   the biases before them, and fc1's bias and GELU, each one compiled pass, against torch's
-   operations (the kernels turned off). Timed as a DiT block's forward and backward, and as a
-   whole training step (forward, MSE loss, backward, AdamW) of the full model at the shape's
-   preset size.
+   the biases before them, fc1's bias and GELU, each one compiled pass, and (on CPUs with AVX-512)
+   attention read from the fused qkv projection, against torch's operations (the kernels turned
+   off). Timed as the attention layer's forward and backward, as a DiT block's, and as a whole
+   training step (forward, MSE loss, backward, AdamW) of the full model at the shape's preset
+   size.
 
 Each pair is timed alternately, `--rounds` times, in one process (medians of 20 calls a round);
 printed per round as the ratio alternative / ours, so above 1 means the shipped choice is faster.
 Shapes: the quickstart's (64 images, 16 tokens, width 128, 4 heads) on one thread and DiT-S/4's
-(32 images, 64 tokens, width 384, 6 heads) on two. Run it with nothing else on the machine.
+(32 images, 64 tokens, width 384, 6 heads) on two; DiT-S/2's (256 tokens) on two when asked for.
+Run it with nothing else on the machine.
 """
 
 from __future__ import annotations
@@ -44,7 +47,9 @@ from train_step import train_step  # noqa: E402
 
 # name -> (preset, images, tokens, width, heads, threads, input size, input channels, classes)
 SHAPES = {"quickstart DiT-Ti/4": ("DiT-Ti/4", 64, 16, 128, 4, 1, 16, 1, 10),
-          "DiT-S/4": ("DiT-S/4", 32, 64, 384, 6, 2, 32, 4, 1000)}
+          "DiT-S/4": ("DiT-S/4", 32, 64, 384, 6, 2, 32, 4, 1000),
+          "DiT-S/2": ("DiT-S/2", 32, 256, 384, 6, 2, 32, 4, 1000)}
+DEFAULT_SHAPES = ["quickstart DiT-Ti/4", "DiT-S/4"]  # DiT-S/2's step takes 4-5 s here: ask for it
 
 
 class MatmulAttention(torch.nn.Module):
@@ -118,8 +123,11 @@ def measure(name: str, count: int) -> list[dict]:
 
     matmul = MatmulAttention(block.attn)
     x = contiguous.detach().requires_grad_(True)
-    out.append(row("attention layer with SDPA (ours) vs matmuls and a softmax", name,
-                   rounds(lambda: block.attn(x).backward(grad), lambda: matmul(x).backward(grad), count)))
+    out.append(row("attention layer with torch's SDPA vs matmuls and a softmax", name,
+                   rounds(torch_ops(lambda: block.attn(x).backward(grad)), lambda: matmul(x).backward(grad), count)))
+    out.append(row("attention layer with ditlab.kernels' attention (ours) vs torch's SDPA", name,
+                   rounds(lambda: block.attn(x).backward(grad), torch_ops(lambda: block.attn(x).backward(grad)),
+                          count)))
     out.append(row("DiT block with ditlab.kernels (ours) vs torch's operations", name,
                    rounds(lambda: block(contiguous, c).backward(grad),
                           torch_ops(lambda: block(contiguous, c).backward(grad)), count)))
@@ -138,7 +146,7 @@ def measure(name: str, count: int) -> list[dict]:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--shapes", nargs="+", default=list(SHAPES))
+    parser.add_argument("--shapes", nargs="+", choices=list(SHAPES), default=DEFAULT_SHAPES)
     parser.add_argument("--rounds", type=int, default=5)
     parser.add_argument("--json", help="also write the rows here")
     args = parser.parse_args()
