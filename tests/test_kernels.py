@@ -210,6 +210,15 @@ def test_attention_with_saturated_scores_stays_finite_and_as_close_as_torchs():
         assert (mine - truth).abs().max() <= max(4 * (torchs_value - truth).abs().max().item(), 2e-6)
 
 
+def test_attention_spreads_nan_as_torch_does():
+    needs_attention_kernel()
+    qkv = torch.randn(2, 32, 3 * 32)
+    qkv[0, 5, 3] = float("nan")  # a query of sample 0's first head: its row of scores
+    qkv[1, 7, 32 + 20] = float("nan")  # a key of sample 1's second head: every score of that head
+    qkv[1, 9, 64 + 2] = float("nan")  # a value of sample 1's first head: that channel of every row
+    assert torch.equal(kernels.attention(qkv, 2).isnan(), torch_attention(qkv, 2).isnan())
+
+
 def test_attention_outside_the_kernels_reach_is_torchs():
     needs_attention_kernel()
     cases = [(torch.randn(2, 20, 96), 2, 0.0),  # 20 tokens: not a multiple of 16

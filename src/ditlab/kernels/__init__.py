@@ -241,20 +241,20 @@ class _Attention(torch.autograd.Function):
     def forward(ctx, qkv: torch.Tensor, num_heads: int) -> torch.Tensor:
         qkv = qkv.contiguous()
         b, n, c3 = qkv.shape
-        out, lse = qkv.new_empty(b, n, c3 // 3), qkv.new_empty(b, num_heads, n)
-        library().ditlab_attention_forward(qkv.data_ptr(), out.data_ptr(), lse.data_ptr(), b, n, num_heads,
+        out, stats = qkv.new_empty(b, n, c3 // 3), qkv.new_empty(b, num_heads, n, 2)  # each row's max, 1 / sum
+        library().ditlab_attention_forward(qkv.data_ptr(), out.data_ptr(), stats.data_ptr(), b, n, num_heads,
                                            c3 // 3 // num_heads, torch.get_num_threads())
-        ctx.save_for_backward(qkv, out, lse)
+        ctx.save_for_backward(qkv, out, stats)
         ctx.num_heads = num_heads
         return out
 
     @staticmethod
     @torch.autograd.function.once_differentiable
     def backward(ctx, grad: torch.Tensor):
-        qkv, out, lse = ctx.saved_tensors
+        qkv, out, stats = ctx.saved_tensors
         grad, grad_qkv = grad.contiguous(), torch.empty_like(qkv)
         b, n, c3 = qkv.shape
-        library().ditlab_attention_backward(grad.data_ptr(), qkv.data_ptr(), out.data_ptr(), lse.data_ptr(),
+        library().ditlab_attention_backward(grad.data_ptr(), qkv.data_ptr(), out.data_ptr(), stats.data_ptr(),
                                             grad_qkv.data_ptr(), b, n, ctx.num_heads, c3 // 3 // ctx.num_heads,
                                             torch.get_num_threads())
         return grad_qkv, None

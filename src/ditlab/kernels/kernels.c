@@ -280,13 +280,42 @@ static void transpose(const float *src, int64_t lds, float *dst, int64_t ldd, in
             for (int64_t j = j0; j < j0 + 16; j++) dst[c * ldd + j] = src[j * lds + c];
 }
 
-/* 2^t for t <= 0 (underflowing to 2^-125 rather than 0, which no sum of probabilities can tell). */
-static inline float exp2_nonpositive(float t) { return exp2_clamped(t < -125.0f ? -125.0f : t); }
+/* 2^t for 16 values t <= 0, as exp2_clamped computes it (underflowing to 2^-125 rather than 0, which
+   no sum of probabilities can tell); NaN stays NaN. */
+static inline __m512 exp2_vec(__m512 t) {
+    const __m512 shifter = _mm512_set1_ps(12582912.0f);
+    const __mmask16 nan = _mm512_cmp_ps_mask(t, t, _CMP_UNORD_Q);
+    const __m512 u = _mm512_max_ps(t, _mm512_set1_ps(-125.0f)); /* NaN becomes -125 here: put back below */
+    __m512 r = _mm512_add_ps(u, shifter), f = _mm512_sub_ps(u, _mm512_sub_ps(r, shifter));
+    __m512 p = _mm512_set1_ps(EXP2_POLY[6]);
+    for (int i = 5; i >= 0; i--) p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(EXP2_POLY[i]));
+    __m512i n = _mm512_slli_epi32(_mm512_sub_epi32(_mm512_castps_si512(r), _mm512_set1_epi32(0x4B400000)), 23);
+    return _mm512_mask_mov_ps(_mm512_castsi512_ps(_mm512_add_epi32(_mm512_castps_si512(p), n)), nan, t);
+}
 
-/* Forward: out [B, N, C] from qkv [B, N, 3C], and lse [B, H, N], each row's log-normaliser in units
-   of log2 (scores are taken in log2 units, so that the softmax's exponential is 2^t). */
-void ditlab_attention_forward(const float *qkv, float *out, float *lse, int64_t B, int64_t N, int64_t H, int64_t d,
-                              int threads) {
+/* One row of N scores (log2 units) to probabilities, in place: p_j = 2^(s_j - m) / sum, m the row's
+   largest score. m and 1 / sum go to stats[0] and stats[1], from which the backward recomputes the
+   same p_j bit for bit. A NaN anywhere in the row makes the whole row NaN. */
+static inline void softmax_row(float *row, int64_t N, float *stats) {
+    __m512 top = _mm512_loadu_ps(row), sum = _mm512_setzero_ps();
+    for (int64_t j = 16; j < N; j += 16) top = _mm512_max_ps(top, _mm512_loadu_ps(row + j));
+    const float m = _mm512_reduce_max_ps(top);
+    for (int64_t j = 0; j < N; j += 16) {
+        __m512 e = exp2_vec(_mm512_sub_ps(_mm512_loadu_ps(row + j), _mm512_set1_ps(m)));
+        _mm512_storeu_ps(row + j, e);
+        sum = _mm512_add_ps(sum, e);
+    }
+    const float inv = 1.0f / _mm512_reduce_add_ps(sum);
+    for (int64_t j = 0; j < N; j += 16) _mm512_storeu_ps(row + j, _mm512_mul_ps(_mm512_loadu_ps(row + j), _mm512_set1_ps(inv)));
+    stats[0] = m;
+    stats[1] = inv;
+}
+
+/* Forward: out [B, N, C] from qkv [B, N, 3C], and stats [B, H, N, 2], each row's largest score and
+   the reciprocal of its softmax's sum (scores are taken in log2 units, so that the softmax's
+   exponential is 2^t). */
+void ditlab_attention_forward(const float *qkv, float *out, float *stats, int64_t B, int64_t N, int64_t H,
+                              int64_t d, int threads) {
     const int64_t C = H * d, ld = 3 * C, lt = N + 16; /* lt: K^T's row stride, off the powers of two */
     const float alpha = LOG2E / sqrtf((float)d);
 #pragma omp parallel num_threads(threads)
@@ -296,33 +325,19 @@ void ditlab_attention_forward(const float *qkv, float *out, float *lse, int64_t 
         for (int64_t bh = 0; bh < B * H; bh++) {
             const int64_t b = bh / H, h = bh % H;
             const float *q = qkv + b * N * ld + h * d, *k = q + C, *v = q + 2 * C;
-            float *l = lse + bh * N;
             transpose(k, ld, kt, lt, N, d);
             gemm(q, ld, 1, kt, lt, d, s, N, N, N, alpha); /* s = log2(e) Q K^T / sqrt(d) */
-            for (int64_t i = 0; i < N; i++) {
-                float *row = s + i * N, m = row[0], sum = 0.0f;
-#pragma omp simd reduction(max : m)
-                for (int64_t j = 1; j < N; j++) m = row[j] > m ? row[j] : m;
-#pragma omp simd reduction(+ : sum)
-                for (int64_t j = 0; j < N; j++) {
-                    row[j] = exp2_nonpositive(row[j] - m);
-                    sum += row[j];
-                }
-                const float inv = 1.0f / sum;
-#pragma omp simd
-                for (int64_t j = 0; j < N; j++) row[j] *= inv;
-                l[i] = m + log2f(sum);
-            }
+            for (int64_t i = 0; i < N; i++) softmax_row(s + i * N, N, stats + (bh * N + i) * 2);
             gemm(s, N, 1, v, ld, N, out + b * N * C + h * d, C, N, d, 1.0f); /* out = P V */
         }
         free(kt);
     }
 }
 
-/* Backward: grad_qkv [B, N, 3C] from grad_out [B, N, C], with qkv, out and lse as the forward left
-   them. P is recomputed from the scores and lse; with D_i = sum_c dO_ic O_ic,
+/* Backward: grad_qkv [B, N, 3C] from grad_out [B, N, C], with qkv, out and stats as the forward left
+   them. P is recomputed from the scores and stats; with D_i = sum_c dO_ic O_ic,
    dV = P^T dO, dS = P * (dO V^T - D), dQ = dS K / sqrt(d), dK = dS^T Q / sqrt(d). */
-void ditlab_attention_backward(const float *grad_out, const float *qkv, const float *out, const float *lse,
+void ditlab_attention_backward(const float *grad_out, const float *qkv, const float *out, const float *stats,
                                float *grad_qkv, int64_t B, int64_t N, int64_t H, int64_t d, int threads) {
     const int64_t C = H * d, ld = 3 * C, lt = N + 16;
     const float scale = 1.0f / sqrtf((float)d), alpha = LOG2E * scale;
@@ -334,7 +349,7 @@ void ditlab_attention_backward(const float *grad_out, const float *qkv, const fl
         for (int64_t bh = 0; bh < B * H; bh++) {
             const int64_t b = bh / H, h = bh % H;
             const float *q = qkv + b * N * ld + h * d, *k = q + C, *v = q + 2 * C;
-            const float *go = grad_out + b * N * C + h * d, *o = out + b * N * C + h * d, *l = lse + bh * N;
+            const float *go = grad_out + b * N * C + h * d, *o = out + b * N * C + h * d, *st = stats + bh * N * 2;
             float *gq = grad_qkv + b * N * ld + h * d, *gk = gq + C, *gv = gq + 2 * C;
             transpose(k, ld, kt, lt, N, d);
             transpose(v, ld, vt, lt, N, d);
@@ -344,15 +359,16 @@ void ditlab_attention_backward(const float *grad_out, const float *qkv, const fl
                 for (int64_t c = 0; c < d; c++) acc += go[i * C + c] * o[i * C + c];
                 D[i] = acc;
             }
-            gemm(q, ld, 1, kt, lt, d, p, N, N, N, alpha); /* the forward's scores, log2 units */
+            gemm(q, ld, 1, kt, lt, d, p, N, N, N, alpha); /* the forward's scores, bit for bit */
             gemm(go, C, 1, vt, lt, d, ds, N, N, N, 1.0f); /* dP = dO V^T */
             for (int64_t i = 0; i < N; i++) {
                 float *pr = p + i * N, *dr = ds + i * N;
-                const float li = l[i], Di = D[i];
-#pragma omp simd
-                for (int64_t j = 0; j < N; j++) {
-                    pr[j] = exp2_nonpositive(pr[j] - li);
-                    dr[j] = pr[j] * (dr[j] - Di);
+                const __m512 m = _mm512_set1_ps(st[2 * i]), inv = _mm512_set1_ps(st[2 * i + 1]);
+                const __m512 Di = _mm512_set1_ps(D[i]);
+                for (int64_t j = 0; j < N; j += 16) {
+                    __m512 pj = _mm512_mul_ps(exp2_vec(_mm512_sub_ps(_mm512_loadu_ps(pr + j), m)), inv);
+                    _mm512_storeu_ps(pr + j, pj);
+                    _mm512_storeu_ps(dr + j, _mm512_mul_ps(pj, _mm512_sub_ps(_mm512_loadu_ps(dr + j), Di)));
                 }
             }
             gemm(p, 1, N, go, C, N, gv, ld, N, d, 1.0f);   /* dV = P^T dO */
