@@ -14,9 +14,10 @@ time a process needs them.
   linear layer that made h.
 - `attention`: multi-head self-attention from the fused qkv projection's output, on CPUs with
   AVX-512, with matrix products of its own (register-tiled, one sample-head's N x N scores in cache).
-  torch's flash-attention kernel took 1.4x as long forward and backward at DiT-S/2's 256 tokens and
-  2-2.7x at the quickstart's 16, counting the concatenation of its three gradients that autograd
-  adds; this one reads q, k and v where the projection wrote them and writes qkv's gradient whole.
+  torch's path (its flash-attention kernel, then autograd's concatenation of the three gradients)
+  took 1.25x as long forward and backward at DiT-S/2's 256 tokens, 1.5x at DiT-S/4's 64 and 1.9x
+  at the quickstart's 16; this one reads q, k and v where the projection wrote them and writes
+  qkv's gradient whole.
 
 The source, `kernels.c`, is plain arithmetic the compiler vectorises, and AVX-512 intrinsics for
 attention's products; the values differ from torch's by float rounding (tests/test_kernels.py
@@ -26,7 +27,7 @@ How it is built: the C compiler (`$CC`, else `cc`) compiles the source for this 
 (`-march=native`, OpenMP for the threads torch is set to use) into a shared library under
 `$DITLAB_CACHE_DIR/kernels` (default `~/.cache/ditlab/kernels`), named by a digest of the source,
 the flags, the compiler's version and this CPU's model and instruction sets, so a cache shared by
-different machines never hands one a library built for another. Compiling takes well under a
+different machines never hands one a library built for another. Compiling takes about half a
 second; processes that start together (Ray Train's workers) each write a temporary file and rename
 it into place. The library links the OpenMP runtime torch has already loaded (libgomp), so it
 shares torch's threads rather than starting its own.
