@@ -295,7 +295,7 @@ def gated_add(x: torch.Tensor, gate: torch.Tensor, h: torch.Tensor, bias: torch.
 
 
 # The most tokens the attention kernel takes: one sample-head's N x N scores (and, in the backward,
-# their gradient) are kept whole per thread, 256 KB each at 256 tokens (DiT-XL/2 at 256px).
+# their gradient) are kept whole per thread, 256 KB each at 256 tokens (the /2 DiTs at 256px).
 ATTENTION_MAX_TOKENS = 256
 
 
