@@ -178,7 +178,7 @@ def needs_attention_kernel():
 
 
 # (batch, tokens, heads, head size): 48 tokens take both widths of the product's tiles; 256 is the most
-# the kernel takes (DiT-XL/2 and DiT-S/2 at 256px).
+# the kernel takes (DiT-S/2 and the other /2 models at 256px).
 @pytest.mark.parametrize("shape", [(3, 48, 3, 32), (1, 16, 2, 16), (2, 256, 2, 64)],
                          ids=["48 tokens", "one sample", "256 tokens"])
 def test_attention_computes_torchs_function_forward_and_backward(shape, threads):
@@ -202,9 +202,10 @@ def test_attention_with_saturated_scores_stays_finite_and_as_close_as_torchs():
     qkv = torch.randn(2, 16, 3 * 16, generator=g)
     qkv[..., :32] *= 100  # scores in the thousands: each row's softmax is one key or a near-tie of two
     grad = torch.randn(2, 16, 16, generator=g)
-    ours, _ = values_and_grads(lambda t: kernels.attention(t, 1), [qkv], grad)
+    ours, node = values_and_grads(lambda t: kernels.attention(t, 1), [qkv], grad)
     theirs, _ = values_and_grads(lambda t: torch_attention(t, 1), [qkv], grad)
     exact, _ = values_and_grads(lambda t: torch_attention(t, 1), [qkv.double()], grad.double())
+    assert node == "_AttentionBackward"
     for mine, torchs_value, truth in zip(ours, theirs, exact, strict=True):
         assert torch.isfinite(mine).all()
         assert (mine - truth).abs().max() <= max(4 * (torchs_value - truth).abs().max().item(), 2e-6)
@@ -216,17 +217,19 @@ def test_attention_spreads_nan_as_torch_does():
     qkv[0, 5, 3] = float("nan")  # a query of sample 0's first head: its row of scores
     qkv[1, 7, 32 + 20] = float("nan")  # a key of sample 1's second head: every score of that head
     qkv[1, 9, 64 + 2] = float("nan")  # a value of sample 1's first head: that channel of every row
-    assert torch.equal(kernels.attention(qkv, 2).isnan(), torch_attention(qkv, 2).isnan())
+    ours = kernels.attention(qkv.requires_grad_(), 2)
+    assert type(ours.grad_fn).__name__ == "_AttentionBackward"
+    assert torch.equal(ours.isnan(), torch_attention(qkv, 2).isnan())
 
 
 def test_attention_outside_the_kernels_reach_is_torchs():
     needs_attention_kernel()
-    cases = [(torch.randn(2, 20, 96), 2, 0.0),  # 20 tokens: not a multiple of 16
-             (torch.randn(1, 272, 96), 2, 0.0),  # more tokens than the kernel keeps in cache
-             (torch.randn(2, 16, 48), 2, 0.0),  # heads of 8 channels
-             (torch.randn(2, 16, 96).double(), 2, 0.0)]
-    for qkv, heads, p in cases:
-        assert torch.equal(kernels.attention(qkv, heads, p), torch_attention(qkv, heads))
+    cases = [torch.randn(2, 20, 96),  # 20 tokens: not a multiple of 16
+             torch.randn(1, 272, 96),  # more tokens than the kernel keeps in cache
+             torch.randn(2, 16, 48),  # heads of 8 channels
+             torch.randn(2, 16, 96).double()]
+    for qkv in cases:
+        assert torch.equal(kernels.attention(qkv, 2), torch_attention(qkv, 2))
     qkv = torch.randn(2, 16, 96, requires_grad=True)
     assert type(kernels.attention(qkv, 2).grad_fn).__name__ == "_AttentionBackward"
     assert type(kernels.attention(qkv, 2, dropout_p=0.1).grad_fn).__name__ != "_AttentionBackward"

@@ -250,24 +250,14 @@ static inline __attribute__((always_inline)) void tile(const int V, const float 
     }
 }
 
-static void tile32(const float *A, int64_t rsa, int64_t csa, const float *B, int64_t ldb, int64_t K, float *C,
-                   int64_t ldc, float alpha) {
-    tile(2, A, rsa, csa, B, ldb, K, C, ldc, alpha);
-}
-
-static void tile16(const float *A, int64_t rsa, int64_t csa, const float *B, int64_t ldb, int64_t K, float *C,
-                   int64_t ldc, float alpha) {
-    tile(1, A, rsa, csa, B, ldb, K, C, ldc, alpha);
-}
-
 /* C = alpha * A B for an M x K matrix A (M a multiple of 8, read as in `tile`) and a K x Nc matrix B
    (Nc a multiple of 16). */
 static void gemm(const float *A, int64_t rsa, int64_t csa, const float *B, int64_t ldb, int64_t K, float *C,
                  int64_t ldc, int64_t M, int64_t Nc, float alpha) {
     for (int64_t i = 0; i < M; i += 8) {
         int64_t j = 0;
-        for (; j + 32 <= Nc; j += 32) tile32(A + i * rsa, rsa, csa, B + j, ldb, K, C + i * ldc + j, ldc, alpha);
-        if (j < Nc) tile16(A + i * rsa, rsa, csa, B + j, ldb, K, C + i * ldc + j, ldc, alpha);
+        for (; j + 32 <= Nc; j += 32) tile(2, A + i * rsa, rsa, csa, B + j, ldb, K, C + i * ldc + j, ldc, alpha);
+        if (j < Nc) tile(1, A + i * rsa, rsa, csa, B + j, ldb, K, C + i * ldc + j, ldc, alpha);
     }
 }
 

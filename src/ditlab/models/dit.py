@@ -120,10 +120,7 @@ class Attention(nn.Module):
 
     def forward(self, x: torch.Tensor, proj_bias: bool = True) -> torch.Tensor:
         """With `proj_bias` False the output projection's bias is left for the caller to add."""
-        # ditlab's CPU kernel where it applies (float32 on a CPU with AVX-512), else torch's attention
-        # on q, k and v split from the fused projection's last axis and viewed as heads: the same
-        # numbers as permuting a [b, n, 3, heads, d] view, with the strides torch's kernel prefers
-        # (15% less time for the sub-layer at DiT-S/2 on CPU; BENCHMARKS.md).
+        # ditlab's CPU kernel where it applies (float32 on a CPU with AVX-512), else torch's attention.
         out = kernels.attention(self.qkv(x), self.num_heads, dropout_p=self.dropout if self.training else 0.0)
         return self.proj(out) if proj_bias else F.linear(out, self.proj.weight)
 
