@@ -72,6 +72,58 @@ def test_ema_update_and_warmup():
     assert warm.current_decay() == pytest.approx(0.1)  # (1 + 0) / (10 + 0)
 
 
+def test_ema_foreach_update_matches_a_lerp_per_parameter():
+    """EMA.update's one foreach call: bit for bit the per-parameter lerp_ it replaced, buffers copied,
+    and a model of another shape refused."""
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Linear(5, 7), torch.nn.BatchNorm1d(7), torch.nn.Linear(7, 3))
+    ema = EMA(model, decay=0.99, warmup=True)
+    reference = [p.detach().clone() for p in model.parameters()]
+    for step in range(4):
+        with torch.no_grad():
+            for i, p in enumerate(model.parameters()):
+                p.add_(torch.sin(torch.arange(p.numel(), dtype=torch.float32) * (step + 1) + i).view_as(p))
+            model[1].running_mean.add_(step + 1.0)
+        decay = ema.current_decay()
+        for r, p in zip(reference, model.parameters(), strict=True):
+            r.lerp_(p.detach(), 1.0 - decay)
+        ema.update(model)
+    assert all(torch.equal(a, b) for a, b in zip(ema.model.parameters(), reference, strict=True))
+    assert torch.equal(ema.model[1].running_mean, model[1].running_mean)
+    assert not torch.equal(reference[0], model[0].weight)  # the average lags the weights
+    with pytest.raises(ValueError, match="6 parameters .* one with 2"):
+        ema.update(torch.nn.Linear(2, 2))
+
+
+@pytest.mark.parametrize("max_norm", [1e3, 0.5, float("inf")])
+def test_clip_grad_norm_gives_torch_clip_grad_norm_bit_for_bit(max_norm):
+    """training/optim.clip_grad_norm: the norm torch's clip_grad_norm_ returns and the gradients it
+    leaves, exactly: unscaled below max_norm, scaled above it, NaN spread as torch spreads it."""
+    from ditlab.training.optim import clip_grad_norm
+
+    torch.manual_seed(0)
+    shapes = [(64, 32), (32,), (7, 3, 3), (1,)]
+    for poison in (False, True):
+        grads = [torch.randn(s) * 0.7 for s in shapes]
+        if poison:
+            grads[1][3] = float("nan")
+        ours, theirs = ([torch.nn.Parameter(torch.zeros(s)) for s in shapes] for _ in range(2))
+        for a, b, g in zip(ours, theirs, grads, strict=True):
+            a.grad, b.grad = g.clone(), g.clone()
+        ours.append(torch.nn.Parameter(torch.zeros(2)))  # no gradient: skipped, as torch skips it
+        norm = clip_grad_norm(ours, max_norm)
+        expected = torch.nn.utils.clip_grad_norm_(theirs, max_norm)
+        assert norm == float(expected) or (poison and norm != norm and expected.isnan())
+        for a, b in zip(ours[:-1], theirs, strict=True):
+            assert torch.equal(a.grad, b.grad) or (poison and torch.equal(a.grad.isnan(), b.grad.isnan()))
+        clipped = not poison and max_norm < norm
+        assert clipped == (max_norm == 0.5 and not poison)  # the case above the threshold does scale
+        if clipped:
+            total = torch.nn.utils.get_total_norm([p.grad for p in ours[:-1]])
+            assert abs(float(total) - max_norm) < 1e-5
+    assert clip_grad_norm([torch.nn.Parameter(torch.zeros(2))], 1.0) == 0.0
+
+
 def test_checkpoint_bundle_roundtrip_and_integrity(tmp_path):
     r = LocalReporter(tmp_path)
     train(tiny("train.steps=3"), r)

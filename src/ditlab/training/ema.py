@@ -17,6 +17,7 @@ class EMA:
 
     def __init__(self, model: nn.Module, decay: float, warmup: bool = True):
         self.model = copy.deepcopy(model).eval().requires_grad_(False)
+        self._params = list(self.model.parameters())  # the same tensors for life: load_state_dict copies into them
         self.decay = decay
         self.warmup = warmup
         self.num_updates = 0
@@ -29,8 +30,13 @@ class EMA:
     @torch.no_grad()
     def update(self, model: nn.Module) -> None:
         decay = self.current_decay()
-        for ema_p, p in zip(self.model.parameters(), model.parameters(), strict=True):
-            ema_p.lerp_(p.detach(), 1.0 - decay)
+        # One foreach call for all parameters: the same values as a lerp_ per parameter, without a
+        # dispatch each (72 of them in the quickstart's 6-block model; BENCHMARKS.md, "The step's tail").
+        params = [p.detach() for p in model.parameters()]
+        if len(params) != len(self._params):
+            raise ValueError(f"EMA of a model with {len(self._params)} parameters updated from one with {len(params)}")
+        if params:
+            torch._foreach_lerp_(self._params, params, 1.0 - decay)
         for ema_b, b in zip(self.model.buffers(), model.buffers(), strict=True):
             ema_b.copy_(b)
         self.num_updates += 1

@@ -22,6 +22,7 @@ from torch import nn
 from ditlab.config import EvaluationSpec, ExperimentSpec
 from ditlab.data import ImageDataset, load_dataset
 from ditlab.training.ema import EMA
+from ditlab.training.optim import clip_grad_norm
 from ditlab.training.tasks.adversarial import Adversary
 
 
@@ -158,9 +159,9 @@ class Task(ABC):
         return self.clip_and_step(optimizer, params)
 
     def clip_and_step(self, optimizer: torch.optim.Optimizer, params) -> float:
-        grad_norm = nn.utils.clip_grad_norm_(params, self.spec.train.grad_clip or float("inf"))
+        grad_norm = clip_grad_norm(params, self.spec.train.grad_clip or float("inf"))
         optimizer.step()
-        return float(grad_norm)
+        return grad_norm
 
     # -- validation and checkpoint state -------------------------------------------------------------
 
