@@ -31,7 +31,8 @@ class EMA:
     def update(self, model: nn.Module) -> None:
         decay = self.current_decay()
         # One foreach call for all parameters: the same values as a lerp_ per parameter, without a
-        # dispatch each (72 of them in the quickstart's 6-block model; BENCHMARKS.md, "The step's tail").
+        # dispatch for each (72 in the quickstart's 6-block model; BENCHMARKS.md, "64 images a
+        # process, and the step's tail").
         params = [p.detach() for p in model.parameters()]
         if len(params) != len(self._params):
             raise ValueError(f"EMA of a model with {len(self._params)} parameters updated from one with {len(params)}")
