@@ -118,6 +118,8 @@ def test_clip_grad_norm_gives_torch_clip_grad_norm_bit_for_bit(max_norm):
             assert torch.equal(a.grad, b.grad) or (poison and torch.equal(a.grad.isnan(), b.grad.isnan()))
         clipped = not poison and max_norm < norm
         assert clipped == (max_norm == 0.5 and not poison)  # the case above the threshold does scale
+        # below the threshold the gradients are not written at all (in-place writes bump the version)
+        assert all(p.grad._version == 0 for p in ours[:-1]) == (not clipped and not poison)
         if clipped:
             total = torch.nn.utils.get_total_norm([p.grad for p in ours[:-1]])
             assert abs(float(total) - max_norm) < 1e-5

@@ -34,7 +34,7 @@ def clip_grad_norm(params: Iterable[torch.Tensor], max_norm: float) -> float:
     synchronisation. Here the norm is read anyway (the logged `grad_norm`), and most steps do not
     clip: a run of the quickstart in one process clipped 2 of its first 50 steps and none after. On
     its 6-block model (1.9M parameters) that multiplication is a pass over 7.6 MB of gradients, read
-    and written. With the EMA's foreach call (training/ema.py), the step took 1.02x less time in one
+    and written. With the EMA's foreach call (training/ema.py), the step ran 1.02x as fast in one
     process; inside the 2-worker run the gain was under the noise (BENCHMARKS.md, "64 images a
     process, and the step's tail"). A NaN or infinite norm still scales them, as torch does."""
     params = [p for p in params if p.grad is not None]
