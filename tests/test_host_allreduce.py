@@ -11,9 +11,9 @@ import os
 import pytest
 import torch
 import torch.distributed as dist
-import torch.multiprocessing as mp
 from torch.nn.parallel import DistributedDataParallel as DDP
 
+from ddp import start_ranks
 from ditlab.training.host_allreduce import ENV, SHM_DIR, share_gradients
 
 pytestmark = pytest.mark.skipif(not os.path.isdir(SHM_DIR), reason="no /dev/shm")
@@ -80,7 +80,7 @@ def _rank(rank: int, init_file: str, out_dir: str) -> None:
 def records(tmp_path_factory) -> list[dict]:
     tmp = tmp_path_factory.mktemp("host_allreduce")
     before = set(glob.glob(f"{SHM_DIR}/ditlab-allreduce-*"))
-    mp.spawn(_rank, args=(str(tmp / "init"), str(tmp)), nprocs=3, join=True)
+    start_ranks(_rank, (str(tmp / "init"), str(tmp)), nprocs=3)
     assert set(glob.glob(f"{SHM_DIR}/ditlab-allreduce-*")) == before, "a segment was left in /dev/shm"
     return [json.loads((tmp / f"rank{r}.json").read_text()) for r in range(3)]
 
