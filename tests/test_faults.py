@@ -248,8 +248,10 @@ def test_a_killed_driver_resumes_into_the_same_run_past_a_corrupt_checkpoint(ray
     from ditlab import cli
     from mlflow.tracking import MlflowClient
 
+    # One Train worker: what is tested is the driver and the checkpoint (a second worker cost about 4 s of the test).
     args = ["train", str(TINY), "--storage", "runs", "--name", "killed", "--no-progress", "--json",
-            "--set", "train.steps=6", "--set", "train.log_every=1", "--set", "train.checkpoint_every=2"]
+            "--set", "train.steps=6", "--set", "train.log_every=1", "--set", "train.checkpoint_every=2",
+            "--set", "resources.num_workers=1"]
     env = {"RAY_ADDRESS": ray_session.get_runtime_context().gcs_address, "RAY_AUTH_MODE": "token",
            "MLFLOW_TRACKING_URI": mlflow_server, "DITLAB_FAULT_STEP_SECONDS": "0.5"}
     run_dir = tmp_path / "runs" / "killed"
