@@ -1,7 +1,7 @@
 """Benchmark: what Ray Train costs per step, how 1 -> 2 workers scale here, and what scaling to expect
 for DiT-XL/2 on a GPU cluster, worked out on paper.
 
-    python benchmarks/ray_scaling.py [--steps 200] [--paper-only] [--json FILE]
+    python benchmarks/ray_scaling.py [--steps 200] [--rounds 3] [--paper-only] [--json FILE]
 
 Three runs of the quickstart model (DiT-Ti/4 on 16x16 digits, 64 images a worker, one thread a
 worker), each timed two ways, both leaving out start-up and the first window's warm-up:
@@ -15,7 +15,11 @@ worker), each timed two ways, both leaving out start-up and the first window's w
   2. TorchTrainer with 1 worker (`ditlab train`, same loop): Ray Train's overhead is 1 - (2) / (1);
   3. TorchTrainer with 2 workers (global batch 128): DDP's per-worker images/s, and the scaling
      efficiency (2-worker images/s) / (2 x 1-worker images/s).
-Each `ditlab train` runs against a throw-away SQLite MLflow store in a temporary folder.
+Each `ditlab train` runs against a throw-away SQLite MLflow store in a temporary folder. The three
+runs alternate over `--rounds` rounds, in reverse order every other round; each figure is the
+median over the rounds, and the overhead is also printed round by round. Single runs of one
+setting spread about 5% on this machine (BENCHMARKS.md, "Where the two-worker run loses time"),
+as much as the overhead target allows.
 """
 
 from __future__ import annotations
@@ -23,6 +27,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import statistics
 import subprocess
 import sys
 import tempfile
@@ -35,10 +40,11 @@ from common import ISSUE_14_MODEL, header, steady_images_per_sec, table  # noqa:
 ROOT = Path(__file__).resolve().parents[1]
 SPEC = ROOT / "experiments" / "quickstart.yaml"
 PER_WORKER_BATCH = 64
+LOG_EVERY = 20  # steps between reports
 
 
 def overrides(steps: int, workers: int) -> list[str]:
-    return [ISSUE_14_MODEL, f"train.steps={steps}", "train.log_every=20", f"train.checkpoint_every={steps}",
+    return [ISSUE_14_MODEL, f"train.steps={steps}", f"train.log_every={LOG_EVERY}", f"train.checkpoint_every={steps}",
             "train.val_images=0", "train.eval_every=null", f"train.batch_size={PER_WORKER_BATCH * workers}",
             f"resources.num_workers={workers}", "resources.cpus_per_worker=1"]
 
@@ -126,12 +132,24 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--steps", type=int, default=200)
     parser.add_argument("--paper-only", action="store_true", help="print only the GPU-cluster estimate")
+    parser.add_argument("--rounds", type=int, default=3, help="alternated rounds of the three runs (medians)")
     parser.add_argument("--json", help="also write the figures here")
     args = parser.parse_args()
+    if not args.paper_only and (args.steps < 3 * LOG_EVERY or args.rounds < 1):
+        parser.error(f"--steps must be at least {3 * LOG_EVERY} (the clock runs from the second report of every "
+                     f"{LOG_EVERY} steps to the last) and --rounds at least 1")
     out: dict = {"paper": paper_estimate(), "paper_bf16_grads": paper_estimate(grad_bytes=2)}
     if not args.paper_only:
+        runs = {"in-process, 1 thread": lambda: in_process(args.steps),
+                "TorchTrainer, 1 worker": lambda: under_ray(args.steps, 1),
+                "TorchTrainer, 2 workers (DDP)": lambda: under_ray(args.steps, 2)}
+        rounds: dict[str, list[tuple[float, float]]] = {name: [] for name in runs}
+        for r in range(args.rounds):
+            for name in (list(runs) if r % 2 == 0 else list(runs)[::-1]):
+                rounds[name].append(runs[name]())
         (local, local_clock), (one, one_clock), (two, two_clock) = (
-            in_process(args.steps), under_ray(args.steps, 1), under_ray(args.steps, 2))
+            (statistics.median(x for x, _ in v), statistics.median(c for _, c in v)) for v in rounds.values())
+        out["rounds"] = {name: [{"img_s_total": x, "clock_img_s_total": c} for x, c in v] for name, v in rounds.items()}
         out["measured"] = [
             {"run": "in-process, 1 thread", "img_s_per_worker": local, "img_s_total": local,
              "clock_img_s_per_worker": local_clock},
@@ -141,12 +159,18 @@ def main() -> None:
              "clock_img_s_per_worker": two_clock / 2}]
         out["ray_overhead"] = 1 - one / local
         out["ray_overhead_clock"] = 1 - one_clock / local_clock
+        out["ray_overhead_clock_by_round"] = [1 - o[1] / i[1] for i, o in zip(rounds["in-process, 1 thread"],
+                                                                            rounds["TorchTrainer, 1 worker"],
+                                                                            strict=True)]
         out["scaling_efficiency_2"] = two / (2 * one)
         out["scaling_efficiency_2_clock"] = two_clock / (2 * one_clock)
-        print(header(f"Ray Train overhead and 1 -> 2 worker scaling, quickstart model, {args.steps} steps"))
+        print(header(f"Ray Train overhead and 1 -> 2 worker scaling, quickstart model, {args.steps} steps, "
+                     f"medians of {args.rounds} alternated rounds"))
         print(table(out["measured"], ["run", "img_s_per_worker", "img_s_total", "clock_img_s_per_worker"]))
         print(f"Ray Train overhead per step, the loop's clock: {100 * out['ray_overhead']:.1f}%; "
               f"by the clock, reports included: {100 * out['ray_overhead_clock']:.1f}%  (target <= 5%)")
+        by_round = " / ".join(f"{100 * x:.1f}%" for x in out["ray_overhead_clock_by_round"])
+        print(f"Ray Train overhead by the clock, round by round: {by_round}")
         print(f"2-worker scaling efficiency: {100 * out['scaling_efficiency_2']:.1f}% "
               f"(by the clock: {100 * out['scaling_efficiency_2_clock']:.1f}%)\n")
     print(header("on paper: DiT-XL/2 256px DDP, 32 images per GPU, H100 at 40% MFU"))
