@@ -17,9 +17,9 @@ worker), each timed two ways, both leaving out start-up and the first window's w
      efficiency (2-worker images/s) / (2 x 1-worker images/s).
 Each `ditlab train` runs against a throw-away SQLite MLflow store in a temporary folder. The three
 runs alternate over `--rounds` rounds, in reverse order every other round; each figure is the
-median over the rounds, and the overhead is also printed round by round. Single runs of one
-setting spread about 5% on this machine (BENCHMARKS.md, "Where the two-worker run loses time"),
-as much as the overhead target allows.
+median over the rounds, and the overhead is also printed round by round. Runs of one setting
+differed by up to 10% within an hour on this machine, twice the overhead target's 5% (BENCHMARKS.md,
+"Where the two-worker run loses time").
 """
 
 from __future__ import annotations
