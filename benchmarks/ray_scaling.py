@@ -140,28 +140,25 @@ def main() -> None:
                      f"{LOG_EVERY} steps to the last) and --rounds at least 1")
     out: dict = {"paper": paper_estimate(), "paper_bf16_grads": paper_estimate(grad_bytes=2)}
     if not args.paper_only:
-        runs = {"in-process, 1 thread": lambda: in_process(args.steps),
-                "TorchTrainer, 1 worker": lambda: under_ray(args.steps, 1),
-                "TorchTrainer, 2 workers (DDP)": lambda: under_ray(args.steps, 2)}
-        rounds: dict[str, list[tuple[float, float]]] = {name: [] for name in runs}
+        # (name, workers, run): each run returns (the loop's images/s, by the clock), all workers together
+        runs = [("in-process, 1 thread", 1, lambda: in_process(args.steps)),
+                ("TorchTrainer, 1 worker", 1, lambda: under_ray(args.steps, 1)),
+                ("TorchTrainer, 2 workers (DDP)", 2, lambda: under_ray(args.steps, 2))]
+        rounds: dict[str, list[tuple[float, float]]] = {name: [] for name, _, _ in runs}
         for r in range(args.rounds):
-            for name in (list(runs) if r % 2 == 0 else list(runs)[::-1]):
-                rounds[name].append(runs[name]())
-        (local, local_clock), (one, one_clock), (two, two_clock) = (
-            (statistics.median(x for x, _ in v), statistics.median(c for _, c in v)) for v in rounds.values())
+            for name, _, run in (runs if r % 2 == 0 else runs[::-1]):
+                rounds[name].append(run())
         out["rounds"] = {name: [{"img_s_total": x, "clock_img_s_total": c} for x, c in v] for name, v in rounds.items()}
-        out["measured"] = [
-            {"run": "in-process, 1 thread", "img_s_per_worker": local, "img_s_total": local,
-             "clock_img_s_per_worker": local_clock},
-            {"run": "TorchTrainer, 1 worker", "img_s_per_worker": one, "img_s_total": one,
-             "clock_img_s_per_worker": one_clock},
-            {"run": "TorchTrainer, 2 workers (DDP)", "img_s_per_worker": two / 2, "img_s_total": two,
-             "clock_img_s_per_worker": two_clock / 2}]
+        medians = [(statistics.median(x for x, _ in rounds[name]), statistics.median(c for _, c in rounds[name]))
+                   for name, _, _ in runs]
+        out["measured"] = [{"run": name, "img_s_per_worker": x / workers, "img_s_total": x,
+                            "clock_img_s_per_worker": c / workers}
+                           for (name, workers, _), (x, c) in zip(runs, medians, strict=True)]
+        (local, local_clock), (one, one_clock), (two, two_clock) = medians
         out["ray_overhead"] = 1 - one / local
         out["ray_overhead_clock"] = 1 - one_clock / local_clock
-        out["ray_overhead_clock_by_round"] = [1 - o[1] / i[1] for i, o in zip(rounds["in-process, 1 thread"],
-                                                                            rounds["TorchTrainer, 1 worker"],
-                                                                            strict=True)]
+        local_rounds, one_rounds = (rounds[name] for name, _, _ in runs[:2])
+        out["ray_overhead_clock_by_round"] = [1 - o[1] / i[1] for i, o in zip(local_rounds, one_rounds, strict=True)]
         out["scaling_efficiency_2"] = two / (2 * one)
         out["scaling_efficiency_2_clock"] = two_clock / (2 * one_clock)
         print(header(f"Ray Train overhead and 1 -> 2 worker scaling, quickstart model, {args.steps} steps, "
