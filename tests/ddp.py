@@ -8,7 +8,8 @@ from the full run's step-3 checkpoint (into <tmp>/resumed), every module wrapped
 Train workers wrap them (DDP, its gradients averaged through shared memory:
 training/host_allreduce.py). `summarize(rank, spec, full, end_full, resumed, end_resumed)` (a
 module-level function, so the spawned processes can import it) turns each rank's reporters and end
-states into a JSON record; the records come back in rank order.
+states into a JSON record; the records come back in rank order, each with "loop_collectives", the
+number of `loop.all_ranks` calls the rank made over both runs.
 
     records = guard_on_two_ranks(tmp_path)
 
@@ -69,6 +70,12 @@ def gloo_rank(rank: int, init_file: str):
 
 
 def _rank(rank: int, init_file: str, out_dir: str, spec_dict: dict, checkpoint: str, summarize) -> None:
+    from ditlab.training import loop
+
+    # The loop's own collectives (loop.all_ranks: the guard's flag for parameters outside DDP), counted.
+    collectives = []
+    all_ranks = loop.all_ranks
+    loop.all_ranks = lambda flag, device: collectives.append(flag) or all_ranks(flag, device)
     with gloo_rank(rank, init_file):
         spec = from_dict(spec_dict)
         placement = Placement(rank=rank, world_size=2,
@@ -78,7 +85,7 @@ def _rank(rank: int, init_file: str, out_dir: str, spec_dict: dict, checkpoint: 
         dist.barrier()
         resumed = LocalReporter(f"{out_dir}/resumed")
         end_resumed = train(spec, resumed, placement, resume_from=f"{out_dir}/full/{checkpoint}")
-        record = summarize(rank, spec, full, end_full, resumed, end_resumed)
+        record = {**summarize(rank, spec, full, end_full, resumed, end_resumed), "loop_collectives": len(collectives)}
         with open(f"{out_dir}/rank{rank}.json", "w") as f:
             json.dump(record, f)
 

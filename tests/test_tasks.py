@@ -99,3 +99,6 @@ def test_resume_is_exact_with_two_ddp_ranks(tmp_path):
         assert record["same_weights"]
     assert ranks[0]["full"] == ranks[1]["full"]  # losses are averaged across ranks
     assert not set(ranks[0]["first_batch"]) & set(ranks[1]["first_batch"])
+    # Every parameter is DDP's: the guard decides from the averaged gradients, and the loop adds no
+    # collective of its own to the steps (each rank's loss verdict was one all-reduce a step)
+    assert [r["loop_collectives"] for r in ranks] == [0, 0]

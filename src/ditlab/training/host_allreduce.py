@@ -176,8 +176,10 @@ class _HostAverage:
         torch.div(grads, self.world, out=slots[self.rank])
         self.counters[self.rank] = self.calls
         self._wait_for_others()
-        grads.copy_(slots[0])  # the bucket itself, already copied out: DDP then has nothing to copy back
-        for r in range(1, self.world):
+        # Into the bucket itself, already copied out (DDP then has nothing to copy back): the first two
+        # slots' sum in one pass, where a copy and an add took two (the same numbers).
+        torch.add(slots[0], slots[1], out=grads)
+        for r in range(2, self.world):
             grads.add_(slots[r])
         future: torch.futures.Future[torch.Tensor] = torch.futures.Future()
         future.set_result(grads)

@@ -6,12 +6,15 @@ What differs between kinds of experiment lives in a Task (training/tasks/); the 
 the batch each rank draws, the learning-rate schedule, EMA, report windows, non-finite steps,
 checkpoint cadence and timing.
 
-A step whose loss or gradients are NaN or infinite (a bad batch, an overflow) is skipped, not fatal:
-every optimizer step of the task is guarded (`FiniteStepGuard`), and under DDP the ranks agree on
-the decision (one rank stepping while another skips would split the weights): from the gradients DDP
-averaged, which every rank holds alike, or else through an all-reduced flag. Skipped steps are
-counted (`skipped_steps` in the reports, from the first one on); `train.max_bad_steps` of them in a
-row stop the run with TrainingDiverged, before anything from the bad steps is checkpointed.
+A step whose gradients are NaN or infinite (a bad batch, an overflow: a non-finite loss makes them
+so as it backpropagates) is skipped, not fatal: every optimizer step of the task is guarded
+(`FiniteStepGuard`), and under DDP the ranks agree on the decision (one rank stepping while another
+skips would split the weights): from the gradients DDP averaged, which every rank holds alike, or
+else through an all-reduced flag. A step counts as skipped when the guard skipped one of its
+optimizer steps, so the ranks agree on that too without a collective of their own; a non-finite loss
+whose gradients stay finite (a term with weight 0) is stepped, and reported as it is. Skipped steps
+are counted (`skipped_steps` in the reports, from the first one on); `train.max_bad_steps` of them in
+a row stop the run with TrainingDiverged, before anything from the bad steps is checkpointed.
 
 Randomness is a function of the step: each rank's batch comes from a per-epoch permutation split
 across ranks (DistributedSampler's contract; a streamed shard set, data/streaming.py, from a seeded
@@ -301,7 +304,10 @@ def train_step(state: TrainState, placement: Placement) -> dict[str, float] | No
     with matmul_precision(state.spec.train.matmul_precision, placement.device):
         metrics = state.task.step(batch, step_generator(state.spec.seed, placement.rank, state.step))
     state.step += 1
-    if all_ranks(math.isfinite(metrics["loss"]), placement.device) and state.guard.skipped == skipped_before:
+    # The guard's verdict is every rank's (module docstring): no collective here. An all-reduce of each
+    # rank's loss verdict cost the quickstart's two ranks about 3% of their images/s, with the
+    # shared-memory sum's single pass (BENCHMARKS.md, "Ray's own processes").
+    if state.guard.skipped == skipped_before:
         state.ema.update(state.task.model)
         state.bad_streak = 0
         return {**metrics, "lr": lr}

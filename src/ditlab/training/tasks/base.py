@@ -123,7 +123,8 @@ class Task(ABC):
     def step(self, batch: Batch, generator: torch.Generator) -> dict[str, float]:
         """One optimization step on `batch`. Everything random (noise, timesteps, dropout masks) is
         drawn from `generator`, which the loop seeds by (seed, rank, step): that makes resume exact.
-        Returns this rank's figures; "loss" is required (the loop stops on a non-finite one)."""
+        Returns this rank's figures; "loss" is required (a non-finite one makes the gradients it
+        backpropagates non-finite, and the loop's guard skips the step)."""
 
     def autocast(self) -> AbstractContextManager:
         """Mixed precision for forward passes (`train.precision`)."""
