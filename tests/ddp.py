@@ -69,13 +69,19 @@ def gloo_rank(rank: int, init_file: str):
         dist.destroy_process_group()
 
 
-def _rank(rank: int, init_file: str, out_dir: str, spec_dict: dict, checkpoint: str, summarize) -> None:
+def count_loop_collectives() -> list[bool]:
+    """From now on in this (rank) process, every `loop.all_ranks` call (the loop's own collective: the
+    guard's flag for parameters outside DDP) appends its flag to the returned list, then runs."""
     from ditlab.training import loop
 
-    # The loop's own collectives (loop.all_ranks: the guard's flag for parameters outside DDP), counted.
-    collectives = []
+    collectives: list[bool] = []
     all_ranks = loop.all_ranks
     loop.all_ranks = lambda flag, device: collectives.append(flag) or all_ranks(flag, device)
+    return collectives
+
+
+def _rank(rank: int, init_file: str, out_dir: str, spec_dict: dict, checkpoint: str, summarize) -> None:
+    collectives = count_loop_collectives()
     with gloo_rank(rank, init_file):
         spec = from_dict(spec_dict)
         placement = Placement(rank=rank, world_size=2,
@@ -102,10 +108,8 @@ def _guard_rank(rank: int, init_file: str, out_dir: str) -> None:
     parameter outside DDP must all-reduce its verdict. Records what each rank did."""
     from ditlab.training import loop
 
+    collectives = count_loop_collectives()
     with gloo_rank(rank, init_file):
-        collectives = []
-        all_ranks = loop.all_ranks
-        loop.all_ranks = lambda flag, device: collectives.append(flag) or all_ranks(flag, device)
         torch.manual_seed(0)
         model, extra = torch.nn.Linear(4, 4), torch.nn.Parameter(torch.zeros(4))
         guard = loop.FiniteStepGuard(torch.device("cpu"))
