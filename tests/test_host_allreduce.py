@@ -1,8 +1,7 @@
 """DDP's gradient average through shared memory (training/host_allreduce.py) against gloo's, on real
 gloo ranks in three processes (no Ray): bit for bit on two ranks, to float rounding on three, over
-several steps and the buckets DDP rebuilds after the first; one rendezvous a step with the DDP
-options ditlab's workers use; gloo kept where it is turned off; a rank that ends fails the others'
-wait; no file left in /dev/shm."""
+several steps and the buckets DDP rebuilds after the first; gloo kept where it is turned off; a
+rank that ends fails the others' wait; no file left in /dev/shm."""
 
 import datetime
 import glob
@@ -15,7 +14,7 @@ import torch.distributed as dist
 from torch.nn.parallel import DistributedDataParallel as DDP
 
 from ddp import start_ranks
-from ditlab.training.host_allreduce import ENV, SHM_DIR, ddp_options, share_gradients
+from ditlab.training.host_allreduce import ENV, SHM_DIR, share_gradients
 
 pytestmark = pytest.mark.skipif(not os.path.isdir(SHM_DIR), reason="no /dev/shm")
 
@@ -61,15 +60,6 @@ def _rank(rank: int, init_file: str, out_dir: str) -> None:
         record[f"{name}_max_diff"] = max((a - b).abs().max().item() for a, b in zip(plain, ours, strict=True))
         record[f"{name}_moved"] = max((a - b).abs().max().item()
                                       for a, b in zip(ours, _model().parameters(), strict=True))
-    if rank != 2:
-        # 1.7 MB of parameters: more than DDP's default first bucket (1 MB)
-        for name, options in (("default", {}), ("options", ddp_options(2, 2, torch.device("cpu")))):
-            torch.manual_seed(0)
-            big = torch.nn.Sequential(torch.nn.Linear(8, 640), torch.nn.GELU(), torch.nn.Linear(640, 640),
-                                      torch.nn.GELU(), torch.nn.Linear(640, 3))
-            shared = share_gradients(DDP(big, process_group=pair, **options))
-            _train(shared, rank, steps=3)
-            record[f"calls_{name}"] = shared.host_average.calls
     dist.barrier()
     os.environ[ENV] = "0"
     record["off_hooked"] = hasattr(share_gradients(DDP(_model())), "host_average")
@@ -123,16 +113,6 @@ def test_a_rank_whose_process_ended_fails_the_others_wait_as_a_lost_peer(records
         error = record.get("orphaned_error", "")
         assert "rank 2's process" in error and "ended" in error, error
         assert lost_peer_error(error)
-
-
-def test_ditlab_ddp_options_make_one_rendezvous_a_step(records):
-    for record in records[:2]:
-        assert record["calls_options"] == 3, record  # 3 steps, one bucket each
-        assert record["calls_default"] > 3, record   # DDP's 1 MB first bucket: two or more
-    assert ddp_options(2, 2, torch.device("cpu")) == {"bucket_cap_mb": 25}
-    # DDP's defaults for a single rank, ranks on several hosts, and GPUs
-    assert ddp_options(1, 1, torch.device("cpu")) == ddp_options(4, 2, torch.device("cpu")) == {}
-    assert ddp_options(2, 2, torch.device("cuda", 0)) == {}
 
 
 def test_turned_off_keeps_gloo(records):

@@ -24,7 +24,7 @@ from ditlab.orchestration.console import quiet_train_worker, train_log_level, ve
 from ditlab.orchestration.remote import train_worker
 from ditlab.training.checkpoint import checkpoint_dirs
 from ditlab.training.faults import fault_environment
-from ditlab.training.host_allreduce import ddp_options, share_gradients
+from ditlab.training.host_allreduce import share_gradients
 from ditlab.training.loop import Placement, train
 from ditlab.training.tasks import task_class
 
@@ -84,10 +84,8 @@ def run_worker(config: dict) -> None:
 
 def wrap_for_ranks(module: torch.nn.Module) -> torch.nn.Module:
     """Ray Train's DDP wrapping; where the ranks share one host's CPUs, gradients are then averaged
-    through shared memory instead of gloo's TCP, in buckets sized for it (training/host_allreduce.py)."""
-    ctx = ray.train.get_context()
-    options = ddp_options(ctx.get_world_size(), ctx.get_local_world_size(), ray.train.torch.get_device())
-    return share_gradients(ray.train.torch.prepare_model(module, parallel_strategy_kwargs=options or None))
+    through shared memory instead of gloo's TCP (training/host_allreduce.py)."""
+    return share_gradients(ray.train.torch.prepare_model(module))
 
 
 def worker_spec(spec: ExperimentSpec) -> dict:

@@ -41,33 +41,9 @@ MAX_SEGMENT_BYTES = 1 << 30
 # How long a rank waits for the others' gradients before failing (gloo's default timeout). A rank
 # that dies stops its Ray Train worker group well before that.
 WAIT_TIMEOUT_S = 1800.0
-# A rank that arrives first polls the others' counters SPINS times, then naps NAP_S between polls.
-# Napping, not spinning (or yielding, which keeps the thread runnable), leaves its CPU idle, so the
-# kernel runs whatever else wakes meanwhile (Ray's own processes, about twenty of them) there
-# rather than on a CPU where a rank still computes. A nap ends 0.05-0.1 ms after the others arrive.
-# With one rendezvous a step (`ddp_options`): 1.02-1.03x the quickstart's images/s per worker
-# against 200 spins, then yields, then naps (BENCHMARKS.md, "One rendezvous a step").
-SPINS = 20
-NAP_S = 5e-5
-# DDP's default byte cap for a bucket (torch's _DEFAULT_BUCKET_CAP_MB)
-BUCKET_CAP_MB = 25
 HEADER = 64        # a random token: proves a rank opened the segment rank 0 made
 FLAG_STRIDE = 64   # one cache line per rank for its call counter
 PAGE = 4096
-
-
-def ddp_options(world_size: int, local_world_size: int, device: torch.device) -> dict:
-    """DDP's keyword arguments for ranks that will likely average through shared memory (more than
-    one rank, every one on this host, parameters on the CPU): every bucket up to DDP's byte cap, the
-    first included. By default DDP makes its first bucket 1 MB, so that a GPU's all-reduce of the
-    last layers' gradients runs while backward goes on. The shared-memory average runs in backward's
-    own thread and overlaps nothing, so that small first bucket only adds a second rendezvous to each
-    step, where the rank that arrives first waits for the other. DDP keeps its first bucket small
-    unless the cap is given, so it is given here, at its default. The quickstart's 1.9 M parameters
-    then make one bucket: one rendezvous a step. Elsewhere, DDP's defaults ({})."""
-    if world_size > 1 and local_world_size == world_size and torch.device(device).type == "cpu":
-        return {"bucket_cap_mb": BUCKET_CAP_MB}
-    return {}
 
 
 def share_gradients(model: nn.Module) -> nn.Module:
@@ -216,9 +192,9 @@ class _HostAverage:
         spins, since = 0, None
         while self.counters.min() < self.calls:
             spins += 1
-            if spins <= SPINS:
+            if spins <= 200:
                 continue
-            time.sleep(NAP_S)
+            time.sleep(0 if spins <= 2000 else 1e-4)  # lets the process's other threads run
             if spins % 1000 == 0:
                 since = since or time.monotonic()
                 late = [r for r in range(self.world) if self.counters[r] < self.calls]
